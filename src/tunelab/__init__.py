@@ -1,0 +1,40 @@
+"""tunelab: fine-tune pretrained language models on your own data, by every approach the tutorials teach.
+
+    run = tunelab.train("examples/sentiment-lora.yaml")
+    clf = tunelab.load(run.path)
+    clf.predict(["The plot was thin but the acting saved it."])
+"""
+__version__ = "0.1.0"
+
+# Import the `train` submodule before defining the function of the same name: importing a submodule sets
+# the package attribute, and doing it first means the function below is what `tunelab.train` stays bound to.
+from . import train as _train_module  # noqa: E402
+
+
+def train(config, overrides=(), *, resume=False, overwrite=False):
+    """Train from a YAML path (or a Config); returns a RunResult with `.path` and `.metrics`."""
+    return _train_module.train(config, overrides, resume=resume, overwrite=overwrite)
+
+
+def load(run_path):
+    """Load a finished run for prediction (`.predict`, `.predict_proba`, `.evaluate`)."""
+    from .tasks.classify import Classifier
+
+    return Classifier.load(run_path)
+
+
+def validate(config_path, overrides=()):
+    """Load and check a config without running it; raises ConfigError listing every problem."""
+    from .config import load_config
+
+    return load_config(config_path, overrides)
+
+
+def evaluate(run_path, data):
+    """Metrics of a finished run on a data file (same columns as its training data)."""
+    from .evaluate import evaluate_run
+
+    return evaluate_run(run_path, data)
+
+
+__all__ = ["train", "load", "validate", "evaluate", "__version__"]

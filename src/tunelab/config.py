@@ -1,0 +1,327 @@
+"""The run config: one YAML file describes model, data, task, method, training, evaluation and output.
+
+Precedence: field defaults < YAML file < `--set key.path=value` overrides. Every problem is reported at once,
+naming the file and the key. A loaded config is frozen; the resolved version is saved with every run.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from . import __version__
+from .errors import ConfigError
+from .methods import METHODS, MethodOptions
+from .schema import Section
+
+METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss")
+
+
+class ModelConfig(Section):
+    name: str
+    """Packaged alias (`minilm`, `smollm2-135m`), a Hugging Face hub id, or a local folder."""
+    max_length: int = Field(128, ge=8, le=32768)
+    """Inputs longer than this many tokens are truncated."""
+
+
+class SplitConfig(Section):
+    validation: float = Field(0.1, ge=0, lt=1)
+    """Fraction of the train file held out for validation (when `data.validation` is not given)."""
+    test: float = Field(0.2, ge=0, lt=1)
+    """Fraction of the train file held out for the final test (when `data.test` is not given)."""
+    seed: int = 42
+    """Seed of the split; the same seed gives the same split."""
+    stratify: bool = True
+    """Keep the label proportions equal across the splits."""
+    group_by: str | None = None
+    """Column whose groups never straddle two splits (e.g. a user or document id). Without it, examples with
+    the same normalised text are grouped, so duplicates cannot leak across the split."""
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.validation + self.test >= 1:
+            raise ValueError(f"validation + test must be below 1 (got {self.validation} + {self.test})")
+        return self
+
+
+class DataConfig(Section):
+    train: str
+    """Training data: a .jsonl/.json/.csv/.parquet file, a `datasets` folder, or `sample:NAME` (shipped data)."""
+    validation: str | None = None
+    """Validation file; if absent, split from `train` by `split.validation`."""
+    test: str | None = None
+    """Test file; if absent, split from `train` by `split.test`."""
+    split: SplitConfig = SplitConfig()
+    text: str = "text"
+    """Column holding the input text."""
+    text_pair: str | None = None
+    """Optional second text column (sentence-pair tasks)."""
+    label: str = "label"
+    """Column holding the label (string or integer)."""
+    labels: list[str] | None = None
+    """The label set in a fixed order; default: the sorted labels found in the train data."""
+    leakage: Literal["error", "warn", "ignore"] = "error"
+    """What to do when a validation/test text (normalised) also appears in train."""
+    max_train_examples: int | None = Field(None, ge=1)
+    """Use only this many training examples (a fixed-seed sample), e.g. for a quick try."""
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0)
+    """Passes over the training data (ignored when `max_steps` is set)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(32, ge=1)
+    """Examples per step per device (times `grad_accum` for the effective batch)."""
+    eval_batch_size: int = Field(64, ge=1)
+    lr: float | None = Field(None, gt=0, le=1)
+    """Peak learning rate; default depends on the method (full 5e-5, last_layers 1e-4, lora 5e-4, head 1e-3)."""
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.1, ge=0, le=1)
+    """Fraction of the training steps spent warming the learning rate up from zero."""
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`auto`: bf16 autocast where the hardware has fast bf16 (CPUs with AVX512-BF16/AMX, Ampere+ GPUs)."""
+    eval_every: Literal["epoch"] | int = "epoch"
+    """Evaluate on validation every epoch or every N steps."""
+    logging_steps: int = Field(10, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop when `eval.metric` has not improved for this many evaluations (needs validation data)."""
+
+    @field_validator("eval_every")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be `epoch` or a positive number of steps")
+        return v
+
+
+class EvalConfig(Section):
+    metric: Literal["accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"] = "f1_macro"
+    """Metric that picks the best checkpoint and drives early stopping."""
+
+
+class OutputConfig(Section):
+    dir: str | None = None
+    """Run directory; default `runs/<config file name>`."""
+    keep_checkpoints: bool = False
+    """Keep the intermediate Trainer checkpoints after a successful run (they are needed only for --resume)."""
+
+
+class Config(Section):
+    model: ModelConfig
+    task: Literal["classify"] = "classify"
+    """What to learn: `classify` (sequence classification)."""
+    data: DataConfig
+    method: MethodOptions
+    """The fine-tuning method: a name (`lora`) or a mapping with `name` and its options."""
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_shorthand(cls, data: Any):
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            data = {**data, "method": {"name": data["method"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        no_validation = self.data.validation is None and self.data.split.validation == 0
+        if self.train.early_stopping_patience is not None and no_validation:
+            raise ValueError("train.early_stopping_patience needs validation data (data.validation or "
+                             "data.split.validation > 0)")
+        return self
+
+    @property
+    def lr(self) -> float | None:
+        """The learning rate in effect: `train.lr` or the method's default."""
+        return self.train.lr if self.train.lr is not None else METHODS[self.method.name].DEFAULT_LR
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: Path) -> None:
+        body = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        path.write_text(f"# resolved by tunelab {__version__}\ntunelab_version: {__version__}\n{body}")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key `{key}` appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["no such file"])
+    try:
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), ["the file must be a mapping of sections (model:, data:, method:, ...)"])
+    raw.pop("tunelab_version", None)  # stamped into saved configs
+    problems = []
+    for item in overrides:
+        problem = apply_override(raw, item)
+        if problem:
+            problems.append(problem)
+    config = None
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_describe(err) for err in exc.errors()]
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config
+
+
+def apply_override(raw: dict, item: str) -> str | None:
+    """Apply `a.b.c=value` (value parsed as YAML) to the raw mapping; return a problem or None."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        return f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.lr=1e-4"
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if isinstance(node.get(part), str) and part == "method":  # `method: lora` shorthand
+            node[part] = {"name": node[part]}
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            return f"--set {key}: `{part}` is not a section"
+    node[parts[-1]] = yaml.safe_load(value) if value else None
+    return None
+
+
+def _describe(err: dict) -> str:
+    loc = _clean_loc(err["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        raw = err["loc"]
+        tag = raw[raw.index("method") + 1] if "method" in raw[:-1] and raw[0] == "method" else None
+        allowed = sorted(METHODS[tag].Options.model_fields if tag in METHODS else _fields_at(loc[:-1]))
+        hint = _suggest(str(loc[-1]), allowed)
+        suggestion = f"did you mean `{hint}`? " if hint else ""
+        return f"`{where}`: unknown key; {suggestion}allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"`{where}`: required key is missing"
+    if kind == "union_tag_invalid":
+        return f"`{where}.name`: unknown method {err['input'].get('name')!r}; choose one of: {', '.join(METHODS)}"
+    if kind == "union_tag_not_found":
+        return f"`{where}`: needs `name:` (one of: {', '.join(METHODS)})"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"`{where}`: {msg}{shown}"
+
+
+# Names users bring from the HF Trainer, PEFT, Axolotl and LLaMA-Factory configs, mapped to tunelab's.
+_SYNONYMS = {
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup", "warmup_steps": "warmup", "lr_scheduler_type": "scheduler",
+    "lr_scheduler": "scheduler", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "use_dora": "dora", "lora_target_modules": "target_modules", "output_dir": "dir", "model_name": "name",
+    "model_name_or_path": "name", "base_model": "name", "metric_for_best_model": "metric",
+}
+
+
+def _suggest(key: str, allowed: list[str]) -> str | None:
+    """The allowed key the user most likely meant, from spelling or from another tool's name for it."""
+    close = difflib.get_close_matches(key, allowed + list(_SYNONYMS), n=1, cutoff=0.75)
+    if close:
+        guess = _SYNONYMS.get(close[0], close[0])
+        return guess if guess in allowed else None
+    return None
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's internal parts (union tags, type names) so the path reads like the YAML."""
+    out, node = [], Config
+    for part in loc:
+        if isinstance(part, str) and out and out[-1] == "method" and part in METHODS:
+            node = _method_class(part)
+            continue
+        if isinstance(part, str) and "[" in part:  # e.g. 'literal['epoch']' or 'int' branches
+            continue
+        if part in ("int", "float", "str", "bool"):
+            continue
+        out.append(part)
+        node = _field_class(node, part)
+    return tuple(out)
+
+
+def _method_class(name: str):
+    return METHODS[name].Options
+
+
+def _field_class(node, part):
+    if node is None or not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return None
+    field = node.model_fields.get(part)
+    if field is None:
+        return None
+    ann = field.annotation
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    return None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    node: Any = Config
+    for i, part in enumerate(loc):
+        if part == "method" and i == len(loc) - 1:
+            return ["name"] + sorted({f for m in METHODS.values() for f in m.Options.model_fields} - {"name"})
+        node = _field_class(node, part)
+        if node is None:
+            return []
+    return list(node.model_fields)
+
+
+def field_docs() -> dict[str, str]:
+    """`section.key` -> docstring for every documented field (for --help and the README)."""
+    out = {}
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            if field.description:
+                out[key] = field.description
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+
+    walk(Config, "")
+    return out
+
+
+_ = typing  # keep typing imported for forward references in pydantic

@@ -1,0 +1,146 @@
+"""Data loading for a run: read files, check columns and labels, split, and check for leakage.
+
+Every table carries `_row` (row in its source file, for messages), `_text_key` (normalised text, for
+grouping and leakage checks) and `label` as a string from the run's label set.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..errors import DataError
+from .leakage import find_leaks
+from .readers import ROW, read_table, resolve_path
+from .splits import add_text_key, split_table
+
+__all__ = ["Splits", "load_splits", "load_eval_table", "file_hash"]
+
+
+@dataclass
+class Splits:
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    labels: list[str]
+    files: dict[str, str] = field(default_factory=dict)
+    """Source spec → sha256 of each file read."""
+    leaks: dict[str, int] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+
+def file_hash(spec: str) -> str:
+    path = resolve_path(spec)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _label_text(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _check_columns(frame: pd.DataFrame, spec: str, data) -> pd.DataFrame:
+    columns = [c for c in frame.columns if not c.startswith("_")]
+    wanted = [("data.text", data.text), ("data.label", data.label)]
+    if data.text_pair:
+        wanted.append(("data.text_pair", data.text_pair))
+    missing = [f"`{col}` (set by {key})" for key, col in wanted if col not in frame.columns]
+    if missing:
+        raise DataError(f"{spec}: column {' and '.join(missing)} not found; its columns are: {', '.join(columns)}")
+    problems = []
+    for key, col in wanted:
+        blank = frame[col].isna() | (frame[col].astype(str).str.strip() == "")
+        for row in frame.loc[blank, ROW].head(5):
+            problems.append(f"row {row}: `{col}` is empty")
+        if blank.sum() > 5:
+            problems.append(f"... and {blank.sum() - 5} more rows with an empty `{col}`")
+    if problems:
+        raise DataError(f"{spec}: " + "; ".join(problems))
+    frame = frame.assign(**{data.label: frame[data.label].map(_label_text)})
+    return add_text_key(frame, data.text, data.text_pair)
+
+
+def _check_labels(frame: pd.DataFrame, spec: str, label_col: str, labels: list[str]) -> None:
+    unknown = frame[~frame[label_col].isin(labels)]
+    if len(unknown):
+        first = unknown.iloc[0]
+        raise DataError(
+            f"{spec}, row {first[ROW]}: label {first[label_col]!r} is not one of the known labels "
+            f"({', '.join(labels)}); {len(unknown)} row(s) affected. Fix the data, or list every label in data.labels"
+        )
+
+
+def _sorted_labels(values) -> list[str]:
+    unique = sorted(set(values))
+    try:
+        return sorted(unique, key=float)
+    except ValueError:
+        return unique
+
+
+def load_splits(config) -> Splits:
+    """Read and check the data of a run config, splitting the train file if no eval files are given."""
+    data = config.data
+    train = _check_columns(read_table(data.train), data.train, data)
+    files = {data.train: file_hash(data.train)}
+    given = {}
+    for name in ("validation", "test"):
+        spec = getattr(data, name)
+        if spec:
+            given[name] = _check_columns(read_table(spec), spec, data)
+            files[spec] = file_hash(spec)
+    labels = list(data.labels) if data.labels else _sorted_labels(train[data.label])
+    if len(labels) < 2:
+        raise DataError(f"{data.train}: a classifier needs at least two labels in `{data.label}`; found "
+                        f"{', '.join(labels) or 'none'}")
+    _check_labels(train, data.train, data.label, labels)
+    for name, frame in given.items():
+        _check_labels(frame, getattr(data, name), data.label, labels)
+
+    fractions = {"validation": data.split.validation, "test": data.split.test}
+    for name in given:
+        fractions[name] = 0.0
+    parts = split_table(train, validation=fractions["validation"], test=fractions["test"], seed=data.split.seed,
+                        stratify=data.split.stratify, label=data.label, group_by=data.split.group_by,
+                        source=data.train)
+    parts.update(given)
+    if data.max_train_examples and len(parts["train"]) > data.max_train_examples:
+        parts["train"] = parts["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
+    splits = Splits(parts["train"], parts["validation"], parts["test"], labels, files)
+    _check_leakage(splits, data)
+    if len(splits.train) == 0:
+        raise DataError(f"{data.train}: no training examples are left after the split")
+    return splits
+
+
+def _check_leakage(splits: Splits, data) -> None:
+    messages = []
+    for name in ("validation", "test"):
+        leaks = find_leaks(splits.train, getattr(splits, name))
+        splits.leaks[name] = len(leaks)
+        if len(leaks):
+            examples = "; ".join(f"row {r[ROW]}: {str(r[data.text])[:60]!r}" for _, r in leaks.head(3).iterrows())
+            messages.append(f"{len(leaks)} {name} example(s) also appear in train (e.g. {examples})")
+    if messages and data.leakage == "error":
+        raise DataError("train/eval leakage: " + "; ".join(messages) +
+                        ". Remove the duplicates, or set data.leakage: warn to go on anyway")
+    if messages and data.leakage == "warn":
+        for m in messages:
+            warnings.warn("leakage: " + m, stacklevel=2)
+
+
+def load_eval_table(spec: str, config, labels: list[str]) -> pd.DataFrame:
+    """Read and check an extra evaluation file against a run's columns and label set."""
+    frame = _check_columns(read_table(spec), spec, config.data)
+    _check_labels(frame, spec, config.data.label, labels)
+    return frame
+

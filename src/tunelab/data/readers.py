@@ -1,0 +1,103 @@
+"""Read a table of examples from JSON Lines, JSON, CSV, Parquet, a `datasets` folder, or a shipped sample."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import DataError
+
+SAMPLES = Path(__file__).parent / "samples"
+ROW = "_row"
+"""Column added to every table: the 1-based row (for JSON Lines, the line number) used in error messages."""
+
+
+def resolve_path(spec: str) -> Path:
+    """`sample:NAME` → the shipped file; anything else is a path relative to the working directory."""
+    if spec.startswith("sample:"):
+        name = spec.removeprefix("sample:")
+        path = SAMPLES / f"{name}.jsonl"
+        if not path.exists():
+            known = sorted(p.stem for p in SAMPLES.glob("*.jsonl"))
+            raise DataError(f"no shipped sample called `{name}`; samples: {', '.join(known)}")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data file {spec} does not exist (relative paths are read from {Path.cwd()})")
+    return path
+
+
+def read_table(spec: str) -> pd.DataFrame:
+    path = resolve_path(spec)
+    if path.is_dir():
+        frame = _read_datasets_dir(path)
+    else:
+        suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv,
+                   ".parquet": pd.read_parquet}
+        reader = readers.get(suffix.removesuffix(".gz"))
+        if reader is None:
+            raise DataError(f"{spec}: unknown file type `{path.suffix}`; use .jsonl, .json, .csv, .tsv, .parquet "
+                            f"or a folder saved by datasets' save_to_disk")
+        try:
+            frame = reader(path)
+        except DataError:
+            raise
+        except Exception as exc:  # pandas/pyarrow parse errors: name the file, keep their detail
+            raise DataError(f"{spec}: could not be read as {suffix}: {exc}") from None
+    if len(frame) == 0:
+        raise DataError(f"{spec} is empty: it has no rows")
+    if ROW not in frame.columns:
+        frame.insert(0, ROW, range(1, len(frame) + 1))
+    return frame
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    rows, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            lines.append(number)
+    frame = pd.DataFrame(rows)
+    frame.insert(0, ROW, lines)
+    return frame
+
+
+def _read_json(path: Path) -> pd.DataFrame:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} style
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of objects (or JSON Lines in a .jsonl file)")
+    return pd.DataFrame(data)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    sep = "\t" if ".tsv" in path.suffixes else ","
+    frame = pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""], dtype=str)
+    frame.insert(0, ROW, range(2, len(frame) + 2))  # row 1 is the header
+    return frame
+
+
+def _read_datasets_dir(path: Path) -> pd.DataFrame:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: a folder must be written by datasets' save_to_disk ({exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"{path} holds several splits ({', '.join(loaded)}); point at one, e.g. {path}/train")
+    return loaded.to_pandas()

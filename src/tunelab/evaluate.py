@@ -1,0 +1,57 @@
+"""Classification metrics (scikit-learn) and evaluation of a saved run on a data file."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+
+def classification_metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
+    """Accuracy, macro precision/recall/F1, a per-class report and the confusion matrix (rows: true label)."""
+    p, r, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1_macro": float(np.mean(f1)),
+        "precision_macro": float(np.mean(p)),
+        "recall_macro": float(np.mean(r)),
+        "examples": len(y_true),
+        "per_class": {
+            label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, label in enumerate(labels)
+        },
+        "confusion_matrix": {"labels": labels, "matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()},
+    }
+
+
+def summary(metrics: dict) -> dict:
+    """The scalar metrics only (for progress lines and tables)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def trainer_metrics(labels: list[str]):
+    """`compute_metrics` for the HF Trainer: the scalar classification metrics on label ids."""
+    def compute(eval_pred) -> dict:
+        logits, ids = eval_pred
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        pred = np.asarray(logits).argmax(-1)
+        names = np.asarray(labels)
+        return summary(classification_metrics(list(names[ids]), list(names[pred]), labels))
+    return compute
+
+
+def evaluate_run(run_path, data_spec: str, write: bool = True) -> dict:
+    """Evaluate a finished run on a data file with the run's columns and labels."""
+    import json
+    from pathlib import Path
+
+    from .data import load_eval_table
+    from .tasks.classify import Classifier
+
+    clf = Classifier.load(run_path)
+    frame = load_eval_table(data_spec, clf.config, clf.labels)
+    metrics, predictions = clf.evaluate(frame)
+    if write:
+        out = Path(run_path) / "evaluations"
+        out.mkdir(exist_ok=True)
+        name = Path(data_spec.removeprefix("sample:")).stem
+        (out / f"{name}.json").write_text(json.dumps({"data": data_spec, **metrics}, indent=2))
+    return metrics

@@ -1,0 +1,23 @@
+"""`head`: freeze the whole pretrained backbone and train only the newly added classification head.
+
+The articles' "finetuning I". "New" means every module the checkpoint did not contain (usually `classifier`
+or `score`; also a pooler if the checkpoint lacks one), so nothing randomly initialised stays frozen.
+"""
+from typing import Literal
+
+from torch import nn
+
+from ..schema import Section
+from .freezing import freeze_all, unfreeze
+
+DEFAULT_LR = 1e-3
+
+
+class Options(Section):
+    name: Literal["head"] = "head"
+
+
+def prepare(model: nn.Module, options: Options, new_modules: list[str]) -> nn.Module:
+    freeze_all(model)
+    unfreeze(model, new_modules)
+    return model

@@ -1,0 +1,1 @@
+"""Tasks: what is learned (the data → model inputs mapping, the model class, prediction). One module each."""

@@ -1,0 +1,241 @@
+"""Train a run from a config: check everything a user can get wrong first, then train, evaluate and save.
+
+Order matters for "nothing is lost": config, model and data are checked before the run directory exists,
+so a user mistake never leaves a directory behind; anything that fails later marks the run `failed`.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import Config, load_config
+from .data import Splits, load_splits
+from .errors import TunelabError
+from .methods import METHODS
+from .methods.freezing import count_parameters
+from .models import resolve
+from .report import plot_loss, read_jsonl
+from .runs import RunDir, default_dir
+from .tasks import classify
+
+
+@dataclass
+class RunResult:
+    path: Path
+    metrics: dict
+    manifest: dict
+
+
+def fast_bf16() -> bool:
+    """bf16 autocast pays off: a bf16-capable GPU, or a CPU with AVX512-BF16 or AMX tiles."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def use_bf16(config: Config) -> bool:
+    if config.train.precision == "auto":
+        return fast_bf16()
+    return config.train.precision == "bf16"
+
+
+def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = (), *, resume: bool = False,
+          overwrite: bool = False, config_path: str | Path | None = None) -> RunResult:
+    """Run the config end to end; return the run path and its final metrics."""
+    if not isinstance(config, Config):
+        config_path = config
+        config = load_config(config, overrides)
+    model_dir = resolve(config.model.name)
+    splits = load_splits(config)
+    out = Path(config.output.dir) if config.output.dir else default_dir(config_path)
+    run = RunDir.start(out, config, resume=resume, overwrite=overwrite)
+    started = time.time()
+    try:
+        if config.method.name == "features":
+            outcome = _train_features(config, splits, model_dir, run)
+        else:
+            outcome = _train_with_trainer(config, splits, model_dir, run, resume)
+        result = _finish(config, splits, run, started, *outcome)
+    except KeyboardInterrupt:
+        run.set_state("interrupted", error="stopped by the user; continue with --resume")
+        raise
+    except BaseException as exc:
+        run.set_state("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- features
+
+def _train_features(config: Config, splits: Splits, model_dir: str, run: RunDir):
+    from transformers import AutoModel, AutoTokenizer
+
+    from .methods import features
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    data, opts = config.data, config.method
+    t0 = time.time()
+    pairs = splits.train[data.text_pair].astype(str).tolist() if data.text_pair else None
+    x = features.embed(model, tokenizer, splits.train[data.text].astype(str).tolist(), pairs, opts.pooling,
+                       config.model.max_length, config.train.eval_batch_size)
+    y = splits.train[data.label].map({n: i for i, n in enumerate(splits.labels)}).to_numpy()
+    head = features.fit(x, y, opts, config.train.seed)
+    train_time = time.time() - t0
+    save_dir = run.path / "model"
+    save_dir.mkdir(exist_ok=True)
+    features.save(head, save_dir)
+    tokenizer.save_pretrained(save_dir)
+    params = count_parameters(model)
+    head_params = sum(t.numel() for t in head.values())
+    params = {"trainable": head_params, "total": params["total"] + head_params,
+              "percent": round(100 * head_params / (params["total"] + head_params), 4)}
+    clf = classify.Classifier(config, splits.labels, tokenizer, model, head, run.path)
+    train_stats = {"runtime_s": round(train_time, 2), "examples_per_s": round(len(x) / train_time, 2)}
+    return clf, params, train_stats
+
+
+# -------------------------------------------------------------------------------------------------- trainer
+
+def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool):
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
+    from transformers.trainer_callback import ProgressCallback
+
+    from .evaluate import trainer_metrics
+    from .trainer_callbacks import JsonlLogger, LossProgress
+
+    tokenizer, model, new_modules = classify.load_model(model_dir, splits.labels)
+    method = METHODS[config.method.name]
+    try:
+        model = method.prepare(model, config.method, new_modules)
+    except ValueError as exc:
+        raise TunelabError(f"method `{config.method.name}`: {exc}") from None
+    params = count_parameters(model)
+    print(f"tunelab: {config.method.name} on {config.model.name}: {params['trainable']:,} of {params['total']:,} "
+          f"parameters trainable ({params['percent']:.3g}%); new modules: {', '.join(new_modules) or 'none'}")
+
+    train_ds = classify.encode(splits.train, tokenizer, config, splits.labels)
+    val_ds = classify.encode(splits.validation, tokenizer, config, splits.labels) if len(splits.validation) else None
+    args = _training_args(config, run, has_validation=val_ds is not None)
+    callbacks = [JsonlLogger(run.path / "metrics.jsonl")]
+    if config.train.early_stopping_patience and val_ds is not None:
+        callbacks.append(EarlyStoppingCallback(config.train.early_stopping_patience))
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+                      compute_metrics=trainer_metrics(splits.labels), callbacks=callbacks)
+    if args.disable_tqdm is False:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LossProgress(metric=config.eval.metric))
+    checkpoint = run.latest_checkpoint() if resume else None
+    if resume and checkpoint is None:
+        print(f"tunelab: no checkpoint in {run.path}/checkpoints yet; starting from the beginning")
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+
+    model = trainer.model
+    save_dir = run.path / "model"
+    model.save_pretrained(save_dir)
+    tokenizer.save_pretrained(save_dir)
+    clf = classify.Classifier(config, splits.labels, tokenizer, model, None, run.path)
+    train_stats = {"runtime_s": round(output.metrics["train_runtime"], 2),
+                   "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
+                   "final_loss": round(output.metrics["train_loss"], 4), "steps": output.global_step,
+                   "best_checkpoint": trainer.state.best_model_checkpoint,
+                   "lr": config.lr, "bf16": bool(args.bf16)}
+    return clf, params, train_stats
+
+
+def _training_args(config: Config, run: RunDir, has_validation: bool):
+    from transformers import TrainingArguments
+
+    t = config.train
+    bf16 = use_bf16(config)
+    every = "epoch" if t.eval_every == "epoch" else "steps"
+    steps = t.eval_every if every == "steps" else None
+    metric = config.eval.metric
+    return TrainingArguments(
+        output_dir=str(run.path / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup,  # a float below 1 is a fraction of the total steps in transformers 5
+        lr_scheduler_type=t.scheduler,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy=every if has_validation else "no",
+        eval_steps=steps,
+        save_strategy=every,
+        save_steps=steps,
+        save_total_limit=1,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model=f"eval_{metric}" if has_validation else None,
+        greater_is_better=metric != "loss",
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- finish
+
+def _finish(config: Config, splits: Splits, run: RunDir, started: float, clf, params: dict,
+            train_stats: dict) -> RunResult:
+    """Evaluate with the same code `tunelab predict` uses, write every artefact, then mark completed."""
+    (run.path / "model" / "labels.json").write_text(json.dumps(splits.labels))
+    metrics = {"train": train_stats, "params": params}
+    for name in ("validation", "test"):
+        frame = getattr(splits, name)
+        if len(frame):
+            metrics[name], predictions = clf.evaluate(frame)
+            predictions.to_json(run.path / f"predictions_{name}.jsonl", orient="records", lines=True,
+                                force_ascii=False)
+    run.write_json("metrics.json", metrics)
+    plot_loss(read_jsonl(run.path / "metrics.jsonl"), run.path / "loss.png",
+              title=f"{config.method.name} · {config.model.name}")
+    manifest = _manifest(config, splits, params, train_stats, time.time() - started)
+    run.write_json("manifest.json", manifest)
+    if not config.output.keep_checkpoints:
+        shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
+    run.set_state("completed", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return RunResult(run.path, metrics, manifest)
+
+
+def _manifest(config: Config, splits: Splits, params: dict, train_stats: dict, wall: float) -> dict:
+    import datasets
+    import peft
+    import sklearn
+    import transformers
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    manifest = {
+        "tunelab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "datasets": datasets.__version__,
+        "scikit_learn": sklearn.__version__, "config_hash": config.hash(), "data_files": splits.files,
+        "examples": splits.sizes(), "labels": splits.labels, "leakage": splits.leaks, "parameters": params,
+        "wall_time_s": round(wall, 2), "train_time_s": train_stats.get("runtime_s"),
+        "examples_per_s": train_stats.get("examples_per_s"), "peak_rss_mb": round(peak_mb, 1),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "bf16": use_bf16(config),
+    }
+    if torch.cuda.is_available():
+        manifest["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return manifest

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny random BERT (2 layers, hidden 32) with a real WordPiece tokenizer, and small data."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "src" / "tunelab" / "data" / "samples" / "sentiment_uci.jsonl"
+
+
+def sample_rows(n: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").split("\n") if line.strip()]
+    if n is None:
+        return rows
+    neg = [r for r in rows if r["label"] == "negative"][: n // 2]
+    pos = [r for r in rows if r["label"] == "positive"][: n - n // 2]
+    return neg + pos
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A BertModel checkpoint without a head (like minilm), random weights, vocabulary from the sample data."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    words = Counter(w for r in sample_rows() for w in re.findall(r"[a-z]+|[^\sa-z]", r["text"].lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in words.most_common(1500)]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    assert "[UNK]" not in tokenizer.tokenize("a great movie!")
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", sample_rows(240))
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_bert, data_file):
+    """Write a config for the tiny model; `make_config(method=..., **sections)` returns its path."""
+    import yaml
+
+    def make(method="full", name="cfg", **sections) -> Path:
+        cfg = {
+            "model": {"name": str(tiny_bert), "max_length": 64},
+            "data": {"train": str(data_file), "split": {"validation": 0.15, "test": 0.2, "seed": 1}},
+            "method": method,
+            "train": {"epochs": 1, "batch_size": 16, "eval_batch_size": 32, "logging_steps": 2, "precision": "fp32"},
+            "output": {"dir": str(tmp_path / "runs" / name)},
+        }
+        for key, value in sections.items():
+            cfg.setdefault(key, {})
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return make

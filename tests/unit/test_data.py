@@ -1,0 +1,130 @@
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import sample_rows, write_jsonl
+from tunelab.config import Config
+from tunelab.data import load_eval_table, load_splits
+from tunelab.data.leakage import normalise
+from tunelab.data.readers import read_table
+from tunelab.errors import DataError
+
+
+def config(train, **data) -> Config:
+    return Config.model_validate({"model": {"name": "x"}, "method": "full", "data": {"train": str(train), **data}})
+
+
+@pytest.fixture
+def rows():
+    return sample_rows(200)
+
+
+def test_all_formats_read_the_same_rows(tmp_path, rows):
+    import datasets
+
+    frame = pd.DataFrame(rows)
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_pandas(frame).save_to_disk(str(tmp_path / "d_ds"))
+    for name in ("d.jsonl", "d.csv", "d.parquet", "d.json", "d_ds"):
+        got = read_table(str(tmp_path / name))
+        assert got["text"].tolist() == frame["text"].tolist(), name
+        assert got["label"].tolist() == frame["label"].tolist(), name
+
+
+def test_shipped_sample_split_is_stratified_deterministic_and_leak_free():
+    cfg = config("sample:sentiment_uci")
+    a, b = load_splits(cfg), load_splits(cfg)
+    assert a.train["text"].tolist() == b.train["text"].tolist()
+    assert sum(a.sizes().values()) == 3000 and a.labels == ["negative", "positive"]
+    assert abs(len(a.test) / 3000 - 0.2) < 0.02 and abs(len(a.validation) / 3000 - 0.1) < 0.02
+    share = a.test["label"].value_counts(normalize=True)
+    assert abs(share["positive"] - 0.5) < 0.02
+    assert a.leaks == {"validation": 0, "test": 0}  # the sample has duplicate texts; grouping keeps them together
+    assert not set(a.train["_text_key"]) & set(a.test["_text_key"])
+    other = load_splits(config("sample:sentiment_uci", split={"seed": 3}))
+    assert other.test["text"].tolist() != a.test["text"].tolist()
+
+
+def test_group_by_keeps_each_group_on_one_side():
+    s = load_splits(config("sample:sentiment_uci", split={"group_by": "source", "validation": 0.3, "test": 0.3,
+                                                           "stratify": False},
+                              leakage="ignore"))
+    sides = [set(s.train["source"]), set(s.validation["source"]), set(s.test["source"])]
+    assert sides[0].isdisjoint(sides[1]) and sides[0].isdisjoint(sides[2]) and sides[1].isdisjoint(sides[2])
+
+
+def test_missing_label_column_names_file_and_columns(tmp_path, rows):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": r["text"], "sentiment": r["label"]} for r in rows])
+    with pytest.raises(DataError, match=r"t\.jsonl: column `label` \(set by data.label\) not found; its columns are: "
+                                        r"text, sentiment"):
+        load_splits(config(path))
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"e\.jsonl is empty"):
+        load_splits(config(tmp_path / "e.jsonl"))
+
+
+def test_bad_json_line_is_named(tmp_path, rows):
+    path = write_jsonl(tmp_path / "b.jsonl", rows[:3])
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(DataError, match=r"b\.jsonl, line 4: not valid JSON"):
+        read_table(str(path))
+
+
+def test_label_outside_known_set_names_row(tmp_path, rows):
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    test_rows = [dict(r) for r in sample_rows()[-20:]]
+    test_rows[6]["label"] = "neutral"
+    test = write_jsonl(tmp_path / "test.jsonl", test_rows)
+    with pytest.raises(DataError, match=r"test\.jsonl, row 7: label 'neutral' is not one of the known labels "
+                                        r"\(negative, positive\)"):
+        load_splits(config(train, test=str(test)))
+
+
+def test_empty_text_names_rows(tmp_path, rows):
+    rows = [dict(r) for r in rows]
+    rows[4]["text"] = "  "
+    with pytest.raises(DataError, match=r"row 5: `text` is empty"):
+        load_splits(config(write_jsonl(tmp_path / "t.jsonl", rows)))
+
+
+def test_leakage_between_given_files_is_refused_or_warned(tmp_path, rows):
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    dup = dict(rows[0], text=rows[0]["text"].upper() + "  !")  # same text after normalisation
+    test = write_jsonl(tmp_path / "test.jsonl", [dup] + sample_rows()[-10:])
+    with pytest.raises(DataError, match=r"leakage: 1 test example\(s\) also appear in train"):
+        load_splits(config(train, test=str(test)))
+    with pytest.warns(UserWarning, match="leakage"):
+        s = load_splits(config(train, test=str(test), leakage="warn"))
+    assert s.leaks["test"] == 1
+
+
+def test_integer_labels_and_explicit_label_order(tmp_path, rows):
+    path = write_jsonl(tmp_path / "i.jsonl", [{"text": r["text"], "label": int(r["label"] == "positive") * 10}
+                                              for r in rows])
+    assert load_splits(config(path)).labels == ["0", "10"]
+    assert load_splits(config(path, labels=["10", "0"])).labels == ["10", "0"]
+
+
+def test_eval_table_checks_against_run_labels(tmp_path, rows):
+    path = write_jsonl(tmp_path / "x.jsonl", rows[:5] + [{"text": "meh", "label": "mixed"}])
+    with pytest.raises(DataError, match="row 6: label 'mixed'"):
+        load_eval_table(str(path), config(path), ["negative", "positive"])
+
+
+def test_normalise():
+    assert normalise("  Great   PHONE!! ") == normalise("great phone") == "great phone"
+
+
+def test_group_by_split_still_reports_duplicate_texts_across_groups():
+    # The same short review ("Very disappointing.") occurs in two sources: grouping by source cannot keep it
+    # together, and the leakage check must say so.
+    with pytest.raises(DataError, match="also appear in train"):
+        load_splits(config("sample:sentiment_uci", split={"group_by": "source", "validation": 0.3, "test": 0.3,
+                                                           "stratify": False}))

@@ -1,0 +1,183 @@
+"""End to end on the tiny model: each method trains, saves a complete run, and predicts as it evaluated."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import tunelab
+from conftest import sample_rows, write_jsonl
+from tunelab.cli import main
+from tunelab.errors import RunError
+from tunelab.runs import read_status
+
+METHOD_SPECS = {
+    "features": {"name": "features"},
+    "head": {"name": "head"},
+    "last_layers": {"name": "last_layers", "layers": 1},
+    "full": {"name": "full"},
+    "lora": {"name": "lora", "r": 4},
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_SPECS))
+def test_method_runs_end_to_end(make_config, method):
+    path = make_config(method=METHOD_SPECS[method], name=method)
+    result = tunelab.train(path)
+    run = result.path
+    assert read_status(run)["state"] == "completed"
+    for name in ("config.yaml", "metrics.json", "manifest.json", "predictions_test.jsonl", "model/labels.json"):
+        assert (run / name).exists(), name
+    assert not (run / "checkpoints").exists()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["parameters"]["trainable"] > 0 and manifest["peak_rss_mb"] > 0
+    assert manifest["data_files"] and manifest["config_hash"] == tunelab.validate(run / "config.yaml").hash()
+    metrics = result.metrics
+    assert 0 <= metrics["test"]["accuracy"] <= 1 and metrics["test"]["examples"] == len(
+        pd.read_json(run / "predictions_test.jsonl", lines=True))
+    if method != "features":
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().split("\n") if x]
+        assert any("loss" in r for r in records) and any("eval_loss" in r for r in records)
+        assert (run / "loss.png").stat().st_size > 1000
+    # a reloaded run predicts exactly what the end-of-training evaluation recorded
+    saved = pd.read_json(run / "predictions_test.jsonl", lines=True)
+    clf = tunelab.load(run)
+    assert clf.predict(saved["text"].tolist()) == saved["predicted"].tolist()
+    probs = clf.predict_proba(saved["text"].tolist())
+    assert np.allclose([p[x] for p, x in zip(probs, saved["predicted"])], saved["probability"], atol=1e-6)
+
+
+def test_lora_adapter_holds_head_and_reload_is_exact(make_config):
+    result = tunelab.train(make_config(method={"name": "lora", "r": 4}, name="lora-exact"))
+    files = {p.name for p in (result.path / "model").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    from safetensors import safe_open
+
+    with safe_open(str(result.path / "model" / "adapter_model.safetensors"), "pt") as f:
+        assert any("classifier" in k for k in f.keys())
+    texts = [r["text"] for r in sample_rows()[:50]]
+    a, b = tunelab.load(result.path).logits(texts), tunelab.load(result.path).logits(texts)
+    assert np.array_equal(a, b)
+
+
+def test_learning_happens(make_config, tmp_path):
+    """Full fine-tuning of the tiny model learns a keyword task: loss falls and test accuracy is high."""
+    rng = np.random.default_rng(0)
+    fillers = ["the movie was", "this phone is", "our food was", "the service is", "that plot was", "it is"]
+    rows = [{"text": f"{rng.choice(fillers)} {word} {rng.choice(['really', 'so', 'very', ''])}".strip() + f" {i}",
+             "label": label} for i in range(300) for word, label in [(["good", "great"][i % 2], "positive"),
+                                                                   (["bad", "awful"][i % 2], "negative")]]
+    data = write_jsonl(tmp_path / "keywords.jsonl", rows)
+    path = make_config(method="full", name="learns", data={"train": str(data)}, train={"epochs": 3, "lr": 3e-3})
+    result = tunelab.train(path)
+    records = [json.loads(x) for x in (result.path / "metrics.jsonl").read_text().split("\n") if x]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2
+    assert result.metrics["test"]["accuracy"] > 0.9
+
+
+def test_cli_train_eval_predict(make_config, tmp_path, capsys):
+    path = make_config(method="head", name="cli")
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "runs" / "cli"
+    test_file = write_jsonl(tmp_path / "more.jsonl", sample_rows()[-30:])
+    assert main(["eval", str(run), "--data", str(test_file)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert (run / "evaluations" / "more.json").exists()
+    assert main(["predict", "--json", str(run), "great phone", "terrible service"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().split("\n")]
+    assert [x["label"] for x in lines] == tunelab.load(run).predict(["great phone", "terrible service"])
+
+
+# ------------------------------------------------------------------------------------- user mistakes
+
+def assert_clean_failure(argv, capsys, *needles, run_dir=None):
+    capsys.readouterr()  # drop what earlier steps of the test printed
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.count("\n") <= 12 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    if run_dir is not None:
+        assert not run_dir.exists() or read_status(run_dir) is None or read_status(run_dir)["state"] != "completed"
+
+
+def test_typo_in_config(make_config, capsys, tmp_path):
+    path = make_config(name="typo", train={"learning_rat": 1e-4})
+    assert_clean_failure(["train", str(path)], capsys, "train.learning_rat", "did you mean `lr`", str(path))
+    assert not (tmp_path / "runs" / "typo").exists()
+
+
+def test_missing_label_column(make_config, capsys, tmp_path):
+    data = write_jsonl(tmp_path / "nolabel.jsonl", [{"text": r["text"]} for r in sample_rows(50)])
+    path = make_config(name="nolabel", data={"train": str(data)})
+    assert_clean_failure(["train", str(path)], capsys, "nolabel.jsonl", "column `label`")
+    assert not (tmp_path / "runs" / "nolabel").exists()
+
+
+def test_unknown_label_in_test_file(make_config, capsys, tmp_path):
+    rows = sample_rows()[-20:]
+    rows[2] = dict(rows[2], label="neutral")
+    test = write_jsonl(tmp_path / "badtest.jsonl", rows)
+    path = make_config(name="badlabel", data={"test": str(test)})
+    assert_clean_failure(["train", str(path)], capsys, "badtest.jsonl, row 3", "'neutral'")
+    assert not (tmp_path / "runs" / "badlabel").exists()
+
+
+def test_empty_file(make_config, capsys, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    path = make_config(name="empty", data={"train": str(tmp_path / "empty.jsonl")})
+    assert_clean_failure(["train", str(path)], capsys, "empty.jsonl is empty")
+    assert not (tmp_path / "runs" / "empty").exists()
+
+
+def test_nonexistent_model(make_config, capsys, tmp_path):
+    path = make_config(name="nomodel", model={"name": "./no/such/model"})
+    assert_clean_failure(["train", str(path)], capsys, "model `./no/such/model`: no such folder")
+    path = make_config(name="nohub", model={"name": "some-org/not-a-model"})
+    assert_clean_failure(["train", str(path)], capsys, "some-org/not-a-model", "cannot be downloaded")
+    assert not (tmp_path / "runs" / "nomodel").exists() and not (tmp_path / "runs" / "nohub").exists()
+
+
+def test_existing_finished_run_is_not_overwritten(make_config, capsys):
+    path = make_config(method="head", name="twice")
+    assert main(["train", str(path)]) == 0
+    assert_clean_failure(["train", str(path)], capsys, "already holds a finished run", "--overwrite")
+    assert main(["train", str(path), "--overwrite"]) == 0
+
+
+# --------------------------------------------------------------------------------- failure and resume
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_crash_marks_run_failed_and_resume_finishes_it(make_config, monkeypatch, capsys):
+    from transformers import Trainer
+
+    path = make_config(method="full", name="resume", train={"max_steps": 6, "eval_every": 2, "epochs": 1})
+    original = Trainer.training_step
+    calls = {"n": 0}
+
+    def exploding(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Boom("simulated crash at step 5")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", exploding)
+    with pytest.raises(Boom):
+        tunelab.train(path)
+    run = path.parent / "runs" / "resume"
+    assert read_status(run)["state"] == "failed" and "simulated crash" in read_status(run)["error"]
+    assert (run / "checkpoints" / "checkpoint-4").exists()
+    with pytest.raises(RunError, match="did not finish"):
+        tunelab.load(run)
+    assert_clean_failure(["train", str(path)], capsys, "unfinished run (failed)", "--resume")
+
+    monkeypatch.setattr(Trainer, "training_step", original)
+    result = tunelab.train(path, resume=True)
+    assert read_status(run)["state"] == "completed" and result.metrics["train"]["steps"] == 6
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().split("\n") if x]
+    assert steps == sorted(steps) and max(steps) == 6  # no duplicated lines from before the crash
