@@ -44,6 +44,9 @@ def _eval(args) -> int:
     print(f"{args.data}: accuracy {metrics['accuracy']:.4f} · macro F1 {metrics['f1_macro']:.4f} "
           f"· precision {metrics['precision_macro']:.4f} · recall {metrics['recall_macro']:.4f} "
           f"({metrics['examples']} examples)")
+    if metrics.get("overlap_with_train"):
+        print(f"warning: {metrics['overlap_with_train']} of these {metrics['examples']} examples were in this run's "
+              f"training split; the numbers above overstate how the model does on new data", file=sys.stderr)
     cm = metrics["confusion_matrix"]
     width = max(len(lbl) for lbl in cm["labels"]) + 2
     print("confusion matrix (rows: true, columns: predicted)")

@@ -43,12 +43,20 @@ def evaluate_run(run_path, data_spec: str, write: bool = True) -> dict:
     import json
     from pathlib import Path
 
-    from .data import load_eval_table
+    from .data import load_eval_table, load_splits
+    from .data.leakage import find_leaks
+    from .errors import TunelabError
     from .tasks.classify import Classifier
 
     clf = Classifier.load(run_path)
     frame = load_eval_table(data_spec, clf.config, clf.labels)
     metrics, predictions = clf.evaluate(frame)
+    try:  # rebuild the run's training split (same files, same seed) to see whether the eval data overlaps it
+        seen = load_splits(clf.config.model_copy(update={"data": clf.config.data.model_copy(
+            update={"leakage": "ignore"})})).train
+        metrics["overlap_with_train"] = int(len(find_leaks(seen, frame)))
+    except TunelabError:  # the training files moved: the check is skipped, not the evaluation
+        metrics["overlap_with_train"] = None
     if write:
         out = Path(run_path) / "evaluations"
         out.mkdir(exist_ok=True)

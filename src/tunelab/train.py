@@ -30,6 +30,7 @@ from .tasks import classify
 @dataclass
 class RunResult:
     path: Path
+    config: Config
     metrics: dict
     manifest: dict
 
@@ -108,12 +109,15 @@ def _train_features(config: Config, splits: Splits, model_dir: str, run: RunDir)
 # -------------------------------------------------------------------------------------------------- trainer
 
 def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool):
-    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, set_seed
     from transformers.trainer_callback import ProgressCallback
 
     from .evaluate import trainer_metrics
     from .trainer_callbacks import JsonlLogger, LossProgress
 
+    # Seed before the model exists: the new head (and LoRA's A matrices) are initialised at creation,
+    # before the Trainer seeds anything, and would otherwise differ run to run.
+    set_seed(config.train.seed)
     tokenizer, model, new_modules = classify.load_model(model_dir, splits.labels)
     method = METHODS[config.method.name]
     try:
@@ -216,7 +220,7 @@ def _finish(config: Config, splits: Splits, run: RunDir, started: float, clf, pa
     if not config.output.keep_checkpoints:
         shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
     run.set_state("completed", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return RunResult(run.path, metrics, manifest)
+    return RunResult(run.path, config, metrics, manifest)
 
 
 def _manifest(config: Config, splits: Splits, params: dict, train_stats: dict, wall: float) -> dict:

@@ -84,6 +84,10 @@ def test_cli_train_eval_predict(make_config, tmp_path, capsys):
     assert main(["eval", str(run), "--data", str(test_file)]) == 0
     assert "accuracy" in capsys.readouterr().out
     assert (run / "evaluations" / "more.json").exists()
+    assert json.loads((run / "evaluations" / "more.json").read_text())["overlap_with_train"] == 0
+    train_file = tmp_path / "train.jsonl"  # the run's own training data: eval must say it overlaps
+    assert main(["eval", str(run), "--data", str(train_file)]) == 0
+    assert "were in this run's training split" in capsys.readouterr().err
     assert main(["predict", "--json", str(run), "great phone", "terrible service"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().split("\n")]
     assert [x["label"] for x in lines] == tunelab.load(run).predict(["great phone", "terrible service"])
@@ -181,3 +185,40 @@ def test_crash_marks_run_failed_and_resume_finishes_it(make_config, monkeypatch,
     assert read_status(run)["state"] == "completed" and result.metrics["train"]["steps"] == 6
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().split("\n") if x]
     assert steps == sorted(steps) and max(steps) == 6  # no duplicated lines from before the crash
+
+
+def test_text_pair_columns(make_config, tmp_path):
+    rows = [{"premise": r["text"], "hypothesis": r["source"], "label": r["label"]} for r in sample_rows(120)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    path = make_config(method="full", name="pairs", data={"train": str(data), "text": "premise",
+                                                          "text_pair": "hypothesis"})
+    result = tunelab.train(path)
+    clf = tunelab.load(result.path)
+    saved = pd.read_json(result.path / "predictions_test.jsonl", lines=True)
+    test_rows = {r["premise"]: r["hypothesis"] for r in rows}
+    pairs = [test_rows[t] for t in saved["text"]]
+    assert clf.predict(saved["text"].tolist(), pairs) == saved["predicted"].tolist()
+    # the pair really reaches the model: the token ids contain two [SEP]s
+    enc = clf.tokenizer(["a b"], ["c"])
+    assert enc["input_ids"][0].count(clf.tokenizer.sep_token_id) == 2
+
+
+def test_early_stopping_and_step_evaluation(make_config):
+    # lr 0 cannot improve the metric, so patience 1 stops after the second evaluation (steps 2 and 4)
+    path = make_config(method="head", name="early", train={"epochs": 5, "lr": 1e-12, "eval_every": 2,
+                                                           "early_stopping_patience": 1, "warmup": 0})
+    result = tunelab.train(path)
+    records = [json.loads(x) for x in (result.path / "metrics.jsonl").read_text().split("\n") if x]
+    eval_steps = [r["step"] for r in records if "eval_loss" in r]
+    assert eval_steps == [2, 4]
+    assert result.metrics["train"]["steps"] == 4
+
+
+@pytest.mark.parametrize("method", ["head", {"name": "lora", "r": 4}])
+def test_same_seed_same_run(make_config, method):
+    """The new head and LoRA matrices are initialised before the Trainer seeds; the run must seed first."""
+    runs = [tunelab.train(make_config(method=method, name=f"seed{i}", train={"max_steps": 6})) for i in range(2)]
+    losses = [[json.loads(x).get("loss") for x in (r.path / "metrics.jsonl").read_text().split("\n") if x]
+              for r in runs]
+    assert losses[0] == losses[1]
+    assert runs[0].metrics["test"] == runs[1].metrics["test"]
