@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,6 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests

@@ -25,7 +25,8 @@ def _print_result(result) -> None:
     for split in ("validation", "test"):
         if split in m:
             s = m[split]
-            print(f"{split:>10}: accuracy {s['accuracy']:.4f} · macro F1 {s['f1_macro']:.4f} ({s['examples']} examples)")
+            print(f"{split:>10}: accuracy {s['accuracy']:.4f} · macro F1 {s['f1_macro']:.4f} "
+                  f"({s['examples']} examples)")
 
 
 def _validate(args) -> int:

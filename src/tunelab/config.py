@@ -8,7 +8,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -323,5 +322,3 @@ def field_docs() -> dict[str, str]:
     walk(Config, "")
     return out
 
-
-_ = typing  # keep typing imported for forward references in pydantic

@@ -109,7 +109,12 @@ def _train_features(config: Config, splits: Splits, model_dir: str, run: RunDir)
 # -------------------------------------------------------------------------------------------------- trainer
 
 def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool):
-    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, set_seed
+    from transformers import (
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        set_seed,
+    )
     from transformers.trainer_callback import ProgressCallback
 
     from .evaluate import trainer_metrics
@@ -152,7 +157,10 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
     clf = classify.Classifier(config, splits.labels, tokenizer, model, None, run.path)
     train_stats = {"runtime_s": round(output.metrics["train_runtime"], 2),
                    "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
-                   "final_loss": round(output.metrics["train_loss"], 4), "steps": output.global_step,
+                   # the Trainer's own train_loss averages only the steps since a resume; the last logged
+                   # loss (log history is restored from the checkpoint) means the same with or without one
+                   "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
+                   "steps": output.global_step,
                    "best_checkpoint": trainer.state.best_model_checkpoint,
                    "lr": config.lr, "bf16": bool(args.bf16)}
     return clf, params, train_stats

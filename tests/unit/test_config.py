@@ -76,7 +76,9 @@ def test_set_overrides_and_bad_override(tmp_path):
 def test_method_defaults_and_frozen(tmp_path):
     config = load_config(write(tmp_path, BASE + "method: {name: last_layers, layers: 3}\n"))
     assert config.method.layers == 3 and config.lr == 1e-4
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         config.train.epochs = 10  # frozen after load
 
 

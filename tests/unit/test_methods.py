@@ -3,7 +3,11 @@ import pytest
 import torch
 
 from tunelab.methods import METHODS
-from tunelab.methods.freezing import count_parameters, modules_after_blocks, transformer_blocks
+from tunelab.methods.freezing import (
+    count_parameters,
+    modules_after_blocks,
+    transformer_blocks,
+)
 from tunelab.tasks.classify import load_model
 
 LABELS = ["negative", "positive"]

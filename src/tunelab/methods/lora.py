@@ -39,7 +39,8 @@ def auto_targets(model: nn.Module) -> list[str]:
     found = {
         name.rsplit(".", 1)[-1]
         for name, m in model.named_modules()
-        if name.startswith(blocks_name + ".") and isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in _ATTENTION_NAMES
+        if name.startswith(blocks_name + ".") and isinstance(m, nn.Linear)
+        and name.rsplit(".", 1)[-1] in _ATTENTION_NAMES
     }
     if not found:
         raise ValueError(f"could not find attention projections in {type(model).__name__}; set "

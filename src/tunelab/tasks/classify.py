@@ -6,7 +6,6 @@ of training agree exactly, whatever precision training used.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -67,7 +66,11 @@ class Classifier:
 
     @classmethod
     def load(cls, run_path) -> "Classifier":
-        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import (
+            AutoModel,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
         from ..models import resolve
         from ..runs import open_finished
