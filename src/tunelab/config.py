@@ -80,7 +80,7 @@ class TrainConfig(Section):
     """Examples per step per device (times `grad_accum` for the effective batch)."""
     eval_batch_size: int = Field(64, ge=1)
     lr: float | None = Field(None, gt=0, le=1)
-    """Peak learning rate; default depends on the method (full 5e-5, last_layers 1e-4, lora 5e-4, head 5e-2)."""
+    """Peak learning rate; default depends on the method (full 5e-5, last_layers 1e-4, lora 5e-4, head 3e-3)."""
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.1, ge=0, le=1)
     """Fraction of the training steps spent warming the learning rate up from zero."""
