@@ -70,6 +70,12 @@ class DataConfig(Section):
     max_train_examples: int | None = Field(None, ge=1)
     """Use only this many training examples (a fixed-seed sample), e.g. for a quick try."""
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, v):
+        # data labels are compared as text, so `labels: [0, 1]` must mean the same as `["0", "1"]`
+        return [str(x) for x in v] if isinstance(v, list) else v
+
 
 class TrainConfig(Section):
     epochs: float = Field(3, gt=0)

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path:<40} {method:<12} {m['params']['percent']:>9.3g}% {m['train']['runtime_s']:>8.0f} "
               f"{m['test']['accuracy']:>9.4f} {m['test']['f1_macro']:>9.4f}")
     last = rows[-1][1].path
-    examples = ["The plot was thin but the acting saved it.", "I would not buy this phone again."]
+    examples = ["An absolute delight from start to finish.", "I would not buy this phone again."]
     print(f"\ntunelab predict {last}:")
     for text, label in zip(examples, load(last).predict(examples)):
         print(f"  {label:<9} {text}")

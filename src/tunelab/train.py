@@ -135,6 +135,11 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
 
     train_ds = classify.encode(splits.train, tokenizer, config, splits.labels)
     val_ds = classify.encode(splits.validation, tokenizer, config, splits.labels) if len(splits.validation) else None
+    at_limit = {name: classify.count_at_limit(ds, config.model.max_length)
+                for name, ds in (("train", train_ds), ("validation", val_ds)) if ds is not None}
+    if any(at_limit.values()):
+        print(f"tunelab: examples cut at model.max_length={config.model.max_length} tokens: "
+              + ", ".join(f"{n} {k}" for k, n in at_limit.items()) + " (raise model.max_length to keep them whole)")
     args = _training_args(config, run, has_validation=val_ds is not None)
     callbacks = [JsonlLogger(run.path / "metrics.jsonl")]
     if config.train.early_stopping_patience and val_ds is not None:
@@ -162,7 +167,7 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
                    "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
                    "steps": output.global_step,
                    "best_checkpoint": trainer.state.best_model_checkpoint,
-                   "lr": config.lr, "bf16": bool(args.bf16)}
+                   "lr": config.lr, "bf16": bool(args.bf16), "truncated_examples": at_limit}
     return clf, params, train_stats
 
 

@@ -110,6 +110,7 @@ def test_integer_labels_and_explicit_label_order(tmp_path, rows):
                                               for r in rows])
     assert load_splits(config(path)).labels == ["0", "10"]
     assert load_splits(config(path, labels=["10", "0"])).labels == ["10", "0"]
+    assert load_splits(config(path, labels=[10, 0])).labels == ["10", "0"]  # YAML ints mean the same
 
 
 def test_eval_table_checks_against_run_labels(tmp_path, rows):

@@ -228,3 +228,13 @@ def test_same_seed_same_run(make_config, method):
               for r in runs]
     assert losses[0] == losses[1]
     assert runs[0].metrics["test"] == runs[1].metrics["test"]
+
+
+def test_truncation_is_counted(make_config, capsys):
+    path = make_config(method="head", name="trunc", model={"max_length": 8}, train={"max_steps": 1})
+    result = tunelab.train(path)
+    counted = result.metrics["train"]["truncated_examples"]
+    assert counted["train"] > 0 and "examples cut at model.max_length=8" in capsys.readouterr().out
+    long_ok = tunelab.train(make_config(method="head", name="notrunc", model={"max_length": 128},
+                                        train={"max_steps": 1}))
+    assert long_ok.metrics["train"]["truncated_examples"] == {"train": 0, "validation": 0}

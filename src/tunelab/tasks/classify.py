@@ -34,6 +34,11 @@ def encode(frame: pd.DataFrame, tokenizer, config, labels: list[str]):
     return ds.map(tokenize, batched=True, remove_columns=drop, desc="tokenizing")
 
 
+def count_at_limit(ds, max_length: int) -> int:
+    """Examples whose token count reached `max_length`: (almost always) truncated."""
+    return sum(len(ids) >= max_length for ids in ds["input_ids"])
+
+
 def load_model(directory: str, labels: list[str]):
     """Tokenizer and a sequence-classification model with a head for `labels`, plus the names of the
     modules the checkpoint did not contain (randomly initialised: the new head, maybe a pooler)."""
