@@ -101,9 +101,8 @@ def _train_features(config: Config, splits: Splits, model_dir: str, run: RunDir)
     head_params = sum(t.numel() for t in head.values())
     params = {"trainable": head_params, "total": params["total"] + head_params,
               "percent": round(100 * head_params / (params["total"] + head_params), 4)}
-    clf = classify.Classifier(config, splits.labels, tokenizer, model, head, run.path)
     train_stats = {"runtime_s": round(train_time, 2), "examples_per_s": round(len(x) / train_time, 2)}
-    return clf, params, train_stats
+    return params, train_stats
 
 
 # -------------------------------------------------------------------------------------------------- trainer
@@ -155,11 +154,9 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
         print(f"tunelab: no checkpoint in {run.path}/checkpoints yet; starting from the beginning")
     output = trainer.train(resume_from_checkpoint=checkpoint)
 
-    model = trainer.model
     save_dir = run.path / "model"
-    model.save_pretrained(save_dir)
+    trainer.model.save_pretrained(save_dir)
     tokenizer.save_pretrained(save_dir)
-    clf = classify.Classifier(config, splits.labels, tokenizer, model, None, run.path)
     train_stats = {"runtime_s": round(output.metrics["train_runtime"], 2),
                    "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
                    # the Trainer's own train_loss averages only the steps since a resume; the last logged
@@ -168,7 +165,7 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
                    "steps": output.global_step,
                    "best_checkpoint": trainer.state.best_model_checkpoint,
                    "lr": config.lr, "bf16": bool(args.bf16), "truncated_examples": at_limit}
-    return clf, params, train_stats
+    return params, train_stats
 
 
 def _training_args(config: Config, run: RunDir, has_validation: bool):
@@ -214,10 +211,11 @@ def _training_args(config: Config, run: RunDir, has_validation: bool):
 
 # --------------------------------------------------------------------------------------------------- finish
 
-def _finish(config: Config, splits: Splits, run: RunDir, started: float, clf, params: dict,
+def _finish(config: Config, splits: Splits, run: RunDir, started: float, params: dict,
             train_stats: dict) -> RunResult:
-    """Evaluate with the same code `tunelab predict` uses, write every artefact, then mark completed."""
+    """Evaluate the saved model with the code `tunelab predict` uses, write every artefact, mark completed."""
     (run.path / "model" / "labels.json").write_text(json.dumps(splits.labels))
+    clf = classify.Classifier.from_saved(run.path, config)
     metrics = {"train": train_stats, "params": params}
     for name in ("validation", "test"):
         frame = getattr(splits, name)

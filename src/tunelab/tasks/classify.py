@@ -6,6 +6,7 @@ of training agree exactly, whatever precision training used.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,17 +72,22 @@ class Classifier:
 
     @classmethod
     def load(cls, run_path) -> "Classifier":
-        from transformers import (
-            AutoModel,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
-
-        from ..models import resolve
+        """A finished run (refuses one that did not complete)."""
         from ..runs import open_finished
 
         path, config = open_finished(run_path)
-        model_dir = path / "model"
+        return cls.from_saved(path, config)
+
+    @classmethod
+    def from_saved(cls, path: Path, config) -> "Classifier":
+        """Load what a run saved in `path/model`. Training evaluates through this too, so the metrics it writes
+        are those of the saved artefact, not of the in-memory model (which the Trainer may have left wrapped in
+        a bf16 autocast)."""
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+        from ..models import resolve
+
+        model_dir = Path(path) / "model"
         labels = json.loads((model_dir / "labels.json").read_text())
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if config.method.name == "features":
