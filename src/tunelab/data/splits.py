@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from ..errors import DataError
 from .leakage import normalise
@@ -15,6 +14,8 @@ def split_table(frame: pd.DataFrame, *, validation: float, test: float, seed: in
     if group_by is not None and group_by not in frame.columns:
         raise DataError(f"{source}: data.split.group_by column `{group_by}` not found; columns: "
                         f"{', '.join(c for c in frame.columns if not c.startswith('_'))}")
+    from sklearn.model_selection import train_test_split  # scikit-learn costs ~1 s to import; only when splitting
+
     keys = frame[group_by].astype(str) if group_by else frame["_text_key"]
     groups = pd.DataFrame({"key": keys, "label": frame[label]}).groupby("key", sort=True)["label"]
     table = groups.agg(lambda s: s.mode().iloc[0]).reset_index()

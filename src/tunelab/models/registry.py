@@ -5,6 +5,7 @@ an existing local directory, or a Hugging Face Hub id (cache first, then the net
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import shutil
@@ -151,8 +152,10 @@ def resolve(name: str) -> str:
         reason = _hub_reachable()
         if reason is None:
             return name
+    close = difflib.get_close_matches(name.lower(), list(PACKAGED), n=1, cutoff=0.6)
+    hint = f" Did you mean the packaged alias `{close[0]}`?" if close else ""
     raise ModelError(
         f"model `{name}` is not a packaged alias ({', '.join(PACKAGED)}), not a local folder, not in the "
-        f"Hugging Face cache, and cannot be downloaded: {reason}. Use a packaged alias or a local folder, "
+        f"Hugging Face cache, and cannot be downloaded: {reason}.{hint} Use a packaged alias or a local folder, "
         f"or run once with internet access to cache it."
     )
