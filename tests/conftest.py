@@ -50,6 +50,29 @@ def tiny_bert(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A LlamaModel checkpoint (decoder-only, like smollm2) whose tokenizer has an EOS but no pad token."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    words = Counter(w for r in sample_rows() for w in re.findall(r"[a-z]+|[^\sa-z]", r["text"].lower()))
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>"] + [w for w, _ in words.most_common(1500)])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>")
+    assert tokenizer.pad_token is None
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         eos_token_id=1, bos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
+    LlamaModel(config).save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def data_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", sample_rows(240))

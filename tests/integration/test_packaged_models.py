@@ -59,3 +59,21 @@ def test_smollm2_alias_converts_once_and_knows_paris():
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=6, do_sample=False)
     assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+
+
+def test_smollm2_classifies_with_lora_and_reloads_identically(tmp_path):
+    cfg = {"model": {"name": "smollm2-135m", "max_length": 48},
+           "data": {"train": "sample:sentiment_uci", "max_train_examples": 64, "split": {"validation": 0.02,
+                                                                                       "test": 0.02}},
+           "method": {"name": "lora", "r": 4},
+           "train": {"max_steps": 3, "batch_size": 8, "eval_batch_size": 32},
+           "output": {"dir": str(tmp_path / "smol")}}
+    path = tmp_path / "smol.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = tunelab.train(path)
+    files = {p.name for p in (result.path / "model").iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    saved = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
+    probs = tunelab.load(result.path).predict_proba([s["text"] for s in saved])
+    assert [max(p, key=p.get) for p in probs] == [s["predicted"] for s in saved]
+    assert max(abs(p[s["predicted"]] - s["probability"]) for p, s in zip(probs, saved)) < 1e-6
