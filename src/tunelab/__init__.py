@@ -37,4 +37,11 @@ def evaluate(run_path, data):
     return evaluate_run(run_path, data)
 
 
-__all__ = ["train", "load", "validate", "evaluate", "__version__"]
+def merge(run_path, out=None):
+    """Fold a LoRA run's adapter into a plain HF model folder (default RUN/merged), checking outputs agree."""
+    from .merge import merge as _merge
+
+    return _merge(run_path, out)
+
+
+__all__ = ["train", "load", "validate", "evaluate", "merge", "__version__"]

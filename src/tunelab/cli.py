@@ -75,6 +75,15 @@ def _predict(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from .merge import merge
+
+    result = merge(args.run, args.out)
+    print(f"merged model written to {result['path']} (max |logit difference| vs the adapter: "
+          f"{result['max_abs_diff']:.2e} on {result['examples']} texts)")
+    return 0
+
+
 def _models(args) -> int:
     from .models import PACKAGED
 
@@ -115,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", help="file with one text per line")
     pr.add_argument("--json", action="store_true", help="one JSON object per line, with probabilities")
     pr.set_defaults(fn=_predict)
+
+    mg = sub.add_parser("merge", help="fold a LoRA run's adapter into a plain Hugging Face model folder")
+    mg.add_argument("run")
+    mg.add_argument("--out", help="output folder (default RUN/merged)")
+    mg.set_defaults(fn=_merge)
 
     m = sub.add_parser("models", help="list the packaged model aliases")
     m.set_defaults(fn=_models)

@@ -240,3 +240,28 @@ def test_truncation_is_counted(make_config, capsys):
     long_ok = tunelab.train(make_config(method="head", name="notrunc", model={"max_length": 128},
                                         train={"max_steps": 1}))
     assert long_ok.metrics["train"]["truncated_examples"] == {"train": 0, "validation": 0}
+
+
+def test_merge_lora_gives_a_plain_model_that_predicts_the_same(make_config, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    result = tunelab.train(make_config(method={"name": "lora", "r": 4}, name="merge", train={"max_steps": 6}))
+    assert main(["merge", str(result.path)]) == 0
+    assert "max |logit difference|" in capsys.readouterr().out
+    merged = result.path / "merged"
+    assert (merged / "model.safetensors").exists() and not (merged / "adapter_config.json").exists()
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    clf = tunelab.load(result.path)
+    texts = [r["text"] for r in sample_rows()[:16]]
+    enc = clf.tokenizer(texts, padding=True, return_tensors="pt")
+    import torch
+
+    with torch.no_grad():
+        plain_logits = plain(**enc).logits.numpy()
+    assert np.abs(plain_logits - clf.logits(texts)).max() < 1e-4
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+
+
+def test_merge_refuses_a_non_lora_run(make_config, capsys):
+    result = tunelab.train(make_config(method="head", name="nomerge", train={"max_steps": 2}))
+    assert_clean_failure(["merge", str(result.path)], capsys, "not a LoRA adapter")
