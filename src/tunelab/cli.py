@@ -22,11 +22,15 @@ def _print_result(result) -> None:
     print(f"\nrun: {result.path}")
     print(f"trainable parameters: {params['trainable']:,} / {params['total']:,} ({params['percent']:.3g}%)")
     print(f"training: {m['train']['runtime_s']} s, {m['train']['examples_per_s']} examples/s")
+    if m["train"].get("tokens_per_s"):
+        print(f"throughput: {m['train']['tokens_per_s']} real tokens/s")
+    names = {"accuracy": "accuracy", "f1_macro": "macro F1", "loss": "loss", "perplexity": "perplexity",
+             "chrf": "chrF", "bleu": "BLEU", "rouge_l": "ROUGE-L", "exact_match": "exact match"}
     for split in ("validation", "test"):
         if split in m:
-            s = m[split]
-            print(f"{split:>10}: accuracy {s['accuracy']:.4f} · macro F1 {s['f1_macro']:.4f} "
-                  f"({s['examples']} examples)")
+            shown = " · ".join(f"{label} {m[split][key]:.4f}" for key, label in names.items() if key in m[split])
+            count = f" ({m[split]['examples']} examples)" if "examples" in m[split] else ""
+            print(f"{split:>10}: {shown}{count}")
 
 
 def _validate(args) -> int:
@@ -39,8 +43,15 @@ def _validate(args) -> int:
 
 
 def _eval(args) -> int:
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_base, evaluate_run
 
+    if args.base:
+        metrics = evaluate_base(args.run, args.set)
+        print(f"{args.run} (untrained {metrics.pop('model')}), test split: " +
+              " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        return 0
+    if not args.data:
+        raise SystemExit("tunelab eval: --data FILE is required (or --base CONFIG)")
     metrics = evaluate_run(args.run, args.data)
     print(f"{args.data}: accuracy {metrics['accuracy']:.4f} · macro F1 {metrics['f1_macro']:.4f} "
           f"· precision {metrics['precision_macro']:.4f} · recall {metrics['recall_macro']:.4f} "
@@ -72,6 +83,45 @@ def _predict(args) -> int:
             print(json.dumps({"text": text, "label": label, "probabilities": probs}, ensure_ascii=False))
         else:
             print(f"{label}\t{probs[label]:.3f}\t{text}")
+    return 0
+
+
+def _preview(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .config import load_config
+    from .data import load_splits
+    from .errors import TunelabError
+    from .models import resolve
+    from .tasks import sft
+
+    config = load_config(args.config, args.set)
+    if config.task != "sft":
+        raise TunelabError(f"data preview renders sft examples; {args.config} is task {config.task}")
+    frame = getattr(load_splits(config), args.split)
+    if not 0 <= args.index < len(frame):
+        raise TunelabError(f"--index {args.index}: the {args.split} split has {len(frame)} rows")
+    tokenizer = AutoTokenizer.from_pretrained(resolve(config.model.name))
+    conv = frame["_conv"].iloc[args.index]
+    print(f"{args.split} example {args.index} (row {frame['_row'].iloc[args.index]}); trained tokens "
+          f"{'in green' if sys.stdout.isatty() else 'between ⟦ ⟧'}")
+    print(sft.preview(conv, tokenizer, config.data, config.model.max_length, color=sys.stdout.isatty()))
+    return 0
+
+
+def _generate(args) -> int:
+    from .config import load_config
+    from .tasks.generate import Generator
+
+    if args.base:
+        generator = Generator.base(load_config(args.run, args.set))
+    else:
+        generator = Generator.load(args.run)
+    prompts = [generator.render(p) for p in args.prompt]
+    outputs = generator.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                 temperature=args.temperature or 1.0, top_p=args.top_p)
+    for prompt, text in zip(args.prompt, outputs):
+        print(json.dumps({"prompt": prompt, "generated": text}, ensure_ascii=False) if args.json else text)
     return 0
 
 
@@ -114,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=_validate)
 
     e = sub.add_parser("eval", help="evaluate a finished run on a data file")
-    e.add_argument("run")
-    e.add_argument("--data", required=True, help="file with the same text/label columns as the training data")
+    e.add_argument("run", help="run directory (or a config file with --base)")
+    e.add_argument("--data", help="file with the same text/label columns as the training data")
+    e.add_argument("--base", action="store_true", help="sft: generation metrics of the config's untrained model "
+                                                       "on its test split, for before/after comparisons")
+    with_set(e)
     e.set_defaults(fn=_eval)
 
     pr = sub.add_parser("predict", help="predict labels with a finished run")
@@ -124,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", help="file with one text per line")
     pr.add_argument("--json", action="store_true", help="one JSON object per line, with probabilities")
     pr.set_defaults(fn=_predict)
+
+    d = sub.add_parser("data", help="look at a config's data as the model will see it")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    pv = dsub.add_parser("preview", help="render one sft example with its trained tokens marked")
+    pv.add_argument("config")
+    pv.add_argument("--index", type=int, default=0)
+    pv.add_argument("--split", choices=["train", "validation", "test"], default="train")
+    with_set(pv)
+    pv.set_defaults(fn=_preview)
+
+    g = sub.add_parser("generate", help="generate text with a finished sft run (or a config's base model)")
+    g.add_argument("run", help="run directory, or a config file with --base")
+    g.add_argument("--prompt", action="append", required=True, help="repeatable")
+    g.add_argument("--base", action="store_true", help="RUN is a config: use its untrained model")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--json", action="store_true")
+    with_set(g)
+    g.set_defaults(fn=_generate)
 
     mg = sub.add_parser("merge", help="fold a LoRA run's adapter into a plain Hugging Face model folder")
     mg.add_argument("run")

@@ -22,6 +22,11 @@ from .schema import Section
 METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss")
 
 
+_CLASSIFY_ONLY = {"text", "text_pair", "label", "labels"}
+_SFT_ONLY = {"format", "prompt", "response", "messages", "instruction", "prompt_format", "template", "loss_on",
+             "overflow", "bad_rows"}
+
+
 class ModelConfig(Section):
     name: str
     """Packaged alias (`minilm`, `smollm2-135m`), a Hugging Face hub id, or a local folder."""
@@ -69,6 +74,31 @@ class DataConfig(Section):
     """What to do when a validation/test text (normalised) also appears in train."""
     max_train_examples: int | None = Field(None, ge=1)
     """Use only this many training examples (a fixed-seed sample), e.g. for a quick try."""
+    # --- task: sft
+    format: Literal["auto", "alpaca", "prompt_response", "messages"] = "auto"
+    """sft row layout: `alpaca` (instruction, optional input, output), `prompt_response` (`prompt` and
+    `response` columns), `messages` (chat turns: system/user/assistant); `auto` detects it from the columns."""
+    prompt: str = "prompt"
+    """sft: column holding the prompt (prompt_response layout)."""
+    response: str = "response"
+    """sft: column holding the response (prompt_response layout, and user templates)."""
+    messages: str = "messages"
+    """sft: column holding the chat turns (messages layout)."""
+    instruction: str | None = None
+    """sft: a fixed instruction put before every prompt, e.g. "Translate English to French."."""
+    prompt_format: Literal["auto", "chat", "alpaca", "template"] = "auto"
+    """sft: how a prompt is shown to the model: its own chat template (`auto` when it has one), the Alpaca
+    "### Instruction / ### Response" text, or `template` (see data.template)."""
+    template: str | None = None
+    """sft, prompt_format template: text with {column} placeholders, ending with the response placeholder,
+    e.g. "English: {en}\nFrench: {fr}" with response: fr."""
+    loss_on: Literal["response", "all"] = "response"
+    """sft: take the loss on the response tokens only (default), or on every token."""
+    bad_rows: Literal["error", "drop"] = "error"
+    """sft: a malformed row (unknown role, empty response, missing column value) stops the run with its row
+    number (`error`), or is dropped and counted (`drop`)."""
+    overflow: Literal["truncate", "drop"] = "truncate"
+    """sft: an example longer than model.max_length is cut (its end is lost) or dropped; both are counted."""
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -112,8 +142,12 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    metric: Literal["accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"] = "f1_macro"
-    """Metric that picks the best checkpoint and drives early stopping."""
+    metric: Literal["accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"] | None = None
+    """Metric that picks the best checkpoint and drives early stopping; default f1_macro (classify), loss (sft)."""
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    """sft: tokens generated per test prompt for the generation metrics (greedy)."""
+    max_generate: int | None = Field(200, ge=1)
+    """sft: generate for at most this many test examples (generation is slow on a CPU); null for all."""
 
 
 class OutputConfig(Section):
@@ -125,8 +159,8 @@ class OutputConfig(Section):
 
 class Config(Section):
     model: ModelConfig
-    task: Literal["classify"] = "classify"
-    """What to learn: `classify` (sequence classification)."""
+    task: Literal["classify", "sft"] = "classify"
+    """What to learn: `classify` (sequence classification) or `sft` (instruction / chat tuning of a causal LM)."""
     data: DataConfig
     method: MethodOptions
     """The fine-tuning method: a name (`lora`) or a mapping with `name` and its options."""
@@ -143,6 +177,22 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        problems = []
+        given = self.data.model_fields_set
+        wrong = sorted(given & (_SFT_ONLY if self.task == "classify" else _CLASSIFY_ONLY))
+        if wrong:
+            problems.append(f"data.{', data.'.join(wrong)} do(es) not apply to task {self.task}")
+        if self.task == "sft":
+            if self.eval.metric not in (None, "loss"):
+                problems.append(f"eval.metric {self.eval.metric} is a classification metric; task sft uses loss")
+            if self.data.prompt_format == "template":
+                from .tasks.sft import check_template
+
+                problem = check_template(self.data.template or "", self.data.response)
+                if problem:
+                    problems.append(problem)
+        if problems:
+            raise ValueError("; ".join(problems))
         no_validation = self.data.validation is None and self.data.split.validation == 0
         if self.train.early_stopping_patience is not None and no_validation:
             raise ValueError("train.early_stopping_patience needs validation data (data.validation or "
@@ -150,12 +200,19 @@ class Config(Section):
         return self
 
     @property
+    def metric(self) -> str:
+        """The metric in effect: `eval.metric` or the task's default."""
+        return self.eval.metric or ("loss" if self.task == "sft" else "f1_macro")
+
+    @property
     def lr(self) -> float | None:
         """The learning rate in effect: `train.lr` or the method's default."""
         return self.train.lr if self.train.lr is not None else METHODS[self.method.name].DEFAULT_LR
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        """The resolved config, without the data fields of other tasks."""
+        other = _SFT_ONLY if self.task == "classify" else _CLASSIFY_ONLY
+        return self.model_dump(mode="json", exclude={"data": other})
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

@@ -64,3 +64,34 @@ def evaluate_run(run_path, data_spec: str, write: bool = True) -> dict:
         name = Path(data_spec.removeprefix("sample:")).stem
         (out / f"{name}.json").write_text(json.dumps({"data": data_spec, **metrics}, indent=2))
     return metrics
+
+
+def generation_metrics(references: list[str], generated: list[str]) -> dict:
+    """Corpus chrF and BLEU (sacrebleu), mean ROUGE-L F1 (rouge-score), exact match (after stripping)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(r, g)["rougeL"].fmeasure for r, g in zip(references, generated)]
+    return {
+        "chrf": float(sacrebleu.corpus_chrf(generated, [references]).score),
+        "bleu": float(sacrebleu.corpus_bleu(generated, [references]).score),
+        "rouge_l": float(np.mean(rouge)) if rouge else 0.0,
+        "exact_match": float(np.mean([r.strip() == g.strip() for r, g in zip(references, generated)])),
+        "examples": len(references),
+    }
+
+
+def evaluate_base(config_path, overrides=()) -> dict:
+    """Generation metrics of a config's *untrained* model on the config's test split (zero-shot baseline)."""
+    from .config import load_config
+    from .data import load_splits
+    from .errors import TunelabError
+    from .tasks.generate import Generator
+
+    config = load_config(config_path, overrides)
+    if config.task != "sft":
+        raise TunelabError("--base evaluates generation (task sft); classification baselines are `method: features`")
+    convs = list(load_splits(config).test["_conv"])[: config.eval.max_generate]
+    metrics, _ = Generator.base(config).evaluate(convs, config.eval.max_new_tokens)
+    return {"model": config.model.name, **metrics}

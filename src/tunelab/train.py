@@ -64,6 +64,8 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
     try:
         if config.method.name == "features":
             outcome = _train_features(config, splits, model_dir, run)
+        elif config.task == "sft":
+            outcome = _train_sft(config, splits, model_dir, run, resume)
         else:
             outcome = _train_with_trainer(config, splits, model_dir, run, resume)
         result = _finish(config, splits, run, started, *outcome)
@@ -148,7 +150,7 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
                       compute_metrics=trainer_metrics(splits.labels), callbacks=callbacks)
     if args.disable_tqdm is False:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(LossProgress(metric=config.eval.metric))
+        trainer.add_callback(LossProgress(metric=config.metric))
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         print(f"tunelab: no checkpoint in {run.path}/checkpoints yet; starting from the beginning")
@@ -168,15 +170,16 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
     return params, train_stats
 
 
-def _training_args(config: Config, run: RunDir, has_validation: bool):
+def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, **extra):
     from transformers import TrainingArguments
 
+    cls = cls or TrainingArguments
     t = config.train
     bf16 = use_bf16(config)
     every = "epoch" if t.eval_every == "epoch" else "steps"
     steps = t.eval_every if every == "steps" else None
-    metric = config.eval.metric
-    return TrainingArguments(
+    metric = config.metric
+    return cls(
         output_dir=str(run.path / "checkpoints"),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -206,7 +209,68 @@ def _training_args(config: Config, run: RunDir, has_validation: bool):
         report_to=[],
         dataloader_num_workers=0,
         disable_tqdm=False,
+        **extra,
     )
+
+
+# ------------------------------------------------------------------------------------------------------ sft
+
+def _train_sft(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
+    from transformers.trainer_callback import ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from .tasks import sft
+    from .trainer_callbacks import JsonlLogger, LossProgress
+
+    set_seed(config.train.seed)  # before the model exists (LoRA's matrices are drawn at creation)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    try:
+        model = METHODS[config.method.name].prepare(model, config.method, [])
+    except ValueError as exc:
+        raise TunelabError(f"method `{config.method.name}`: {exc}") from None
+    params = count_parameters(model)
+    print(f"tunelab: {config.method.name} on {config.model.name}: {params['trainable']:,} of {params['total']:,} "
+          f"parameters trainable ({params['percent']:.3g}%)")
+    max_length = config.model.max_length
+    encoded = {name: sft.encode(list(getattr(splits, name)["_conv"]), tokenizer, config.data, max_length)
+               for name in ("train", "validation") if len(getattr(splits, name))}
+    counts = {name: {"examples": len(e.rows), "truncated": e.truncated, "dropped": e.dropped}
+              for name, e in encoded.items()}
+    for name, c in counts.items():
+        if c["truncated"] or c["dropped"]:
+            print(f"tunelab: {name}: {c['truncated']} example(s) cut and {c['dropped']} dropped at "
+                  f"model.max_length={max_length} (data.overflow: {config.data.overflow})")
+    if not encoded["train"].rows:
+        raise TunelabError(f"no training example fits in model.max_length={max_length}")
+    train_ds = datasets.Dataset.from_list(encoded["train"].rows)
+    val_ds = datasets.Dataset.from_list(encoded["validation"].rows) if "validation" in encoded else None
+    args = _training_args(config, run, has_validation=val_ds is not None, cls=SFTConfig, max_length=max_length,
+                          completion_only_loss=True, packing=False)
+    callbacks = [JsonlLogger(run.path / "metrics.jsonl")]
+    if config.train.early_stopping_patience and val_ds is not None:
+        callbacks.append(EarlyStoppingCallback(config.train.early_stopping_patience))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                         processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossProgress(metric="loss"))
+    checkpoint = run.latest_checkpoint() if resume else None
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_loss = trainer.evaluate()["eval_loss"] if val_ds is not None else None
+    trainer.model.save_pretrained(run.path / "model")
+    tokenizer.save_pretrained(run.path / "model")
+    real_tokens = sum(len(r["input_ids"]) for r in encoded["train"].rows) * output.metrics.get("epoch", 1)
+    train_stats = {"runtime_s": round(output.metrics["train_runtime"], 2),
+                   "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
+                   "tokens_per_s": round(real_tokens / output.metrics["train_runtime"], 1),
+                   "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
+                   "steps": output.global_step, "lr": config.lr, "bf16": bool(args.bf16), "encoded": counts,
+                   "validation_loss": eval_loss}
+    return params, train_stats
 
 
 # --------------------------------------------------------------------------------------------------- finish
@@ -214,15 +278,11 @@ def _training_args(config: Config, run: RunDir, has_validation: bool):
 def _finish(config: Config, splits: Splits, run: RunDir, started: float, params: dict,
             train_stats: dict) -> RunResult:
     """Evaluate the saved model with the code `tunelab predict` uses, write every artefact, mark completed."""
-    (run.path / "model" / "labels.json").write_text(json.dumps(splits.labels))
-    clf = classify.Classifier.from_saved(run.path, config)
     metrics = {"train": train_stats, "params": params}
-    for name in ("validation", "test"):
-        frame = getattr(splits, name)
-        if len(frame):
-            metrics[name], predictions = clf.evaluate(frame)
-            predictions.to_json(run.path / f"predictions_{name}.jsonl", orient="records", lines=True,
-                                force_ascii=False)
+    if config.task == "sft":
+        metrics.update(_evaluate_sft(config, splits, run, train_stats))
+    else:
+        metrics.update(_evaluate_classifier(config, splits, run))
     run.write_json("metrics.json", metrics)
     plot_loss(read_jsonl(run.path / "metrics.jsonl"), run.path / "loss.png",
               title=f"{config.method.name} · {config.model.name}")
@@ -232,6 +292,38 @@ def _finish(config: Config, splits: Splits, run: RunDir, started: float, params:
         shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
     run.set_state("completed", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return RunResult(run.path, config, metrics, manifest)
+
+
+def _evaluate_classifier(config: Config, splits: Splits, run: RunDir) -> dict:
+    """Metrics of the saved classifier, reloaded (fp32), on validation and test; per-row predictions."""
+    (run.path / "model" / "labels.json").write_text(json.dumps(splits.labels))
+    clf = classify.Classifier.from_saved(run.path, config)
+    metrics = {}
+    for name in ("validation", "test"):
+        frame = getattr(splits, name)
+        if len(frame):
+            metrics[name], predictions = clf.evaluate(frame)
+            predictions.to_json(run.path / f"predictions_{name}.jsonl", orient="records", lines=True,
+                                force_ascii=False)
+    return metrics
+
+
+def _evaluate_sft(config: Config, splits: Splits, run: RunDir, train_stats: dict) -> dict:
+    """Validation loss/perplexity, and generation metrics of the saved model on the test conversations."""
+    import math
+
+    from .tasks.generate import Generator
+
+    metrics = {}
+    if train_stats.get("validation_loss") is not None:
+        loss = train_stats.pop("validation_loss")
+        metrics["validation"] = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    if len(splits.test):
+        convs = list(splits.test["_conv"])[: config.eval.max_generate]
+        generator = Generator.from_saved(run.path, config)
+        metrics["test"], rows = generator.evaluate(convs, config.eval.max_new_tokens)
+        rows.to_json(run.path / "predictions_test.jsonl", orient="records", lines=True, force_ascii=False)
+    return metrics
 
 
 def _manifest(config: Config, splits: Splits, params: dict, train_stats: dict, wall: float) -> dict:

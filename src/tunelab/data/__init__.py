@@ -89,6 +89,8 @@ def _sorted_labels(values) -> list[str]:
 
 def load_splits(config) -> Splits:
     """Read and check the data of a run config, splitting the train file if no eval files are given."""
+    if config.task == "sft":
+        return _load_sft_splits(config)
     data = config.data
     train = _check_columns(read_table(data.train), data.train, data)
     files = {data.train: file_hash(data.train)}
@@ -122,13 +124,52 @@ def load_splits(config) -> Splits:
     return splits
 
 
+def _sft_table(spec: str, data) -> pd.DataFrame:
+    """A table whose `_conv` column holds each row's Conversation and `_text_key` its normalised text."""
+    from ..tasks.sft import conversations, user_content
+    from .leakage import normalise
+
+    frame = read_table(spec)
+    convs, problems = conversations(frame, spec, data)
+    if problems:
+        print(f"tunelab: dropped {len(problems)} bad row(s) of {spec} (data.bad_rows: drop), e.g. {problems[0]}")
+        keep = [c is not None for c in convs]
+        frame, convs = frame[keep], [c for c in convs if c is not None]
+        if not convs:
+            raise DataError(f"{spec}: every row was bad; nothing is left to train on")
+    keys = [normalise(" ".join(user_content(t) + " " + t["response"] for t in c.turns)) for c in convs]
+    return frame.assign(_conv=convs, _text_key=keys, _label="")
+
+
+def _load_sft_splits(config) -> Splits:
+    data = config.data
+    train = _sft_table(data.train, data)
+    files = {data.train: file_hash(data.train)}
+    given = {}
+    for name in ("validation", "test"):
+        spec = getattr(data, name)
+        if spec:
+            given[name] = _sft_table(spec, data)
+            files[spec] = file_hash(spec)
+    fractions = {"validation": 0.0 if "validation" in given else data.split.validation,
+                 "test": 0.0 if "test" in given else data.split.test}
+    parts = split_table(train, validation=fractions["validation"], test=fractions["test"], seed=data.split.seed,
+                        stratify=False, label="_label", group_by=data.split.group_by, source=data.train)
+    parts.update(given)
+    if data.max_train_examples and len(parts["train"]) > data.max_train_examples:
+        parts["train"] = parts["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
+    splits = Splits(parts["train"], parts["validation"], parts["test"], [], files)
+    _check_leakage(splits, data)
+    return splits
+
+
 def _check_leakage(splits: Splits, data) -> None:
     messages = []
     for name in ("validation", "test"):
         leaks = find_leaks(splits.train, getattr(splits, name))
         splits.leaks[name] = len(leaks)
         if len(leaks):
-            examples = "; ".join(f"row {r[ROW]}: {str(r[data.text])[:60]!r}" for _, r in leaks.head(3).iterrows())
+            examples = "; ".join(f"row {r[ROW]}: {r['_text_key'][:60]!r}" for _, r in leaks.head(3).iterrows())
             messages.append(f"{len(leaks)} {name} example(s) also appear in train (e.g. {examples})")
     if messages and data.leakage == "error":
         raise DataError("train/eval leakage: " + "; ".join(messages) +

@@ -1,0 +1,172 @@
+"""sft: row layouts, rendering, loss masks, EOS, overflow, bad rows, and a tiny end-to-end run."""
+import json
+
+import pytest
+import torch
+
+import tunelab
+from conftest import write_jsonl
+from tunelab.config import Config, load_config
+from tunelab.data import load_splits
+from tunelab.errors import ConfigError, DataError
+from tunelab.tasks import sft
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def cfg(train, tmp_path=None, **data) -> Config:
+    return Config.model_validate({"model": {"name": "x"}, "task": "sft", "method": "lora",
+                                  "data": {"train": str(train), **data}})
+
+
+@pytest.fixture
+def tok(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture
+def chat_tok(tok):
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_layouts_are_detected(tmp_path):
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "say hi", "input": "", "output": "hi"}] * 3 +
+                         [{"instruction": "add", "input": "1 and 2", "output": "3"}])
+    convs = list(load_splits(cfg(alpaca, split={"validation": 0, "test": 0}, leakage="ignore")).train["_conv"])
+    assert {c.turns[0]["input"] for c in convs} == {None, "1 and 2"}
+    pr = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "response": f"r{i}"} for i in range(10)])
+    conv = load_splits(cfg(pr)).train["_conv"].iloc[0]
+    assert conv.turns[0]["input"] is None and conv.turns[0]["response"].startswith("r")
+    chat = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
+        {"role": "system", "content": "be nice"}, {"role": "user", "content": f"u{i}"},
+        {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2"}]} for i in range(10)])
+    conv = load_splits(cfg(chat)).train["_conv"].iloc[0]
+    assert conv.system == "be nice" and [t["response"] for t in conv.turns] == ["a1", "a2"]
+
+
+def test_unknown_role_and_missing_output_name_the_row(tmp_path):
+    bad = write_jsonl(tmp_path / "roles.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "bot", "content": "yo"}]}])
+    with pytest.raises(DataError, match=r"roles\.jsonl: row 1: message 2 has role 'bot'; allowed: system, user"):
+        load_splits(cfg(bad))
+    rows = [{"instruction": f"i{i}", "output": f"o{i}"} for i in range(8)] + [{"instruction": "no answer"}]
+    missing = write_jsonl(tmp_path / "alp.jsonl", rows)
+    with pytest.raises(DataError, match=r"row 9: `output` is missing or empty.*data.bad_rows: drop"):
+        load_splits(cfg(missing))
+    kept = load_splits(cfg(missing, bad_rows="drop", split={"validation": 0, "test": 0}))
+    assert len(kept.train) == 8
+
+
+def test_template_without_response_placeholder_is_a_config_error(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("model: {name: x}\ntask: sft\nmethod: lora\n"
+                    "data: {train: a.jsonl, prompt_format: template, template: 'English: {en}', response: fr}\n")
+    with pytest.raises(ConfigError, match=r"data.template has no `\{fr\}` placeholder"):
+        load_config(path)
+
+
+def test_classification_keys_are_refused_for_sft(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("model: {name: x}\ntask: sft\nmethod: lora\ndata: {train: a.jsonl, label: y}\n")
+    with pytest.raises(ConfigError, match="data.label do\\(es\\) not apply to task sft"):
+        load_config(path)
+
+
+def conv(instruction="describe the movie", response="great film"):
+    return sft.Conversation([{"instruction": instruction, "input": None, "response": response}])
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "chat"])
+def test_loss_only_on_response_and_eos(tok, chat_tok, fmt):
+    tokenizer = chat_tok if fmt == "chat" else tok
+    data = cfg("x.jsonl", prompt_format=fmt).data
+    enc = sft.encode_turn(conv(), 0, tokenizer, fmt, data, max_length=256)
+    prompt = sft.render_prompt(conv(), 0, tokenizer, fmt, data)
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    assert enc.completion_mask[:n_prompt] == [0] * n_prompt
+    assert all(enc.completion_mask[n_prompt:])
+    trained = [t for t, m in zip(enc.input_ids, enc.completion_mask) if m]
+    assert tokenizer.decode(trained).replace(" ", "").startswith("greatfilm")
+    assert tokenizer.eos_token_id in trained  # the model learns to stop
+
+
+def test_trainer_takes_no_loss_on_prompt_tokens(tok, tiny_llama, tmp_path):
+    """The real SFTTrainer built on our rows: labels are -100 exactly on the prompt, and on padding."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    data = cfg("x.jsonl", prompt_format="alpaca").data
+    rows = [sft.encode_turn(conv(response=r), 0, tok, "alpaca", data, 256) for r in ("great film", "a very bad movie")]
+    tok.pad_token = tok.eos_token
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama),
+                         args=SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, report_to=[],
+                                        use_cpu=True, max_length=256),
+                         train_dataset=datasets.Dataset.from_list(
+                             [{"input_ids": e.input_ids, "completion_mask": e.completion_mask} for e in rows]),
+                         processing_class=tok)
+    for i, e in enumerate(rows):
+        labels = trainer.train_dataset[i]["labels"]
+        assert [x == -100 for x in labels] == [m == 0 for m in e.completion_mask]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    short = len(rows[0].input_ids)
+    assert (batch["labels"][0][short:] == -100).all()  # padding takes no loss either
+
+
+def test_loss_on_all_tokens(tok):
+    data = cfg("x.jsonl", prompt_format="alpaca", loss_on="all").data
+    assert all(sft.encode_turn(conv(), 0, tok, "alpaca", data, 256).completion_mask)
+
+
+def test_overflow_truncate_and_drop_are_counted(tok):
+    long = [conv(response=" ".join(["chat"] * 80)), conv()]
+    cut = sft.encode(long, tok, cfg("x.jsonl", prompt_format="alpaca").data, max_length=60)
+    assert cut.truncated == 1 and cut.dropped == 0 and max(len(r["input_ids"]) for r in cut.rows) == 60
+    dropped = sft.encode(long, tok, cfg("x.jsonl", prompt_format="alpaca", overflow="drop").data, max_length=60)
+    assert dropped.dropped == 1 and len(dropped.rows) == 1
+
+
+def test_multi_turn_chat_trains_each_answer_with_its_history(chat_tok):
+    c = sft.Conversation([{"instruction": "hi", "input": None, "response": "good"},
+                          {"instruction": "and the plot", "input": None, "response": "bad"}], system="be nice")
+    data = cfg("x.jsonl", prompt_format="chat").data
+    second = sft.encode_turn(c, 1, chat_tok, "chat", data, 256)
+    text = chat_tok.decode(second.input_ids)
+    assert "nice" in text and "good" in text and "bad" in text
+    trained = chat_tok.decode([t for t, m in zip(second.input_ids, second.completion_mask) if m])
+    assert "bad" in trained and "good" not in trained
+
+
+def test_user_template(tok):
+    data = cfg("x.jsonl", prompt_format="template", template="English: {en}\nFrench: {fr}", response="fr").data
+    c = sft.Conversation([{"instruction": "", "input": None, "response": "le chat"}], row={"en": "the cat",
+                                                                                            "fr": "le chat"})
+    assert sft.render_prompt(c, 0, tok, "template", data) == "English: the cat\nFrench: "
+
+
+def test_sft_end_to_end_and_reload_generates_the_same(make_config, tiny_llama, tmp_path, capsys):
+    from tunelab.cli import main
+    from tunelab.tasks.generate import Generator
+
+    rows = [{"prompt": f"say {w}", "response": w} for w in ["good", "bad", "great", "awful", "fine"] * 12]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    path = make_config(method={"name": "lora", "r": 4}, name="sft", model={"name": str(tiny_llama)},
+                       task="sft", data={"train": str(data), "split": {"validation": 0.2, "test": 0.2},
+                                         "leakage": "ignore"},
+                       train={"max_steps": 5, "precision": "bf16"}, eval={"max_new_tokens": 4})
+    result = tunelab.train(path)
+    m = result.metrics
+    assert m["validation"]["loss"] > 0 and m["test"]["examples"] > 0 and "chrf" in m["test"]
+    assert (result.path / "model" / "adapter_model.safetensors").exists()
+    saved = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
+    again = Generator.load(result.path).generate([s["prompt"] for s in saved], max_new_tokens=4)
+    assert again == [s["generated"] for s in saved]
+    assert main(["generate", str(result.path), "--prompt", "say good", "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().split("\n")[-1])
+    gen = Generator.load(result.path)
+    assert out["generated"] == gen.generate([gen.render("say good")], max_new_tokens=4)[0]
