@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 import tunelab
 from conftest import write_jsonl
