@@ -169,3 +169,7 @@ def test_sft_end_to_end_and_reload_generates_the_same(make_config, tiny_llama, t
     out = json.loads(capsys.readouterr().out.strip().split("\n")[-1])
     gen = Generator.load(result.path)
     assert out["generated"] == gen.generate([gen.render("say good")], max_new_tokens=4)[0]
+    capsys.readouterr()
+    assert main(["predict", str(result.path), "hello"]) == 2
+    assert "is a `sft` run, not a classifier" in capsys.readouterr().err
+    assert main(["merge", str(result.path)]) == 2

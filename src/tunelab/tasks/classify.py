@@ -73,9 +73,12 @@ class Classifier:
     @classmethod
     def load(cls, run_path) -> "Classifier":
         """A finished run (refuses one that did not complete)."""
+        from ..errors import RunError
         from ..runs import open_finished
 
         path, config = open_finished(run_path)
+        if config.task != "classify":
+            raise RunError(f"{path} is a `{config.task}` run, not a classifier; use `tunelab generate`")
         return cls.from_saved(path, config)
 
     @classmethod

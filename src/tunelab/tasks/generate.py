@@ -21,9 +21,12 @@ class Generator:
 
     @classmethod
     def load(cls, run_path) -> "Generator":
+        from ..errors import RunError
         from ..runs import open_finished
 
         path, config = open_finished(run_path)
+        if config.task != "sft":
+            raise RunError(f"{path} is a `{config.task}` run; `tunelab predict` uses it, not generate")
         return cls.from_saved(path, config)
 
     @classmethod
@@ -80,7 +83,10 @@ class Generator:
         conv = sft.Conversation([{**turn, "response": ""}], row={data.prompt: user_text})
         fmt = sft.resolve_prompt_format(data, self.tokenizer)
         if fmt == "template":
-            raise ValueError("a run with a user template renders prompts from data rows; pass --input FILE")
+            from ..errors import TunelabError
+
+            raise TunelabError("this run renders prompts from data columns with data.template; free-text "
+                               "--prompt needs a chat or alpaca prompt format")
         return sft.render_prompt(conv, 0, self.tokenizer, fmt, data)
 
     def evaluate(self, convs: list, max_new_tokens: int) -> tuple[dict, pd.DataFrame]:
