@@ -82,8 +82,11 @@ class RunDir:
         return str(ckpts[-1]) if ckpts else None
 
 
-def open_finished(run_path) -> tuple[Path, Config]:
-    """The path and config of a completed run; a clear error for anything else."""
+_USE = {"classify": "`tunelab predict` / `tunelab.load`", "sft": "`tunelab generate`"}
+
+
+def open_finished(run_path, task: str | None = None) -> tuple[Path, Config]:
+    """The path and config of a completed run (of `task`, if given); a clear error for anything else."""
     path = Path(run_path)
     if not path.is_dir():
         raise RunError(f"no run directory at {path}")
@@ -94,4 +97,8 @@ def open_finished(run_path) -> tuple[Path, Config]:
         why = f": {status['error']}" if status.get("error") else ""
         raise RunError(f"{path} did not finish (state: {status.get('state')}{why}); it cannot be used. "
                        f"Resume it with `tunelab train CONFIG --resume` or train again")
-    return path, load_config(path / "config.yaml")
+    config = load_config(path / "config.yaml")
+    if task is not None and config.task != task:
+        use = _USE.get(config.task, "its own task's commands")
+        raise RunError(f"{path} is a `{config.task}` run, not `{task}`; use it with {use}")
+    return path, config

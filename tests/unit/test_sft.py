@@ -171,5 +171,5 @@ def test_sft_end_to_end_and_reload_generates_the_same(make_config, tiny_llama, t
     assert out["generated"] == gen.generate([gen.render("say good")], max_new_tokens=4)[0]
     capsys.readouterr()
     assert main(["predict", str(result.path), "hello"]) == 2
-    assert "is a `sft` run, not a classifier" in capsys.readouterr().err
+    assert "is a `sft` run, not `classify`; use it with `tunelab generate`" in capsys.readouterr().err
     assert main(["merge", str(result.path)]) == 2

@@ -73,13 +73,9 @@ class Classifier:
     @classmethod
     def load(cls, run_path) -> "Classifier":
         """A finished run (refuses one that did not complete)."""
-        from ..errors import RunError
         from ..runs import open_finished
 
-        path, config = open_finished(run_path)
-        if config.task != "classify":
-            raise RunError(f"{path} is a `{config.task}` run, not a classifier; use `tunelab generate`")
-        return cls.from_saved(path, config)
+        return cls.from_saved(*open_finished(run_path, task="classify"))
 
     @classmethod
     def from_saved(cls, path: Path, config) -> "Classifier":

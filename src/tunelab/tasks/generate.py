@@ -21,13 +21,9 @@ class Generator:
 
     @classmethod
     def load(cls, run_path) -> "Generator":
-        from ..errors import RunError
         from ..runs import open_finished
 
-        path, config = open_finished(run_path)
-        if config.task != "sft":
-            raise RunError(f"{path} is a `{config.task}` run; `tunelab predict` uses it, not generate")
-        return cls.from_saved(path, config)
+        return cls.from_saved(*open_finished(run_path, task="sft"))
 
     @classmethod
     def from_saved(cls, path, config) -> "Generator":
