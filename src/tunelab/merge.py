@@ -1,8 +1,9 @@
 """`tunelab merge RUN`: fold a LoRA adapter into its base model and save a plain Hugging Face model folder.
 
-The merged folder loads with `AutoModelForSequenceClassification.from_pretrained` and needs neither peft nor
-tunelab. Merging changes the arithmetic (W + BA is added once instead of at every call), so the merged model's
-outputs are compared with the adapter's on sample inputs, and the merge fails loudly beyond the tolerance.
+The merged folder loads with `AutoModelForSequenceClassification` (classify runs) or `AutoModelForCausalLM`
+(sft runs) and needs neither peft nor tunelab. Merging changes the arithmetic (W + BA is added once instead of
+at every call), so the merged model's outputs are compared with the adapter's on the run's own test inputs —
+class logits, or next-token logits of the test prompts — and the merge fails loudly beyond the tolerance.
 """
 from __future__ import annotations
 
@@ -11,44 +12,63 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import RunError, TunelabError
+from .runs import open_finished
 
 TOLERANCE = 1e-4
 
 
-def merge(run_path, out: str | Path | None = None, samples: list[str] | None = None,
-          tolerance: float = TOLERANCE) -> dict:
+def merge(run_path, out: str | Path | None = None, tolerance: float = TOLERANCE) -> dict:
     """Write `out` (default RUN/merged) and return {"path", "max_abs_diff", "examples"}."""
-    from .tasks.classify import Classifier
-
-    clf = Classifier.load(run_path)
-    if not (clf.path / "model" / "adapter_config.json").exists():
-        raise RunError(f"{clf.path} holds a `{clf.config.method.name}` run, not a LoRA adapter: its model/ folder is "
+    path, config = open_finished(run_path)
+    if not (path / "model" / "adapter_config.json").exists():
+        raise RunError(f"{path} holds a `{config.method.name}` run, not a LoRA adapter: its model/ folder is "
                        f"already a full model")
-    texts = samples or _sample_texts(clf)
-    before = clf.logits(texts)
-    merged = clf.model.merge_and_unload()
-    clf.model = merged.eval()
-    after = clf.logits(texts)
-    diff = float(np.abs(before - after).max())
+    if config.task == "sft":
+        from .tasks.generate import Generator
+
+        loaded = Generator.from_saved(path, config)
+        samples, outputs = _samples(path, "prompt"), _next_token_logits
+    else:
+        from .tasks.classify import Classifier
+
+        loaded = Classifier.from_saved(path, config)
+        samples, outputs = _samples(path, "text"), _class_logits
+    before = outputs(loaded, samples)
+    merged = loaded.model.merge_and_unload().eval()
+    loaded.model = merged
+    diff = float(np.abs(before - outputs(loaded, samples)).max())
     if diff > tolerance:
         raise TunelabError(f"merged model disagrees with the adapter: max |logit difference| {diff:.2e} > "
-                           f"{tolerance:.0e} on {len(texts)} texts; nothing was written")
-    target = Path(out) if out else clf.path / "merged"
+                           f"{tolerance:.0e} on {len(samples)} inputs; nothing was written")
+    target = Path(out) if out else path / "merged"
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
-    clf.tokenizer.save_pretrained(tmp)
-    (tmp / "labels.json").write_text(json.dumps(clf.labels))
+    loaded.tokenizer.save_pretrained(tmp)
+    if config.task == "classify":
+        (tmp / "labels.json").write_text(json.dumps(loaded.labels))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return {"path": str(target), "max_abs_diff": diff, "examples": len(texts)}
+    return {"path": str(target), "max_abs_diff": diff, "examples": len(samples)}
 
 
-def _sample_texts(clf, n: int = 32) -> list[str]:
-    predictions = clf.path / "predictions_test.jsonl"
+def _class_logits(clf, texts: list[str]) -> np.ndarray:
+    return clf.logits(texts)
+
+
+@torch.inference_mode()
+def _next_token_logits(generator, prompts: list[str]) -> np.ndarray:
+    enc = generator.tokenizer(prompts, return_tensors="pt", padding=True)  # left-padded: last column is real
+    return generator.model(**enc).logits[:, -1].float().numpy()
+
+
+def _samples(path: Path, column: str, n: int = 16) -> list[str]:
+    predictions = path / "predictions_test.jsonl"
     if predictions.exists():
         rows = [json.loads(x) for x in predictions.read_text(encoding="utf-8").split("\n") if x.strip()]
-        return [r["text"] for r in rows[:n]]
+        if rows:
+            return [r[column] for r in rows[:n]]
     return ["a sample sentence to compare outputs", "another, longer sample sentence to compare the outputs"]

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import tunelab
 from conftest import write_jsonl
@@ -172,4 +173,11 @@ def test_sft_end_to_end_and_reload_generates_the_same(make_config, tiny_llama, t
     capsys.readouterr()
     assert main(["predict", str(result.path), "hello"]) == 2
     assert "is a `sft` run, not `classify`; use it with `tunelab generate`" in capsys.readouterr().err
-    assert main(["merge", str(result.path)]) == 2
+    # merged: a plain causal LM that generates what the adapter generated
+    from transformers import AutoModelForCausalLM
+
+    assert main(["merge", str(result.path)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(result.path / "merged", dtype=torch.float32)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    merged_gen = Generator(result.config, Generator.load(result.path).tokenizer, plain)
+    assert merged_gen.generate([s["prompt"] for s in saved], max_new_tokens=4) == [s["generated"] for s in saved]
