@@ -110,30 +110,15 @@ def _train_features(config: Config, splits: Splits, model_dir: str, run: RunDir)
 # -------------------------------------------------------------------------------------------------- trainer
 
 def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool):
-    from transformers import (
-        DataCollatorWithPadding,
-        EarlyStoppingCallback,
-        Trainer,
-        set_seed,
-    )
-    from transformers.trainer_callback import ProgressCallback
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
 
     from .evaluate import trainer_metrics
-    from .trainer_callbacks import JsonlLogger, LossProgress
 
     # Seed before the model exists: the new head (and LoRA's A matrices) are initialised at creation,
     # before the Trainer seeds anything, and would otherwise differ run to run.
     set_seed(config.train.seed)
     tokenizer, model, new_modules = classify.load_model(model_dir, splits.labels)
-    method = METHODS[config.method.name]
-    try:
-        model = method.prepare(model, config.method, new_modules)
-    except ValueError as exc:
-        raise TunelabError(f"method `{config.method.name}`: {exc}") from None
-    params = count_parameters(model)
-    print(f"tunelab: {config.method.name} on {config.model.name}: {params['trainable']:,} of {params['total']:,} "
-          f"parameters trainable ({params['percent']:.3g}%); new modules: {', '.join(new_modules) or 'none'}")
-
+    model, params = _prepare_method(config, model, new_modules)
     train_ds = classify.encode(splits.train, tokenizer, config, splits.labels)
     val_ds = classify.encode(splits.validation, tokenizer, config, splits.labels) if len(splits.validation) else None
     at_limit = {name: classify.count_at_limit(ds, config.model.max_length)
@@ -142,32 +127,59 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
         print(f"tunelab: examples cut at model.max_length={config.model.max_length} tokens: "
               + ", ".join(f"{n} {k}" for k, n in at_limit.items()) + " (raise model.max_length to keep them whole)")
     args = _training_args(config, run, has_validation=val_ds is not None)
-    callbacks = [JsonlLogger(run.path / "metrics.jsonl")]
-    if config.train.early_stopping_patience and val_ds is not None:
-        callbacks.append(EarlyStoppingCallback(config.train.early_stopping_patience))
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                      compute_metrics=trainer_metrics(splits.labels), callbacks=callbacks)
-    if args.disable_tqdm is False:
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(LossProgress(metric=config.metric))
+                      compute_metrics=trainer_metrics(splits.labels),
+                      callbacks=_callbacks(config, run, val_ds is not None))
+    stats = _fit(trainer, config, run, resume, tokenizer)
+    return params, {**stats, "best_checkpoint": trainer.state.best_model_checkpoint, "truncated_examples": at_limit}
+
+
+def _prepare_method(config: Config, model, new_modules: list[str]):
+    """Apply the configured method (freeze / wrap) and report what trains."""
+    try:
+        model = METHODS[config.method.name].prepare(model, config.method, new_modules)
+    except ValueError as exc:
+        raise TunelabError(f"method `{config.method.name}`: {exc}") from None
+    params = count_parameters(model)
+    new = f"; new modules: {', '.join(new_modules)}" if new_modules else ""
+    print(f"tunelab: {config.method.name} on {config.model.name}: {params['trainable']:,} of {params['total']:,} "
+          f"parameters trainable ({params['percent']:.3g}%){new}")
+    return model, params
+
+
+def _callbacks(config: Config, run: RunDir, has_validation: bool) -> list:
+    from transformers import EarlyStoppingCallback
+
+    from .trainer_callbacks import JsonlLogger
+
+    callbacks = [JsonlLogger(run.path / "metrics.jsonl")]
+    if config.train.early_stopping_patience and has_validation:
+        callbacks.append(EarlyStoppingCallback(config.train.early_stopping_patience))
+    return callbacks
+
+
+def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer) -> dict:
+    """Train (resuming from the last checkpoint if asked), save model + tokenizer, return the common stats."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from .trainer_callbacks import LossProgress
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossProgress(metric=config.metric))
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         print(f"tunelab: no checkpoint in {run.path}/checkpoints yet; starting from the beginning")
     output = trainer.train(resume_from_checkpoint=checkpoint)
-
-    save_dir = run.path / "model"
-    trainer.model.save_pretrained(save_dir)
-    tokenizer.save_pretrained(save_dir)
-    train_stats = {"runtime_s": round(output.metrics["train_runtime"], 2),
-                   "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
-                   # the Trainer's own train_loss averages only the steps since a resume; the last logged
-                   # loss (log history is restored from the checkpoint) means the same with or without one
-                   "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
-                   "steps": output.global_step,
-                   "best_checkpoint": trainer.state.best_model_checkpoint,
-                   "lr": config.lr, "bf16": bool(args.bf16), "truncated_examples": at_limit}
-    return params, train_stats
+    trainer.model.save_pretrained(run.path / "model")
+    tokenizer.save_pretrained(run.path / "model")
+    return {"runtime_s": round(output.metrics["train_runtime"], 2),
+            "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
+            # the Trainer's own train_loss averages only the steps since a resume; the last logged loss
+            # (log history is restored from the checkpoint) means the same with or without one
+            "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
+            "steps": output.global_step, "epochs": output.metrics.get("epoch"), "lr": config.lr,
+            "bf16": bool(trainer.args.bf16)}
 
 
 def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, **extra):
@@ -217,25 +229,17 @@ def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, 
 
 def _train_sft(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool):
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
-    from transformers.trainer_callback import ProgressCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from .tasks import sft
-    from .trainer_callbacks import JsonlLogger, LossProgress
 
     set_seed(config.train.seed)  # before the model exists (LoRA's matrices are drawn at creation)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    try:
-        model = METHODS[config.method.name].prepare(model, config.method, [])
-    except ValueError as exc:
-        raise TunelabError(f"method `{config.method.name}`: {exc}") from None
-    params = count_parameters(model)
-    print(f"tunelab: {config.method.name} on {config.model.name}: {params['trainable']:,} of {params['total']:,} "
-          f"parameters trainable ({params['percent']:.3g}%)")
+    model, params = _prepare_method(config, model, [])
     max_length = config.model.max_length
     encoded = {name: sft.encode(list(getattr(splits, name)["_conv"]), tokenizer, config.data, max_length)
                for name in ("train", "validation") if len(getattr(splits, name))}
@@ -251,26 +255,14 @@ def _train_sft(config: Config, splits: Splits, model_dir: str, run: RunDir, resu
     val_ds = datasets.Dataset.from_list(encoded["validation"].rows) if "validation" in encoded else None
     args = _training_args(config, run, has_validation=val_ds is not None, cls=SFTConfig, max_length=max_length,
                           completion_only_loss=True, packing=False)
-    callbacks = [JsonlLogger(run.path / "metrics.jsonl")]
-    if config.train.early_stopping_patience and val_ds is not None:
-        callbacks.append(EarlyStoppingCallback(config.train.early_stopping_patience))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tokenizer, callbacks=callbacks)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(LossProgress(metric="loss"))
-    checkpoint = run.latest_checkpoint() if resume else None
-    output = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_loss = trainer.evaluate()["eval_loss"] if val_ds is not None else None
-    trainer.model.save_pretrained(run.path / "model")
-    tokenizer.save_pretrained(run.path / "model")
-    real_tokens = sum(len(r["input_ids"]) for r in encoded["train"].rows) * output.metrics.get("epoch", 1)
-    train_stats = {"runtime_s": round(output.metrics["train_runtime"], 2),
-                   "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
-                   "tokens_per_s": round(real_tokens / output.metrics["train_runtime"], 1),
-                   "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
-                   "steps": output.global_step, "lr": config.lr, "bf16": bool(args.bf16), "encoded": counts,
-                   "validation_loss": eval_loss}
-    return params, train_stats
+                         processing_class=tokenizer, callbacks=_callbacks(config, run, val_ds is not None))
+    stats = _fit(trainer, config, run, resume, tokenizer)
+    real_tokens = sum(len(r["input_ids"]) for r in encoded["train"].rows) * (stats["epochs"] or 1)
+    stats["tokens_per_s"] = round(real_tokens / stats["runtime_s"], 1)
+    stats["encoded"] = counts
+    stats["validation_loss"] = trainer.evaluate()["eval_loss"] if val_ds is not None else None
+    return params, stats
 
 
 # --------------------------------------------------------------------------------------------------- finish
