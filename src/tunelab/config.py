@@ -367,21 +367,3 @@ def _fields_at(loc: tuple) -> list[str]:
         if node is None:
             return []
     return list(node.model_fields)
-
-
-def field_docs() -> dict[str, str]:
-    """`section.key` -> docstring for every documented field (for --help and the README)."""
-    out = {}
-
-    def walk(model: type[BaseModel], prefix: str):
-        for name, field in model.model_fields.items():
-            key = f"{prefix}{name}"
-            if field.description:
-                out[key] = field.description
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, key + ".")
-
-    walk(Config, "")
-    return out
-
