@@ -261,7 +261,8 @@ def _train_sft(config: Config, splits: Splits, model_dir: str, run: RunDir, resu
     real_tokens = sum(len(r["input_ids"]) for r in encoded["train"].rows) * (stats["epochs"] or 1)
     stats["tokens_per_s"] = round(real_tokens / stats["runtime_s"], 1)
     stats["encoded"] = counts
-    stats["validation_loss"] = trainer.evaluate()["eval_loss"] if val_ds is not None else None
+    # the Trainer evaluated every checkpoint and restored the best: its loss is the best metric, no extra pass
+    stats["validation_loss"] = trainer.state.best_metric if val_ds is not None else None
     return params, stats
 
 

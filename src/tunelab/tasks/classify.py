@@ -85,6 +85,7 @@ class Classifier:
         from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         from ..models import resolve
+        from ..models.saved import load_saved
 
         model_dir = Path(path) / "model"
         labels = json.loads((model_dir / "labels.json").read_text())
@@ -92,13 +93,8 @@ class Classifier:
         if config.method.name == "features":
             model = AutoModel.from_pretrained(resolve(config.model.name), dtype=torch.float32)
             return cls(config, labels, tokenizer, model, features_method.load(model_dir), path)
-        if (model_dir / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            _, base, _ = load_model(resolve(config.model.name), labels)
-            model = PeftModel.from_pretrained(base, model_dir)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        model = load_saved(model_dir, AutoModelForSequenceClassification,
+                           lambda: load_model(resolve(config.model.name), labels)[1])
         return cls(config, labels, tokenizer, model, None, path)
 
     @torch.inference_mode()

@@ -30,17 +30,12 @@ class Generator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..models import resolve
+        from ..models.saved import load_saved
 
         model_dir = Path(path) / "model"
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if (model_dir / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            base = AutoModelForCausalLM.from_pretrained(resolve(config.model.name), dtype=torch.float32)
-            model = PeftModel.from_pretrained(base, model_dir)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        return cls(config, tokenizer, model, path)
+        model = load_saved(model_dir, AutoModelForCausalLM, lambda: AutoModelForCausalLM.from_pretrained(
+            resolve(config.model.name), dtype=torch.float32))
+        return cls(config, AutoTokenizer.from_pretrained(model_dir), model, path)
 
     @classmethod
     def base(cls, config) -> "Generator":

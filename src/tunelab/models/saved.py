@@ -1,0 +1,16 @@
+"""Load the model a run saved: a PEFT adapter onto its base model, or a full model folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+
+def load_saved(model_dir: Path, auto_class, load_base: Callable[[], object]):
+    """`model_dir` holding adapter_config.json → `load_base()` + the adapter; otherwise `auto_class` (fp32)."""
+    import torch
+
+    if (Path(model_dir) / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_base(), model_dir)
+    return auto_class.from_pretrained(model_dir, dtype=torch.float32)
