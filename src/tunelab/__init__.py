@@ -6,6 +6,12 @@
 """
 __version__ = "0.1.0"
 
+import logging as _logging
+
+# bitsandbytes (imported by peft) tries to fetch a faster CPU 4-bit kernel from the Hugging Face hub at import
+# and logs a warning when it cannot; tunelab works offline and bitsandbytes falls back to its own kernel.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
 # Import the `train` submodule before defining the function of the same name: importing a submodule sets
 # the package attribute, and doing it first means the function below is what `tunelab.train` stays bound to.
 from . import train as _train_module  # noqa: E402

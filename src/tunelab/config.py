@@ -22,9 +22,16 @@ from .schema import Section
 METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss")
 
 
-_CLASSIFY_ONLY = {"text", "text_pair", "label", "labels"}
-_SFT_ONLY = {"format", "prompt", "response", "messages", "instruction", "prompt_format", "template", "loss_on",
+TASKS = ("classify", "sft", "seq2seq", "causal_lm")
+_PROMPTED = {"format", "prompt", "response", "messages", "instruction", "prompt_format", "template", "loss_on",
              "overflow", "bad_rows"}
+_SFT_FIELDS = _PROMPTED | {"datasets", "replay"}
+# data fields each task reads; a field of another task given in a config is an error, and is left out of the
+# saved config
+TASK_FIELDS = {"classify": {"text", "text_pair", "label", "labels"}, "sft": _SFT_FIELDS,
+               "seq2seq": _SFT_FIELDS - {"loss_on", "replay"}, "causal_lm": {"text", "overflow"}}
+_ALL_TASK_FIELDS = set().union(*TASK_FIELDS.values())
+GENERATIVE = ("sft", "seq2seq", "causal_lm")
 
 
 class ModelConfig(Section):
@@ -54,9 +61,44 @@ class SplitConfig(Section):
         return self
 
 
-class DataConfig(Section):
+class SourceConfig(Section):
+    """One dataset of a multitask mix (`data.datasets`): its files, its sampling weight, and any prompt setting
+    that differs from the top-level `data` ones (those are the defaults)."""
     train: str
-    """Training data: a .jsonl/.json/.csv/.parquet file, a `datasets` folder, or `sample:NAME` (shipped data)."""
+    """Training file of this task (split into train/validation/test like `data.train`)."""
+    validation: str | None = None
+    test: str | None = None
+    name: str | None = None
+    """Name in the metrics (default: the file's stem)."""
+    weight: float = Field(1.0, gt=0)
+    """Sampling weight: this task's training examples are drawn `weight` times per epoch (0.5 = half of them,
+    2 = each twice on average), so small tasks are not drowned by large ones."""
+    format: Literal["auto", "alpaca", "prompt_response", "messages"] | None = None
+    prompt: str | None = None
+    response: str | None = None
+    messages: str | None = None
+    instruction: str | None = None
+    prompt_format: Literal["auto", "chat", "alpaca", "template"] | None = None
+    template: str | None = None
+
+    def label(self) -> str:
+        return self.name or Path(self.train.removeprefix("sample:")).stem
+
+
+class ReplayConfig(Section):
+    """General text mixed into instruction tuning so the model keeps what it knew (rehearsal)."""
+    train: str
+    """File of raw text (one document per row)."""
+    text: str = "text"
+    """Column holding the text."""
+    fraction: float = Field(0.1, gt=0, le=1)
+    """Replay rows per epoch as a fraction of the instruction rows (drawn with a fixed seed)."""
+
+
+class DataConfig(Section):
+    train: str | None = None
+    """Training data: a .jsonl/.json/.csv/.parquet file, a `datasets` folder, or `sample:NAME` (shipped data).
+    (task sft may list several in `datasets` instead.)"""
     validation: str | None = None
     """Validation file; if absent, split from `train` by `split.validation`."""
     test: str | None = None
@@ -98,7 +140,23 @@ class DataConfig(Section):
     """sft: a malformed row (unknown role, empty response, missing column value) stops the run with its row
     number (`error`), or is dropped and counted (`drop`)."""
     overflow: Literal["truncate", "drop"] = "truncate"
-    """sft: an example longer than model.max_length is cut (its end is lost) or dropped; both are counted."""
+    """sft, seq2seq, causal_lm: an example longer than model.max_length is cut (its end is lost) or dropped;
+    both are counted. (causal_lm with train.packing cuts long documents into max_length pieces instead.)"""
+    datasets: list[SourceConfig] | None = None
+    """sft multitask instruction tuning: several datasets, each with its own prompt settings and sampling weight;
+    metrics are reported per dataset. Replaces `data.train`."""
+    replay: ReplayConfig | None = None
+    """sft: mix this fraction of general text into training (loss on all its tokens) against forgetting."""
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.train is None and self.datasets is None:
+            raise ValueError("data.train is required (or data.datasets, a list of datasets for multitask sft)")
+        if self.train is not None and self.datasets is not None:
+            raise ValueError("give data.train or data.datasets (a multitask list), not both")
+        if self.datasets is not None and (self.validation or self.test):
+            raise ValueError("with data.datasets, give validation/test files per dataset")
+        return self
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -116,7 +174,8 @@ class TrainConfig(Section):
     """Examples per step per device (times `grad_accum` for the effective batch)."""
     eval_batch_size: int = Field(64, ge=1)
     lr: float | None = Field(None, gt=0, le=1)
-    """Peak learning rate; default depends on the method (full 5e-5, last_layers 1e-4, lora 5e-4, head 3e-3)."""
+    """Peak learning rate; default depends on the method (full 5e-5, last_layers 1e-4, lora/dora 5e-4, qlora 2e-4,
+    adapter 1e-3, head/ia3 3e-3, prefix 1e-2, prompt 3e-2)."""
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.1, ge=0, le=1)
     """Fraction of the training steps spent warming the learning rate up from zero."""
@@ -132,6 +191,14 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop when `eval.metric` has not improved for this many evaluations (needs validation data)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding; batches are shuffled, not their order within)."""
+    packing: bool = False
+    """sft, causal_lm: concatenate short examples into sequences of up to model.max_length tokens. Packed
+    examples cannot attend to each other (position ids restart per example and the attention is
+    block-diagonal)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower (always on for qlora)."""
 
     @field_validator("eval_every")
     @classmethod
@@ -159,8 +226,10 @@ class OutputConfig(Section):
 
 class Config(Section):
     model: ModelConfig
-    task: Literal["classify", "sft"] = "classify"
-    """What to learn: `classify` (sequence classification) or `sft` (instruction / chat tuning of a causal LM)."""
+    task: Literal["classify", "sft", "seq2seq", "causal_lm"] = "classify"
+    """What to learn: `classify` (sequence classification), `sft` (instruction / chat tuning of a causal LM),
+    `seq2seq` (the same instruction data on an encoder-decoder, T5 style), `causal_lm` (continued pre-training on
+    raw text)."""
     data: DataConfig
     method: MethodOptions
     """The fine-tuning method: a name (`lora`) or a mapping with `name` and its options."""
@@ -179,18 +248,29 @@ class Config(Section):
     def _cross_checks(self):
         problems = []
         given = self.data.model_fields_set
-        wrong = sorted(given & (_SFT_ONLY if self.task == "classify" else _CLASSIFY_ONLY))
+        wrong = sorted(given & (_ALL_TASK_FIELDS - TASK_FIELDS[self.task]))
         if wrong:
             problems.append(f"data.{', data.'.join(wrong)} do(es) not apply to task {self.task}")
-        if self.task == "sft":
+        if self.task in GENERATIVE:
             if self.eval.metric not in (None, "loss"):
-                problems.append(f"eval.metric {self.eval.metric} is a classification metric; task sft uses loss")
-            if self.data.prompt_format == "template":
-                from .tasks.sft import check_template
+                problems.append(f"eval.metric {self.eval.metric} is a classification metric; task {self.task} "
+                                f"uses loss")
+            from .tasks.sft import check_template
 
-                problem = check_template(self.data.template or "", self.data.response)
-                if problem:
-                    problems.append(problem)
+            for source in [self.data] + list(self.data.datasets or []):
+                fmt = source.prompt_format or self.data.prompt_format
+                template = source.template or self.data.template
+                if fmt == "template":
+                    problem = check_template(template or "", source.response or self.data.response)
+                    if problem:
+                        problems.append(problem)
+        if self.method.name == "features" and self.task != "classify":
+            problems.append("method features (frozen embeddings + logistic regression) is for task classify")
+        if self.train.packing and self.task not in ("sft", "causal_lm"):
+            problems.append(f"train.packing applies to tasks sft and causal_lm, not {self.task}")
+        if self.train.packing and self.method.name in ("prefix", "prompt"):
+            problems.append(f"train.packing cannot be used with method {self.method.name}: its virtual tokens "
+                            f"would be shared by every packed example (PEFT ignores position ids)")
         if problems:
             raise ValueError("; ".join(problems))
         no_validation = self.data.validation is None and self.data.split.validation == 0
@@ -202,7 +282,7 @@ class Config(Section):
     @property
     def metric(self) -> str:
         """The metric in effect: `eval.metric` or the task's default."""
-        return self.eval.metric or ("loss" if self.task == "sft" else "f1_macro")
+        return self.eval.metric or ("loss" if self.task in GENERATIVE else "f1_macro")
 
     @property
     def lr(self) -> float | None:
@@ -211,8 +291,7 @@ class Config(Section):
 
     def to_dict(self) -> dict:
         """The resolved config, without the data fields of other tasks."""
-        other = _SFT_ONLY if self.task == "classify" else _CLASSIFY_ONLY
-        return self.model_dump(mode="json", exclude={"data": other})
+        return self.model_dump(mode="json", exclude={"data": _ALL_TASK_FIELDS - TASK_FIELDS[self.task]})
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -347,14 +426,22 @@ def _method_class(name: str):
 
 
 def _field_class(node, part):
+    """The section class at `part` under `node` (through `X | None` and `list[X]`), or None."""
+    import typing
+
     if node is None or not (isinstance(node, type) and issubclass(node, BaseModel)):
         return None
+    if isinstance(part, int):  # an item of a list of sections: `node` is already the item class
+        return node
     field = node.model_fields.get(part)
     if field is None:
         return None
-    ann = field.annotation
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
+    todo = [field.annotation]
+    while todo:
+        ann = todo.pop()
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+        todo += list(typing.get_args(ann))
     return None
 
 

@@ -82,11 +82,12 @@ class RunDir:
         return str(ckpts[-1]) if ckpts else None
 
 
-_USE = {"classify": "`tunelab predict` / `tunelab.load`", "sft": "`tunelab generate`"}
+_USE = {"classify": "`tunelab predict` / `tunelab.load`", "sft": "`tunelab generate`",
+        "seq2seq": "`tunelab generate`", "causal_lm": "`tunelab generate`"}
 
 
-def open_finished(run_path, task: str | None = None) -> tuple[Path, Config]:
-    """The path and config of a completed run (of `task`, if given); a clear error for anything else."""
+def open_finished(run_path, task: str | tuple[str, ...] | None = None) -> tuple[Path, Config]:
+    """The path and config of a completed run (of `task` or one of them, if given); a clear error otherwise."""
     path = Path(run_path)
     if not path.is_dir():
         raise RunError(f"no run directory at {path}")
@@ -98,7 +99,8 @@ def open_finished(run_path, task: str | None = None) -> tuple[Path, Config]:
         raise RunError(f"{path} did not finish (state: {status.get('state')}{why}); it cannot be used. "
                        f"Resume it with `tunelab train CONFIG --resume` or train again")
     config = load_config(path / "config.yaml")
-    if task is not None and config.task != task:
+    tasks = (task,) if isinstance(task, str) else task
+    if tasks is not None and config.task not in tasks:
         use = _USE.get(config.task, "its own task's commands")
-        raise RunError(f"{path} is a `{config.task}` run, not `{task}`; use it with {use}")
+        raise RunError(f"{path} is a `{config.task}` run, not `{'/'.join(tasks)}`; use it with {use}")
     return path, config

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import Config, load_config
+from .config import GENERATIVE, Config, load_config
 from .data import Splits, load_splits
 from .errors import TunelabError
 from .methods import METHODS
@@ -57,6 +57,7 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
         config_path = config
         config = load_config(config, overrides)
     model_dir = resolve(config.model.name)
+    _check_method(config)
     splits = load_splits(config)
     out = Path(config.output.dir) if config.output.dir else default_dir(config_path)
     run = RunDir.start(out, config, resume=resume, overwrite=overwrite)
@@ -64,8 +65,8 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
     try:
         if config.method.name == "features":
             outcome = _train_features(config, splits, model_dir, run)
-        elif config.task == "sft":
-            outcome = _train_sft(config, splits, model_dir, run, resume)
+        elif config.task in GENERATIVE:
+            outcome = _train_generative(config, splits, model_dir, run, resume)
         else:
             outcome = _train_with_trainer(config, splits, model_dir, run, resume)
         result = _finish(config, splits, run, started, *outcome)
@@ -117,8 +118,8 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
     # Seed before the model exists: the new head (and LoRA's A matrices) are initialised at creation,
     # before the Trainer seeds anything, and would otherwise differ run to run.
     set_seed(config.train.seed)
-    tokenizer, model, new_modules = classify.load_model(model_dir, splits.labels)
-    model, params = _prepare_method(config, model, new_modules)
+    tokenizer, model, new_modules = classify.load_model(model_dir, splits.labels, **_load_kwargs(config))
+    model, params = _prepare_method(config, model, new_modules, model_dir)
     train_ds = classify.encode(splits.train, tokenizer, config, splits.labels)
     val_ds = classify.encode(splits.validation, tokenizer, config, splits.labels) if len(splits.validation) else None
     at_limit = {name: classify.count_at_limit(ds, config.model.max_length)
@@ -135,10 +136,26 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
     return params, {**stats, "best_checkpoint": trainer.state.best_model_checkpoint, "truncated_examples": at_limit}
 
 
-def _prepare_method(config: Config, model, new_modules: list[str]):
+def _check_method(config: Config) -> None:
+    """The method's own check that this machine can run it (qlora: bitsandbytes), before any work."""
+    check = getattr(METHODS[config.method.name], "check", None)
+    if check:
+        try:
+            check(config.method)
+        except RuntimeError as exc:
+            raise TunelabError(str(exc)) from None
+
+
+def _load_kwargs(config: Config) -> dict:
+    hook = getattr(METHODS[config.method.name], "load_kwargs", None)
+    return hook(config.method) if hook else {}
+
+
+def _prepare_method(config: Config, model, new_modules: list[str], model_dir: str):
     """Apply the configured method (freeze / wrap) and report what trains."""
     try:
-        model = METHODS[config.method.name].prepare(model, config.method, new_modules)
+        model = METHODS[config.method.name].prepare(model, config.method, new_modules, task=config.task,
+                                                    model_dir=model_dir)
     except ValueError as exc:
         raise TunelabError(f"method `{config.method.name}`: {exc}") from None
     params = count_parameters(model)
@@ -171,7 +188,12 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer) -> dict:
     if resume and checkpoint is None:
         print(f"tunelab: no checkpoint in {run.path}/checkpoints yet; starting from the beginning")
     output = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.model.save_pretrained(run.path / "model")
+    save = getattr(METHODS[config.method.name], "save", None)
+    if save:
+        (run.path / "model").mkdir(exist_ok=True)
+        save(trainer.model, run.path / "model")
+    else:
+        trainer.model.save_pretrained(run.path / "model")
     tokenizer.save_pretrained(run.path / "model")
     return {"runtime_s": round(output.metrics["train_runtime"], 2),
             "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
@@ -221,48 +243,106 @@ def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, 
         report_to=[],
         dataloader_num_workers=0,
         disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         **extra,
     )
 
 
-# ------------------------------------------------------------------------------------------------------ sft
+# ----------------------------------------------------------------------------------------------- generative
 
-def _train_sft(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool):
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import SFTConfig, SFTTrainer
-
+def _encode_generative(config: Config, splits: Splits, tokenizer) -> dict:
+    """Token rows per split: sft conversations (plus replay text), causal_lm documents, seq2seq pairs."""
     from .tasks import sft
 
-    set_seed(config.train.seed)  # before the model exists (LoRA's matrices are drawn at creation)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    max_length, data = config.model.max_length, config.data
+    out = {}
+    for name in ("train", "validation", "test"):
+        frame = getattr(splits, name)
+        if not len(frame):
+            continue
+        if config.task == "causal_lm":
+            out[name] = sft.encode_text(list(frame[data.text]), tokenizer, max_length, data.overflow,
+                                        split_long=config.train.packing)
+        elif config.task == "seq2seq":
+            from .tasks import seq2seq
+
+            out[name] = seq2seq.encode(list(frame["_conv"]), tokenizer, data, max_length)
+        else:
+            out[name] = sft.encode(list(frame["_conv"]), tokenizer, data, max_length)
+    if splits.replay is not None and "train" in out:
+        replay = sft.encode_text(list(splits.replay[data.replay.text]), tokenizer, max_length, data.overflow,
+                                 split_long=False)
+        print(f"tunelab: replay: {len(replay.rows)} general-text example(s) mixed into "
+              f"{len(out['train'].rows)} instruction example(s)")
+        out["train"].rows += replay.rows
+    return out
+
+
+def build_generative_trainer(config: Config, splits: Splits, model_dir: str, run: RunDir):
+    """The configured model, method and TRL SFTTrainer (sft, causal_lm) or Seq2SeqTrainer (seq2seq), with the
+    encoded splits; `train` runs it. Exposed so tests can inspect exactly what training sees."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    set_seed(config.train.seed)  # before the model exists (adapter matrices / new modules are drawn at creation)
+    if config.task == "seq2seq":
+        from .tasks import seq2seq
+
+        tokenizer, model, new_modules = seq2seq.load_model(model_dir, **_load_kwargs(config))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **{"dtype": torch.float32, **_load_kwargs(config)})
+        new_modules = []
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model, params = _prepare_method(config, model, [])
+    model, params = _prepare_method(config, model, new_modules, model_dir)
+    encoded = _encode_generative(config, splits, tokenizer)
     max_length = config.model.max_length
-    encoded = {name: sft.encode(list(getattr(splits, name)["_conv"]), tokenizer, config.data, max_length)
-               for name in ("train", "validation") if len(getattr(splits, name))}
-    counts = {name: {"examples": len(e.rows), "truncated": e.truncated, "dropped": e.dropped}
-              for name, e in encoded.items()}
-    for name, c in counts.items():
-        if c["truncated"] or c["dropped"]:
-            print(f"tunelab: {name}: {c['truncated']} example(s) cut and {c['dropped']} dropped at "
+    for name, e in encoded.items():
+        if e.truncated or e.dropped:
+            print(f"tunelab: {name}: {e.truncated} example(s) cut and {e.dropped} dropped at "
                   f"model.max_length={max_length} (data.overflow: {config.data.overflow})")
-    if not encoded["train"].rows:
+    if "train" not in encoded or not encoded["train"].rows:
         raise TunelabError(f"no training example fits in model.max_length={max_length}")
-    train_ds = datasets.Dataset.from_list(encoded["train"].rows)
-    val_ds = datasets.Dataset.from_list(encoded["validation"].rows) if "validation" in encoded else None
-    args = _training_args(config, run, has_validation=val_ds is not None, cls=SFTConfig, max_length=max_length,
-                          completion_only_loss=True, packing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tokenizer, callbacks=_callbacks(config, run, val_ds is not None))
+    sets = {name: datasets.Dataset.from_list(e.rows) for name, e in encoded.items() if e.rows}
+    val_ds = sets.get("validation")
+    if config.task == "seq2seq":
+        from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+        args = _training_args(config, run, has_validation=val_ds is not None, cls=Seq2SeqTrainingArguments)
+        trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=val_ds,
+                                 data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+                                 processing_class=tokenizer, callbacks=_callbacks(config, run, val_ds is not None))
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        # packing: TRL's best-fit-decreasing packs whole examples into max_length rows and feeds them
+        # padding-free with position ids restarting per example; transformers then builds a block-diagonal
+        # mask from the position ids (tests/unit/test_packing.py checks the logits)
+        args = _training_args(config, run, has_validation=val_ds is not None, cls=SFTConfig,
+                              max_length=max_length, completion_only_loss=True, packing=config.train.packing,
+                              packing_strategy="bfd")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=val_ds,
+                             processing_class=tokenizer, callbacks=_callbacks(config, run, val_ds is not None))
+    return trainer, tokenizer, params, encoded, sets
+
+
+def _train_generative(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool):
+    trainer, tokenizer, params, encoded, sets = build_generative_trainer(config, splits, model_dir, run)
     stats = _fit(trainer, config, run, resume, tokenizer)
-    real_tokens = sum(len(r["input_ids"]) for r in encoded["train"].rows) * (stats["epochs"] or 1)
-    stats["tokens_per_s"] = round(real_tokens / stats["runtime_s"], 1)
-    stats["encoded"] = counts
+
+    def tokens(rows):  # real tokens, not padding: prompt + response (+ decoder targets for seq2seq)
+        return sum(len(r["input_ids"]) + len(r.get("labels", ())) for r in rows)
+
+    stats["tokens_per_s"] = round(tokens(encoded["train"].rows) * (stats["epochs"] or 1) / stats["runtime_s"], 1)
+    stats["encoded"] = {name: {"examples": len(e.rows), "truncated": e.truncated, "dropped": e.dropped}
+                        for name, e in encoded.items()}
     # the Trainer evaluated every checkpoint and restored the best: its loss is the best metric, no extra pass
-    stats["validation_loss"] = trainer.state.best_metric if val_ds is not None else None
+    stats["validation_loss"] = trainer.state.best_metric if "validation" in sets else None
+    if "test" in sets:  # loss in the training precision, as the validation loss
+        stats["test_loss"] = trainer.evaluate(sets["test"], metric_key_prefix="test")["test_loss"]
     return params, stats
 
 
@@ -272,8 +352,8 @@ def _finish(config: Config, splits: Splits, run: RunDir, started: float, params:
             train_stats: dict) -> RunResult:
     """Evaluate the saved model with the code `tunelab predict` uses, write every artefact, mark completed."""
     metrics = {"train": train_stats, "params": params}
-    if config.task == "sft":
-        metrics.update(_evaluate_sft(config, splits, run, train_stats))
+    if config.task in GENERATIVE:
+        metrics.update(_evaluate_generative(config, splits, run, train_stats))
     else:
         metrics.update(_evaluate_classifier(config, splits, run))
     run.write_json("metrics.json", metrics)
@@ -301,20 +381,32 @@ def _evaluate_classifier(config: Config, splits: Splits, run: RunDir) -> dict:
     return metrics
 
 
-def _evaluate_sft(config: Config, splits: Splits, run: RunDir, train_stats: dict) -> dict:
-    """Validation loss/perplexity, and generation metrics of the saved model on the test conversations."""
+def _evaluate_generative(config: Config, splits: Splits, run: RunDir, train_stats: dict) -> dict:
+    """Validation and test loss/perplexity; generation metrics of the saved model on the test conversations
+    (overall and per dataset of a multitask mix)."""
     import math
 
     from .tasks.generate import Generator
 
     metrics = {}
-    if train_stats.get("validation_loss") is not None:
-        loss = train_stats.pop("validation_loss")
-        metrics["validation"] = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-    if len(splits.test):
-        convs = list(splits.test["_conv"])[: config.eval.max_generate]
+    for name in ("validation", "test"):
+        loss = train_stats.pop(f"{name}_loss", None)
+        if loss is not None:
+            metrics[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    if len(splits.test) and config.task != "causal_lm":
+        test, limit = splits.test, config.eval.max_generate
+        if limit is not None:  # an equal share for every dataset of a multitask mix
+            test = test.groupby("_task", sort=False).head(-(-limit // test["_task"].nunique()))
         generator = Generator.from_saved(run.path, config)
-        metrics["test"], rows = generator.evaluate(convs, config.eval.max_new_tokens)
+        scores, rows = generator.evaluate(list(test["_conv"]), config.eval.max_new_tokens)
+        metrics["test"] = {**metrics.get("test", {}), **scores}
+        tasks = list(test["_task"])
+        if len(set(tasks)) > 1:
+            from .evaluate import generation_metrics
+
+            rows.insert(0, "task", tasks)
+            metrics["test_by_task"] = {t: generation_metrics(list(g["reference"]), list(g["generated"]))
+                                       for t, g in rows.groupby("task", sort=False)}
         rows.to_json(run.path / "predictions_test.jsonl", orient="records", lines=True, force_ascii=False)
     return metrics
 
@@ -332,7 +424,8 @@ def _manifest(config: Config, splits: Splits, params: dict, train_stats: dict, w
         "scikit_learn": sklearn.__version__, "config_hash": config.hash(), "data_files": splits.files,
         "examples": splits.sizes(), "labels": splits.labels, "leakage": splits.leaks, "parameters": params,
         "wall_time_s": round(wall, 2), "train_time_s": train_stats.get("runtime_s"),
-        "examples_per_s": train_stats.get("examples_per_s"), "peak_rss_mb": round(peak_mb, 1),
+        "examples_per_s": train_stats.get("examples_per_s"), "tokens_per_s": train_stats.get("tokens_per_s"),
+        "peak_rss_mb": round(peak_mb, 1),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "bf16": use_bf16(config),
     }

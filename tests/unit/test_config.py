@@ -60,7 +60,7 @@ def test_missing_required_keys(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, "data: {}\n"))
     joined = "\n".join(err.value.problems)
-    assert "`model`: required" in joined and "`data.train`: required" in joined and "`method`: required" in joined
+    assert "`model`: required" in joined and "data.train is required" in joined and "`method`: required" in joined
 
 
 def test_set_overrides_and_bad_override(tmp_path):

@@ -28,6 +28,8 @@ class Splits:
     files: dict[str, str] = field(default_factory=dict)
     """Source spec → sha256 of each file read."""
     leaks: dict[str, int] = field(default_factory=dict)
+    replay: pd.DataFrame | None = None
+    """sft: general text (`text` column) mixed into training against forgetting (data.replay)."""
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
@@ -89,8 +91,10 @@ def _sorted_labels(values) -> list[str]:
 
 def load_splits(config) -> Splits:
     """Read and check the data of a run config, splitting the train file if no eval files are given."""
-    if config.task == "sft":
+    if config.task in ("sft", "seq2seq"):
         return _load_sft_splits(config)
+    if config.task == "causal_lm":
+        return _load_text_splits(config)
     data = config.data
     train = _check_columns(read_table(data.train), data.train, data)
     files = {data.train: file_hash(data.train)}
@@ -141,24 +145,85 @@ def _sft_table(spec: str, data) -> pd.DataFrame:
     return frame.assign(_conv=convs, _text_key=keys, _label="")
 
 
-def _load_sft_splits(config) -> Splits:
+def _split_source(train_spec: str, validation: str | None, test: str | None, config, read) -> tuple[dict, dict]:
+    """Read one source with `read(spec)`, split it (unless its eval files are given); return parts and hashes."""
     data = config.data
-    train = _sft_table(data.train, data)
-    files = {data.train: file_hash(data.train)}
+    train = read(train_spec)
+    files = {train_spec: file_hash(train_spec)}
     given = {}
-    for name in ("validation", "test"):
-        spec = getattr(data, name)
+    for name, spec in (("validation", validation), ("test", test)):
         if spec:
-            given[name] = _sft_table(spec, data)
+            given[name] = read(spec)
             files[spec] = file_hash(spec)
     fractions = {"validation": 0.0 if "validation" in given else data.split.validation,
                  "test": 0.0 if "test" in given else data.split.test}
-    parts = split_table(train, validation=fractions["validation"], test=fractions["test"], seed=data.split.seed,
-                        stratify=False, label="_label", group_by=data.split.group_by, source=data.train)
+    parts = split_table(train.assign(_label=""), validation=fractions["validation"], test=fractions["test"],
+                        seed=data.split.seed, stratify=False, label="_label", group_by=data.split.group_by,
+                        source=train_spec)
     parts.update(given)
-    if data.max_train_examples and len(parts["train"]) > data.max_train_examples:
-        parts["train"] = parts["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
-    splits = Splits(parts["train"], parts["validation"], parts["test"], [], files)
+    return parts, files
+
+
+def _weighted(frame: pd.DataFrame, weight: float, seed: int) -> pd.DataFrame:
+    """`weight` × the rows: whole copies for the integer part, a seeded sample for the rest."""
+    whole, rest = int(weight), weight - int(weight)
+    parts = [frame] * whole + [frame.sample(n=round(rest * len(frame)), random_state=seed)] if rest else [frame] * whole
+    return pd.concat(parts, ignore_index=True) if parts else frame.iloc[:0]
+
+
+def _load_sft_splits(config) -> Splits:
+    data = config.data
+    sources = data.datasets or [None]
+    parts = {"train": [], "validation": [], "test": []}
+    files = {}
+    for source in sources:
+        if source is None:
+            spec, val, test, task_data, name, weight = data.train, data.validation, data.test, data, "", 1.0
+        else:
+            overrides = {k: v for k, v in source.model_dump(exclude={"train", "validation", "test", "name",
+                                                                     "weight"}).items() if v is not None}
+            task_data = data.model_copy(update=overrides)
+            spec, val, test, name, weight = source.train, source.validation, source.test, source.label(), source.weight
+        split, hashes = _split_source(spec, val, test, config, lambda s, d=task_data: _sft_table(s, d))
+        files.update(hashes)
+        for key in parts:
+            frame = split[key].assign(_task=name)
+            if key == "train" and weight != 1.0:
+                frame = _weighted(frame, weight, data.split.seed)
+            parts[key].append(frame)
+    merged = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
+    if data.max_train_examples and len(merged["train"]) > data.max_train_examples:
+        merged["train"] = merged["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
+    splits = Splits(merged["train"], merged["validation"], merged["test"], [], files)
+    _check_leakage(splits, data)
+    if data.replay is not None:
+        replay = _text_table(data.replay.train, data.replay.text)
+        splits.files[data.replay.train] = file_hash(data.replay.train)
+        n = min(len(replay), max(1, round(data.replay.fraction * len(splits.train))))
+        splits.replay = replay.sample(n=n, random_state=data.split.seed).reset_index(drop=True)
+    return splits
+
+
+def _text_table(spec: str, column: str) -> pd.DataFrame:
+    """Raw text rows (causal_lm, replay): the column must exist; empty rows are errors naming the row."""
+    frame = read_table(spec)
+    if column not in frame.columns:
+        raise DataError(f"{spec}: column `{column}` not found; its columns are: "
+                        f"{', '.join(c for c in frame.columns if not c.startswith('_'))}")
+    blank = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+    if blank.any():
+        rows = ", ".join(str(r) for r in frame.loc[blank, ROW].head(5))
+        raise DataError(f"{spec}: {int(blank.sum())} row(s) with an empty `{column}` (rows {rows})")
+    return add_text_key(frame.assign(**{column: frame[column].astype(str)}), column, None)
+
+
+def _load_text_splits(config) -> Splits:
+    data = config.data
+    split, files = _split_source(data.train, data.validation, data.test, config,
+                                 lambda s: _text_table(s, data.text))
+    if data.max_train_examples and len(split["train"]) > data.max_train_examples:
+        split["train"] = split["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
+    splits = Splits(split["train"], split["validation"], split["test"], [], files)
     _check_leakage(splits, data)
     return splits
 

@@ -12,7 +12,7 @@ class Options(Section):
     name: Literal["full"] = "full"
 
 
-def prepare(model: nn.Module, options: Options, new_modules: list[str]) -> nn.Module:
+def prepare(model: nn.Module, options: Options, new_modules: list[str], **_) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -19,7 +19,7 @@ class Options(Section):
     name: Literal["head"] = "head"
 
 
-def prepare(model: nn.Module, options: Options, new_modules: list[str]) -> nn.Module:
+def prepare(model: nn.Module, options: Options, new_modules: list[str], **_) -> nn.Module:
     blocks_name, _ = transformer_blocks(model)
     freeze_all(model)
     unfreeze(model, modules_after_blocks(model, blocks_name) + new_modules)

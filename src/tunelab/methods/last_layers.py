@@ -16,7 +16,7 @@ class Options(Section):
     """How many of the last transformer blocks to train."""
 
 
-def prepare(model: nn.Module, options: Options, new_modules: list[str]) -> nn.Module:
+def prepare(model: nn.Module, options: Options, new_modules: list[str], **_) -> nn.Module:
     blocks_name, blocks = transformer_blocks(model)
     if options.layers > len(blocks):
         raise ValueError(f"method.layers is {options.layers} but the model has only {len(blocks)} blocks")

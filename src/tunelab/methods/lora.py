@@ -11,6 +11,7 @@ from torch import nn
 
 from ..schema import Section
 from .freezing import transformer_blocks
+from .peft_common import wrap
 
 DEFAULT_LR = 5e-4
 
@@ -48,16 +49,9 @@ def auto_targets(model: nn.Module) -> list[str]:
     return sorted(found)
 
 
-def prepare(model: nn.Module, options: Options, new_modules: list[str]):
-    from peft import LoraConfig, get_peft_model
+def prepare(model: nn.Module, options: Options, new_modules: list[str], *, task: str = "classify", **_):
+    from peft import LoraConfig
 
     targets = auto_targets(model) if options.target_modules == "auto" else options.target_modules
-    config = LoraConfig(
-        r=options.r,
-        lora_alpha=options.alpha,
-        lora_dropout=options.dropout,
-        target_modules=targets,
-        use_dora=options.dora,
-        modules_to_save=new_modules or None,
-    )
-    return get_peft_model(model, config)
+    return wrap(model, LoraConfig, task, new_modules, r=options.r, lora_alpha=options.alpha,
+                lora_dropout=options.dropout, target_modules=targets, use_dora=options.dora)

@@ -40,7 +40,7 @@ def count_at_limit(ds, max_length: int) -> int:
     return sum(len(ids) >= max_length for ids in ds["input_ids"])
 
 
-def load_model(directory: str, labels: list[str]):
+def load_model(directory: str, labels: list[str], **load_kwargs):
     """Tokenizer and a sequence-classification model with a head for `labels`, plus the names of the
     modules the checkpoint did not contain (randomly initialised: the new head, maybe a pooler)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -54,7 +54,8 @@ def load_model(directory: str, labels: list[str]):
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             directory, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)}, output_loading_info=True, dtype=torch.float32)
+            label2id={n: i for i, n in enumerate(labels)}, output_loading_info=True,
+            **{"dtype": torch.float32, **load_kwargs})
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -29,6 +29,8 @@ class Conversation:
     system: str | None = None
     row: dict = field(default_factory=dict)
     """The source row (for user templates)."""
+    data: object = None
+    """The data settings it was read with (multitask datasets each have their own prompt settings)."""
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -64,7 +66,9 @@ def conversations(frame: pd.DataFrame, spec: str, data) -> tuple[list[Conversati
     out, problems = [], []
     for record in frame.to_dict("records"):
         try:
-            out.append(_conversation(record, layout, data))
+            conv = _conversation(record, layout, data)
+            conv.data = data
+            out.append(conv)
         except ValueError as exc:
             out.append(None)
             problems.append(f"row {record['_row']}: {exc}")
@@ -170,6 +174,8 @@ def render_prompt(conv: Conversation, index: int, tokenizer, fmt: str, data) -> 
     if len(conv.turns) > 1:
         raise DataError(f"prompt_format {fmt} renders single-turn rows only; use prompt_format: chat for "
                         f"multi-turn conversations")
+    if fmt == "plain":  # seq2seq: the instruction and input as they are (T5 style)
+        return user_content(conv.turns[0])
     if fmt == "alpaca":
         turn = conv.turns[0]
         block = f"### Input:\n{turn['input']}\n\n" if turn["input"] else ""
@@ -222,16 +228,42 @@ class EncodedSplit:
 
 
 def encode(convs: list[Conversation], tokenizer, data, max_length: int) -> EncodedSplit:
-    fmt = resolve_prompt_format(data, tokenizer)
     out = EncodedSplit([])
     for conv in convs:
+        conv_data = conv.data or data
+        fmt = resolve_prompt_format(conv_data, tokenizer)
         for i in range(len(conv.turns)):
-            enc = encode_turn(conv, i, tokenizer, fmt, data, max_length)
+            enc = encode_turn(conv, i, tokenizer, fmt, conv_data, max_length)
             if enc is None:
                 out.dropped += 1
                 continue
             out.truncated += enc.truncated
             out.rows.append({"input_ids": enc.input_ids, "completion_mask": enc.completion_mask})
+    return out
+
+
+def encode_text(texts: list[str], tokenizer, max_length: int, overflow: str, split_long: bool) -> EncodedSplit:
+    """Raw text for causal LM training (task causal_lm, replay): every token trained, EOS appended.
+
+    A document longer than max_length is cut into max_length pieces when `split_long` (packing: nothing is
+    lost), else truncated or dropped by `overflow` (counted)."""
+    out = EncodedSplit([])
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not eos or ids[-1:] != eos:
+            ids = ids + eos
+        pieces = [ids]
+        if len(ids) > max_length:
+            if split_long:
+                pieces = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+            elif overflow == "drop":
+                out.dropped += 1
+                continue
+            else:
+                out.truncated += 1
+                pieces = [ids[:max_length]]
+        out.rows += [{"input_ids": p, "completion_mask": [1] * len(p)} for p in pieces if len(p) > 1]
     return out
 
 

@@ -1,0 +1,84 @@
+"""Packing: short examples share a row but cannot attend to each other — through the real trainer."""
+import pytest
+import torch
+
+from conftest import write_jsonl
+from tunelab.config import load_config
+from tunelab.data import load_splits
+from tunelab.runs import RunDir
+from tunelab.train import build_generative_trainer
+
+
+@pytest.fixture
+def packed_trainer(make_config, tiny_llama, tmp_path):
+    rows = [{"prompt": f"say {w} " * (1 + i % 4), "response": w} for i, w in
+            enumerate(["good", "bad", "great", "awful", "fine"] * 8)]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+
+    def build(packing: bool, method="lora"):
+        path = make_config(method=method, name=f"pack{packing}", model={"name": str(tiny_llama), "max_length": 128},
+                           task="sft", data={"train": str(data), "split": {"validation": 0, "test": 0},
+                                             "leakage": "ignore"},
+                           train={"batch_size": 8, "packing": packing, "precision": "fp32"})
+        config = load_config(path)
+        return build_generative_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "run"))
+
+    return build
+
+
+def test_packed_logits_equal_unpacked(packed_trainer):
+    trainer, tokenizer, _, encoded, _ = packed_trainer(packing=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch  # padding-free: the position ids carry the boundaries
+    pos = batch["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
+    assert len(starts) > 3, "several examples should share the packed row"
+    model = trainer.model.eval()
+    with torch.no_grad():
+        # the inputs TRL's compute_loss gives the model (it sets use_cache=False)
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        for a, b in zip(starts[:-1], starts[1:]):
+            alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]
+            torch.testing.assert_close(packed[a:b], alone, rtol=1e-4, atol=1e-4)
+    # the loss the trainer optimises (TRL's fused head, no logits) equals the unpacked examples' loss
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        labels = batch["labels"][0]
+        total, count = 0.0, 0
+        for a, b in zip(starts[:-1], starts[1:]):
+            logits = model(input_ids=batch["input_ids"][:, a:b]).logits[0, :-1]
+            target = labels[a + 1:b]
+            keep = target != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
+            count += int(keep.sum())
+    torch.testing.assert_close(loss, total / count, rtol=1e-4, atol=1e-5)
+    # loss positions: the response tokens of each example, never its prompt, never across a boundary
+    labels = batch["labels"][0]
+    assert (labels[torch.tensor(starts[:-1])] == -100).all()
+    rows = {tuple(r["input_ids"]): r["completion_mask"] for r in encoded["train"].rows}
+    for a, b in zip(starts[:-1], starts[1:]):
+        mask = rows[tuple(batch["input_ids"][0, a:b].tolist())]
+        assert [int(x != -100) for x in labels[a:b]] == mask
+
+
+def test_without_the_block_mask_the_examples_would_leak(packed_trainer):
+    """The check above can fail: with the cache on, transformers skips packed-sequence detection and the
+    second example attends to the first (TRL turns the cache off in compute_loss)."""
+    trainer, *_ = packed_trainer(packing=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    pos = batch["position_ids"][0]
+    b = (pos == 0).nonzero().flatten().tolist()[1]
+    model = trainer.model.eval()
+    with torch.no_grad():
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits[0]
+        alone = model(input_ids=batch["input_ids"][:, b:b + 3]).logits[0]
+    assert (leaky[b:b + 3] - alone).abs().max() > 1e-3
+
+
+def test_packing_fills_rows(packed_trainer):
+    plain, *_ = packed_trainer(packing=False)
+    packed, *_ = packed_trainer(packing=True)
+    assert len(packed.train_dataset) <= len(plain.train_dataset) / 2
+    lengths = [len(r) for r in packed.train_dataset["input_ids"]]
+    assert max(lengths) <= 128 and sum(lengths) == sum(len(r) for r in plain.train_dataset["input_ids"])
+
