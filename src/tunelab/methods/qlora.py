@@ -62,5 +62,6 @@ def load_kwargs(options: Options) -> dict:
 def prepare(model, options: Options, new_modules: list[str], **context):
     from peft import prepare_model_for_kbit_training
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     return lora.prepare(model, options, new_modules, **context)

@@ -1,0 +1,158 @@
+"""causal_lm, seq2seq, multitask + replay, and the methods' user-facing errors, end to end on tiny models."""
+import json
+
+import pytest
+
+import tunelab
+from conftest import write_jsonl
+from tunelab.config import load_config
+from tunelab.data import load_splits
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.tasks.generate import Generator
+
+WORDS = ["good", "bad", "great", "awful", "fine", "dull", "sharp", "slow"]
+
+
+def test_causal_lm_end_to_end(make_config, tiny_llama, tmp_path, capsys):
+    docs = [{"text": " ".join(WORDS[(i + j) % 8] for j in range(5 + i % 30))} for i in range(60)]
+    data = write_jsonl(tmp_path / "docs.jsonl", docs)
+    path = make_config(method={"name": "lora", "r": 4}, name="clm", task="causal_lm",
+                       model={"name": str(tiny_llama), "max_length": 16},
+                       data={"train": str(data), "text": "text", "split": {"validation": 0.2, "test": 0.2}},
+                       train={"max_steps": 4, "packing": True})
+    result = tunelab.train(path)
+    m = result.metrics
+    assert m["test"]["perplexity"] > 1 and m["validation"]["loss"] > 0
+    assert "chrf" not in m["test"]  # raw text: perplexity only
+    # long documents are cut into max_length pieces when packing, none lost
+    assert m["train"]["encoded"]["train"]["examples"] > len(load_splits(result.config).train)
+    assert result.manifest["tokens_per_s"] > 0
+    gen = Generator.load(result.path)
+    assert gen.render("good bad") == "good bad"  # raw continuation, no template
+
+
+def test_causal_lm_refuses_empty_text_and_classify_keys(make_config, tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "docs.jsonl", [{"text": "good"}] * 5 + [{"text": "  "}])
+    path = make_config(name="clm", task="causal_lm", model={"name": str(tiny_llama)},
+                       data={"train": str(data), "text": "text"})
+    with pytest.raises(TunelabError, match=r"docs\.jsonl: 1 row\(s\) with an empty `text` \(rows 6\)"):
+        tunelab.train(path)
+    path = make_config(name="clm2", task="causal_lm", model={"name": str(tiny_llama)},
+                       data={"train": str(data), "label": "y"})
+    with pytest.raises(ConfigError, match="data.label do\\(es\\) not apply to task causal_lm"):
+        load_config(path)
+
+
+def test_seq2seq_bert2bert_end_to_end(make_config, tiny_bert, tmp_path):
+    rows = [{"prompt": f"the {w} film", "response": f"{w} film"} for w in WORDS * 8]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    path = make_config(method="full", name="s2s", task="seq2seq",
+                       data={"train": str(data), "split": {"validation": 0.2, "test": 0.2}, "leakage": "ignore"},
+                       train={"max_steps": 4, "lr": 1e-3}, eval={"max_new_tokens": 4})
+    result = tunelab.train(path)
+    m = result.metrics
+    assert "chrf" in m["test"] and m["validation"]["loss"] > 0
+    from transformers import AutoModelForSeq2SeqLM
+
+    # the saved folder is a plain encoder-decoder that loads with AutoModelForSeq2SeqLM
+    model = AutoModelForSeq2SeqLM.from_pretrained(result.path / "model")
+    assert model.config.is_encoder_decoder
+    saved = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
+    again = Generator.load(result.path).generate([s["prompt"] for s in saved], max_new_tokens=4)
+    assert again == [s["generated"] for s in saved]
+
+
+def test_seq2seq_has_no_chat_format(make_config, tiny_bert, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(20)])
+    path = make_config(name="s2s", task="seq2seq", data={"train": str(data), "prompt_format": "chat"})
+    with pytest.raises(TunelabError, match="task seq2seq has no chat template"):
+        tunelab.train(path)
+
+
+def test_multitask_weights_replay_and_per_task_metrics(make_config, tiny_llama, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"en": f"say {w} {i}", "fr": w} for i, w in enumerate(WORDS * 5)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"is {w} {i}", "label": w} for i, w in enumerate(WORDS * 5)])
+    replay = write_jsonl(tmp_path / "r.jsonl", [{"body": " ".join(WORDS[i:] + WORDS[:i])} for i in range(8)] * 4)
+    path = make_config(method={"name": "lora", "r": 4}, name="multi", task="sft",
+                       model={"name": str(tiny_llama)},
+                       data={"train": None, "prompt": "en", "response": "fr",
+                             "split": {"validation": 0.2, "test": 0.2},
+                             "datasets": [{"train": str(a), "instruction": "translate"},
+                                          {"train": str(b), "name": "sentiment", "prompt": "text",
+                                           "response": "label", "instruction": "classify", "weight": 0.5}],
+                             "replay": {"train": str(replay), "text": "body", "fraction": 0.25}},
+                       train={"max_steps": 3}, eval={"max_new_tokens": 3, "max_generate": 8})
+    config = load_config(path)
+    splits = load_splits(config)
+    counts = splits.train["_task"].value_counts().to_dict()
+    assert counts["a"] == 24 and counts["sentiment"] == 12  # 40 rows → 24 train each; weight 0.5 → 12
+    assert len(splits.replay) == 9  # 25% of 36
+    convs = list(splits.train["_conv"])
+    assert {c.data.instruction for c in convs} == {"translate", "classify"}
+    result = tunelab.train(path)
+    assert set(result.metrics["test_by_task"]) == {"a", "sentiment"}
+    saved = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
+    assert {s["task"] for s in saved} == {"a", "sentiment"} and len(saved) == 8  # equal share of max_generate
+    assert any(s["prompt"].startswith("classify") or "classify" in s["prompt"] for s in saved)
+
+
+def test_multitask_config_errors(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("model: {name: x}\ntask: sft\nmethod: lora\n"
+                    "data:\n  train: a.jsonl\n  datasets: [{train: b.jsonl, wieght: 2}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "`data.datasets.0.wieght`: unknown key; did you mean `weight`?" in str(err.value)
+
+
+def test_packing_with_prompt_tuning_is_refused(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("model: {name: x}\ntask: sft\nmethod: prompt\ndata: {train: a.jsonl}\ntrain: {packing: true}\n")
+    with pytest.raises(ConfigError, match="train.packing cannot be used with method prompt"):
+        load_config(path)
+
+
+def test_qlora_check_reports_a_missing_backend(monkeypatch):
+    import bitsandbytes.functional as F
+
+    from tunelab.methods import qlora
+
+    qlora.check(qlora.Options(bits=4))  # this machine's bitsandbytes quantizes on the CPU
+
+    def broken(*a, **k):
+        raise NotImplementedError("no kernel for this device")
+
+    monkeypatch.setattr(F, "quantize_4bit", broken)
+    with pytest.raises(RuntimeError, match="cannot quantize to 4-bit on cpu .*use method lora"):
+        qlora.check(qlora.Options(bits=4))
+
+
+def test_qlora_trains_a_quantized_base(make_config, tiny_llama, tmp_path):
+    rows = [{"prompt": f"say {w}", "response": w} for w in WORDS * 6]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    path = make_config(method={"name": "qlora", "bits": 8, "r": 4, "target_modules": ["q_proj", "v_proj"]}, name="q",
+                       model={"name": str(tiny_llama)}, task="sft",
+                       data={"train": str(data), "split": {"validation": 0, "test": 0.2}, "leakage": "ignore"},
+                       train={"max_steps": 2, "precision": "bf16"}, eval={"max_new_tokens": 2})
+    result = tunelab.train(path)
+    assert (result.path / "model" / "adapter_model.safetensors").exists()
+    cfg = json.loads((result.path / "model" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+
+
+def test_adapter_sft_run_saves_only_what_trained(make_config, tiny_llama, tmp_path):
+    rows = [{"prompt": f"say {w}", "response": w} for w in WORDS * 6]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    path = make_config(method={"name": "adapter", "size": 4}, name="ad", model={"name": str(tiny_llama)},
+                       task="sft", data={"train": str(data), "split": {"validation": 0, "test": 0.2},
+                                         "leakage": "ignore"},
+                       train={"max_steps": 2}, eval={"max_new_tokens": 3})
+    result = tunelab.train(path)
+    from safetensors.torch import load_file
+
+    saved = load_file(result.path / "model" / "bottleneck.safetensors")
+    assert saved and all(".bottleneck." in k for k in saved)
+    assert not (result.path / "model" / "model.safetensors").exists()
+    rows = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
+    assert Generator.load(result.path).generate([r["prompt"] for r in rows], max_new_tokens=3) == \
+        [r["generated"] for r in rows]
