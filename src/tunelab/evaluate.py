@@ -83,15 +83,20 @@ def generation_metrics(references: list[str], generated: list[str]) -> dict:
 
 
 def evaluate_base(config_path, overrides=()) -> dict:
-    """Generation metrics of a config's *untrained* model on the config's test split (zero-shot baseline)."""
-    from .config import load_config
+    """Test loss/perplexity and generation metrics of a config's *untrained* model on the config's test split,
+    computed exactly as a finished run's (the zero-shot baseline)."""
+    from .config import GENERATIVE, load_config
     from .data import load_splits
     from .errors import TunelabError
     from .tasks.generate import Generator
+    from .train import test_metrics
 
     config = load_config(config_path, overrides)
-    if config.task != "sft":
-        raise TunelabError("--base evaluates generation (task sft); classification baselines are `method: features`")
-    convs = list(load_splits(config).test["_conv"])[: config.eval.max_generate]
-    metrics, _ = Generator.base(config).evaluate(convs, config.eval.max_new_tokens)
+    if config.task not in GENERATIVE:
+        raise TunelabError("--base evaluates generative tasks (sft, seq2seq, causal_lm); classification baselines "
+                           "are `method: features`")
+    test = load_splits(config).test
+    if not len(test):
+        raise TunelabError(f"{config_path}: the config has no test split to evaluate on")
+    metrics, _ = test_metrics(config, test, Generator.base(config))
     return {"model": config.model.name, **metrics}

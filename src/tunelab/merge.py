@@ -1,4 +1,4 @@
-"""`tunelab merge RUN`: fold a LoRA adapter into its base model and save a plain Hugging Face model folder.
+"""`tunelab merge RUN`: fold a LoRA / DoRA / QLoRA / IA3 adapter into its (full-precision) base model and save a plain Hugging Face model folder.
 
 The merged folder loads with `AutoModelForSequenceClassification` (classify runs) or `AutoModelForCausalLM`
 (sft runs) and needs neither peft nor tunelab. Merging changes the arithmetic (W + BA is added once instead of
@@ -18,14 +18,20 @@ from .errors import RunError, TunelabError
 from .runs import open_finished
 
 TOLERANCE = 1e-4
+MERGEABLE = ("lora", "dora", "qlora", "ia3")
 
 
 def merge(run_path, out: str | Path | None = None, tolerance: float = TOLERANCE) -> dict:
     """Write `out` (default RUN/merged) and return {"path", "max_abs_diff", "examples"}."""
     path, config = open_finished(run_path)
-    if not (path / "model" / "adapter_config.json").exists():
-        raise RunError(f"{path} holds a `{config.method.name}` run, not a LoRA adapter: its model/ folder is "
-                       f"already a full model")
+    method = config.method.name
+    if method not in MERGEABLE:
+        why = ("its model/ folder is already a full model" if method in ("full", "head", "last_layers")
+               else "its virtual tokens / bottleneck modules cannot be folded into the weights; serve it as an "
+                    "adapter on the base model" if method in ("prefix", "prompt", "adapter")
+               else "there is nothing to merge")
+        raise RunError(f"{path} holds a `{method}` run; merge folds {', '.join(MERGEABLE)} adapters into the "
+                       f"base weights, and {why}")
     if config.task == "sft":
         from .tasks.generate import Generator
 

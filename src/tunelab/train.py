@@ -252,28 +252,31 @@ def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, 
 
 # ----------------------------------------------------------------------------------------------- generative
 
-def _encode_generative(config: Config, splits: Splits, tokenizer) -> dict:
-    """Token rows per split: sft conversations (plus replay text), causal_lm documents, seq2seq pairs."""
+def encode_split(config: Config, frame, tokenizer):
+    """Token rows of one split: sft conversations, causal_lm documents or seq2seq pairs."""
     from .tasks import sft
 
     max_length, data = config.model.max_length, config.data
-    out = {}
-    for name in ("train", "validation", "test"):
-        frame = getattr(splits, name)
-        if not len(frame):
-            continue
-        if config.task == "causal_lm":
-            out[name] = sft.encode_text(list(frame[data.text]), tokenizer, max_length, data.overflow,
-                                        split_long=config.train.packing)
-        elif config.task == "seq2seq":
-            from .tasks import seq2seq
+    if config.task == "causal_lm":
+        return sft.encode_text(list(frame[data.text]), tokenizer, max_length, data.overflow,
+                               split_long=config.train.packing)
+    if config.task == "seq2seq":
+        from .tasks import seq2seq
 
-            out[name] = seq2seq.encode(list(frame["_conv"]), tokenizer, data, max_length)
-        else:
-            out[name] = sft.encode(list(frame["_conv"]), tokenizer, data, max_length)
+        return seq2seq.encode(list(frame["_conv"]), tokenizer, data, max_length)
+    return sft.encode(list(frame["_conv"]), tokenizer, data, max_length)
+
+
+def _encode_generative(config: Config, splits: Splits, tokenizer) -> dict:
+    """Token rows per split, plus replay text mixed into train."""
+    from .tasks import sft
+
+    data = config.data
+    out = {name: encode_split(config, getattr(splits, name), tokenizer)
+           for name in ("train", "validation", "test") if len(getattr(splits, name))}
     if splits.replay is not None and "train" in out:
-        replay = sft.encode_text(list(splits.replay[data.replay.text]), tokenizer, max_length, data.overflow,
-                                 split_long=False)
+        replay = sft.encode_text(list(splits.replay[data.replay.text]), tokenizer, config.model.max_length,
+                                 data.overflow, split_long=False)
         print(f"tunelab: replay: {len(replay.rows)} general-text example(s) mixed into "
               f"{len(out['train'].rows)} instruction example(s)")
         out["train"].rows += replay.rows
@@ -341,8 +344,6 @@ def _train_generative(config: Config, splits: Splits, model_dir: str, run: RunDi
                         for name, e in encoded.items()}
     # the Trainer evaluated every checkpoint and restored the best: its loss is the best metric, no extra pass
     stats["validation_loss"] = trainer.state.best_metric if "validation" in sets else None
-    if "test" in sets:  # loss in the training precision, as the validation loss
-        stats["test_loss"] = trainer.evaluate(sets["test"], metric_key_prefix="test")["test_loss"]
     return params, stats
 
 
@@ -382,25 +383,21 @@ def _evaluate_classifier(config: Config, splits: Splits, run: RunDir) -> dict:
 
 
 def _evaluate_generative(config: Config, splits: Splits, run: RunDir, train_stats: dict) -> dict:
-    """Validation and test loss/perplexity; generation metrics of the saved model on the test conversations
-    (overall and per dataset of a multitask mix)."""
-    import math
-
+    """Validation loss (the Trainer's, in training precision); test loss/perplexity and generation metrics of the
+    saved model reloaded in fp32 (overall and per dataset of a multitask mix) — the numbers `tunelab eval --base`
+    computes for the untrained model."""
     from .tasks.generate import Generator
 
     metrics = {}
-    for name in ("validation", "test"):
-        loss = train_stats.pop(f"{name}_loss", None)
-        if loss is not None:
-            metrics[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-    if len(splits.test) and config.task != "causal_lm":
-        test, limit = splits.test, config.eval.max_generate
-        if limit is not None:  # an equal share for every dataset of a multitask mix
-            test = test.groupby("_task", sort=False).head(-(-limit // test["_task"].nunique()))
+    loss = train_stats.pop("validation_loss", None)
+    if loss is not None:
+        metrics["validation"] = perplexity(loss)
+    if len(splits.test):
         generator = Generator.from_saved(run.path, config)
-        scores, rows = generator.evaluate(list(test["_conv"]), config.eval.max_new_tokens)
-        metrics["test"] = {**metrics.get("test", {}), **scores}
-        tasks = list(test["_task"])
+        metrics["test"], rows = test_metrics(config, splits.test, generator)
+        if rows is None:
+            return metrics
+        tasks = list(rows.pop("_task"))
         if len(set(tasks)) > 1:
             from .evaluate import generation_metrics
 
@@ -409,6 +406,26 @@ def _evaluate_generative(config: Config, splits: Splits, run: RunDir, train_stat
                                        for t, g in rows.groupby("task", sort=False)}
         rows.to_json(run.path / "predictions_test.jsonl", orient="records", lines=True, force_ascii=False)
     return metrics
+
+
+def perplexity(loss: float) -> dict:
+    import math
+
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+def test_metrics(config: Config, test, generator):
+    """Loss/perplexity on every test example, and generation metrics (not for raw text) on up to
+    eval.max_generate of them — an equal share per dataset of a multitask mix. Returns (metrics, rows or None)."""
+    metrics = perplexity(generator.loss(encode_split(config, test, generator.tokenizer).rows))
+    if config.task == "causal_lm":
+        return metrics, None
+    limit = config.eval.max_generate
+    if limit is not None:
+        test = test.groupby("_task", sort=False).head(-(-limit // test["_task"].nunique()))
+    scores, rows = generator.evaluate(list(test["_conv"]), config.eval.max_new_tokens)
+    rows["_task"] = list(test["_task"])
+    return {**metrics, **scores}, rows
 
 
 def _manifest(config: Config, splits: Splits, params: dict, train_stats: dict, wall: float) -> dict:

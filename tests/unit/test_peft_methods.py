@@ -113,3 +113,30 @@ def test_per_method_default_learning_rates():
                                         "data": {"train": "a.jsonl"}}).lr for name in GENERATIVE}
     # PEFT's own comparisons: prompt/prefix learning fails at LoRA's rate; they need far higher ones
     assert lrs["prompt"] > lrs["prefix"] > lrs["ia3"] > lrs["lora"]
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix", "lora"])
+def test_generator_loss_matches_the_models_own_loss(name, tiny_llama):
+    """Test perplexity is computed by Generator.loss; with virtual tokens prepended it must still line up."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.config import Config
+    from tunelab.tasks.generate import Generator
+
+    torch.manual_seed(0)
+    model = METHODS[name].prepare(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                  METHODS[name].Options(name=name, **GENERATIVE[name]), [], task="sft")
+    _train_a_little(model)
+    config = Config.model_validate({"model": {"name": "x"}, "task": "sft", "method": name,
+                                    "data": {"train": "a.jsonl"}})
+    gen = Generator(config, AutoTokenizer.from_pretrained(tiny_llama), model)
+    rows = [{"input_ids": [5, 9, 17, 3, 40, 1], "completion_mask": [0, 0, 0, 1, 1, 1]},
+            {"input_ids": [7, 8, 1], "completion_mask": [0, 1, 1]}]
+    with torch.no_grad():
+        expected = []
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]])
+            labels = torch.where(torch.tensor([r["completion_mask"]]).bool(), ids, -100)
+            expected.append((model(input_ids=ids, labels=labels).loss.item(), sum(r["completion_mask"][1:])))
+    mean = sum(loss * n for loss, n in expected) / sum(n for _, n in expected)
+    assert gen.loss(rows) == pytest.approx(mean, rel=1e-5)

@@ -264,4 +264,4 @@ def test_merge_lora_gives_a_plain_model_that_predicts_the_same(make_config, caps
 
 def test_merge_refuses_a_non_lora_run(make_config, capsys):
     result = tunelab.train(make_config(method="head", name="nomerge", train={"max_steps": 2}))
-    assert_clean_failure(["merge", str(result.path)], capsys, "not a LoRA adapter")
+    assert_clean_failure(["merge", str(result.path)], capsys, "its model/ folder is already a full model")

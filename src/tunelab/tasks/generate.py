@@ -85,6 +85,33 @@ class Generator:
             out += self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [text.strip() for text in out]
 
+    @torch.inference_mode()
+    def loss(self, rows: list[dict], batch_size: int = 8) -> float:
+        """Mean cross-entropy per trained token over encoded rows (decoder-only: `input_ids` +
+        `completion_mask`; encoder-decoder: `input_ids` + `labels`)."""
+        import torch.nn.functional as F
+
+        total, count = 0.0, 0
+        pad = self.tokenizer.pad_token_id
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            width = max(len(r["input_ids"]) for r in chunk)
+            ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in chunk])
+            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in chunk])
+            if self.encoder_decoder:
+                lw = max(len(r["labels"]) for r in chunk)
+                target = torch.tensor([r["labels"] + [-100] * (lw - len(r["labels"])) for r in chunk])
+                logits = self.model(input_ids=ids, attention_mask=mask, labels=target).logits
+            else:
+                trained = torch.tensor([r["completion_mask"] + [0] * (width - len(r["input_ids"])) for r in chunk])
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+                logits = logits[:, logits.shape[1] - width:-1]  # prompt tuning prepends its virtual tokens
+                target = torch.where(trained.bool(), ids, -100)[:, 1:]
+            total += F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+            count += int((target != -100).sum())
+        return total / max(count, 1)
+
     def render(self, user_text: str) -> str:
         """A free-text prompt in the run's prompt format (with the run's fixed instruction, if any)."""
         if self.config.task == "causal_lm":
