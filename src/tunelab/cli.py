@@ -111,18 +111,48 @@ def _preview(args) -> int:
 
 def _generate(args) -> int:
     from .config import load_config
+    from .errors import TunelabError
     from .tasks.generate import Generator
 
+    texts = list(args.prompt) + (_read_prompts(args.input, args.field) if args.input else [])
+    if not texts:
+        raise TunelabError("tunelab generate: give --prompt TEXT (repeatable) or --input FILE")
     if args.base:
         generator = Generator.base(load_config(args.run, args.set))
     else:
         generator = Generator.load(args.run)
-    prompts = [generator.render(p) for p in args.prompt]
+    prompts = [generator.render(p) for p in texts]
     outputs = generator.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                 temperature=args.temperature or 1.0, top_p=args.top_p)
-    for prompt, text in zip(args.prompt, outputs):
-        print(json.dumps({"prompt": prompt, "generated": text}, ensure_ascii=False) if args.json else text)
+                                 temperature=args.temperature or 1.0, top_p=args.top_p, batch_size=args.batch_size,
+                                 progress=len(prompts) > args.batch_size)
+    as_json = args.json or bool(args.input)
+    for prompt, text in zip(texts, outputs):
+        print(json.dumps({"prompt": prompt, "generated": text}, ensure_ascii=False) if as_json else text)
     return 0
+
+
+def _read_prompts(spec: str, field: str) -> list[str]:
+    """Prompts from a JSONL file (`field` of each row) or a text file (one per line), with clear errors."""
+    from pathlib import Path
+
+    from .errors import DataError
+
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"{spec}: no such file")
+    lines = [x for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{spec}, row {i}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not str(row.get(field) or "").strip():
+            raise DataError(f"{spec}, row {i}: no `{field}` text (use --field to name the prompt column)")
+        out.append(str(row[field]))
+    return out
 
 
 def _merge(args) -> int:
@@ -189,7 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text with a finished sft run (or a config's base model)")
     g.add_argument("run", help="run directory, or a config file with --base")
-    g.add_argument("--prompt", action="append", required=True, help="repeatable")
+    g.add_argument("--prompt", action="append", default=[], help="repeatable")
+    g.add_argument("--input", help="batch: a .jsonl file with a `prompt` field per row (see --field), or a text "
+                                   "file with one prompt per line; writes JSON lines")
+    g.add_argument("--field", default="prompt", help="--input JSONL field holding the prompt (default: prompt)")
+    g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--base", action="store_true", help="RUN is a config: use its untrained model")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

@@ -1,4 +1,5 @@
-"""`tunelab merge RUN`: fold a LoRA / DoRA / QLoRA / IA3 adapter into its (full-precision) base model and save a plain Hugging Face model folder.
+"""`tunelab merge RUN`: fold a LoRA / DoRA / QLoRA / IA3 adapter into its (full-precision) base model and
+save a plain Hugging Face model folder.
 
 The merged folder loads with `AutoModelForSequenceClassification` (classify runs) or `AutoModelForCausalLM`
 (sft runs) and needs neither peft nor tunelab. Merging changes the arithmetic (W + BA is added once instead of

@@ -171,6 +171,14 @@ def test_sft_end_to_end_and_reload_generates_the_same(make_config, tiny_llama, t
     gen = Generator.load(result.path)
     assert out["generated"] == gen.generate([gen.render("say good")], max_new_tokens=4)[0]
     capsys.readouterr()
+    batch = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "say good"}, {"prompt": "say bad"}])
+    assert main(["generate", str(result.path), "--input", str(batch), "--max-new-tokens", "4"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().split("\n")[-2:]]
+    assert [x["generated"] for x in lines] == gen.generate([gen.render("say good"), gen.render("say bad")],
+                                                            max_new_tokens=4)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "say good"}])
+    assert main(["generate", str(result.path), "--input", str(bad)]) == 2
+    assert "bad.jsonl, row 1: no `prompt` text (use --field" in capsys.readouterr().err
     assert main(["predict", str(result.path), "hello"]) == 2
     assert "is a `sft` run, not `classify`; use it with `tunelab generate`" in capsys.readouterr().err
     # merged: a plain causal LM that generates what the adapter generated
