@@ -53,6 +53,9 @@ def _eval(args) -> int:
     if not args.data:
         raise SystemExit("tunelab eval: --data FILE is required (or --base CONFIG)")
     metrics = evaluate_run(args.run, args.data)
+    if "accuracy" not in metrics:  # a generative run: loss/perplexity (+ generation metrics)
+        print(f"{args.data}: " + " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        return 0
     print(f"{args.data}: accuracy {metrics['accuracy']:.4f} · macro F1 {metrics['f1_macro']:.4f} "
           f"· precision {metrics['precision_macro']:.4f} · recall {metrics['recall_macro']:.4f} "
           f"({metrics['examples']} examples)")
@@ -196,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a finished run on a data file")
     e.add_argument("run", help="run directory (or a config file with --base)")
     e.add_argument("--data", help="file with the same text/label columns as the training data")
-    e.add_argument("--base", action="store_true", help="sft: generation metrics of the config's untrained model "
+    e.add_argument("--base", action="store_true", help="generative tasks: test metrics of the config's untrained model "
                                                        "on its test split, for before/after comparisons")
     with_set(e)
     e.set_defaults(fn=_eval)

@@ -47,9 +47,13 @@ def evaluate_run(run_path, data_spec: str, write: bool = True) -> dict:
     from .data import load_eval_table, load_splits
     from .data.leakage import find_leaks
     from .errors import TunelabError
+    from .runs import open_finished
     from .tasks.classify import Classifier
 
-    clf = Classifier.load(run_path)
+    path, config = open_finished(run_path)
+    if config.task != "classify":
+        return _evaluate_generative_run(path, config, data_spec, write)
+    clf = Classifier.from_saved(path, config)
     frame = load_eval_table(data_spec, clf.config, clf.labels)
     metrics, predictions = clf.evaluate(frame)
     try:  # rebuild the run's training split (same files, same seed) to see whether the eval data overlaps it
@@ -60,6 +64,26 @@ def evaluate_run(run_path, data_spec: str, write: bool = True) -> dict:
         metrics["overlap_with_train"] = None
     if write:
         out = Path(run_path) / "evaluations"
+        out.mkdir(exist_ok=True)
+        name = Path(data_spec.removeprefix("sample:")).stem
+        (out / f"{name}.json").write_text(json.dumps({"data": data_spec, **metrics}, indent=2))
+    return metrics
+
+
+def _evaluate_generative_run(path, config, data_spec: str, write: bool) -> dict:
+    """Loss/perplexity (and generation metrics, except for raw text) of a generative run on a file read with the
+    run's data settings — e.g. general text, to measure what fine-tuning made the model forget."""
+    import json
+    from pathlib import Path
+
+    from .data import load_eval_generative
+    from .tasks.generate import Generator
+    from .train import test_metrics
+
+    frame = load_eval_generative(data_spec, config)
+    metrics, rows = test_metrics(config, frame, Generator.from_saved(path, config))
+    if write:
+        out = Path(path) / "evaluations"
         out.mkdir(exist_ok=True)
         name = Path(data_spec.removeprefix("sample:")).stem
         (out / f"{name}.json").write_text(json.dumps({"data": data_spec, **metrics}, indent=2))

@@ -14,6 +14,8 @@ WORDS = ["good", "bad", "great", "awful", "fine", "dull", "sharp", "slow"]
 
 
 def test_causal_lm_end_to_end(make_config, tiny_llama, tmp_path, capsys):
+    from tunelab.cli import main
+
     docs = [{"text": " ".join(WORDS[(i + j) % 8] for j in range(5 + i % 30))} for i in range(60)]
     data = write_jsonl(tmp_path / "docs.jsonl", docs)
     path = make_config(method={"name": "lora", "r": 4}, name="clm", task="causal_lm",
@@ -29,6 +31,11 @@ def test_causal_lm_end_to_end(make_config, tiny_llama, tmp_path, capsys):
     assert result.manifest["tokens_per_s"] > 0
     gen = Generator.load(result.path)
     assert gen.render("good bad") == "good bad"  # raw continuation, no template
+    # any other text file: perplexity of the run on it (what fine-tuning did to general text)
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": "good bad great"}, {"text": "slow sharp dull fine"}])
+    assert main(["eval", str(result.path), "--data", str(other)]) == 0
+    saved = json.loads((result.path / "evaluations" / "other.json").read_text())
+    assert saved["perplexity"] > 1 and "chrf" not in saved
 
 
 def test_causal_lm_refuses_empty_text_and_classify_keys(make_config, tiny_llama, tmp_path):

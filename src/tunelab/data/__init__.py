@@ -16,7 +16,7 @@ from .leakage import find_leaks
 from .readers import ROW, read_table, resolve_path
 from .splits import add_text_key, split_table
 
-__all__ = ["Splits", "load_splits", "load_eval_table", "file_hash"]
+__all__ = ["Splits", "load_splits", "load_eval_table", "load_eval_generative", "file_hash"]
 
 
 @dataclass
@@ -250,3 +250,11 @@ def load_eval_table(spec: str, config, labels: list[str]) -> pd.DataFrame:
     _check_labels(frame, spec, config.data.label, labels)
     return frame
 
+
+
+def load_eval_generative(spec: str, config) -> pd.DataFrame:
+    """An extra evaluation file for a generative run, read with the run's data settings (raw text for
+    causal_lm, conversations otherwise)."""
+    if config.task == "causal_lm":
+        return _text_table(spec, config.data.text)
+    return _sft_table(spec, config.data).assign(_task="")
