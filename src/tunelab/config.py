@@ -268,6 +268,9 @@ class Config(Section):
             problems.append("method features (frozen embeddings + logistic regression) is for task classify")
         if self.train.packing and self.task not in ("sft", "causal_lm"):
             problems.append(f"train.packing applies to tasks sft and causal_lm, not {self.task}")
+        if self.train.early_stopping_patience and self.method.name in ("prefix", "prompt"):
+            problems.append(f"train.early_stopping_patience cannot be used with method {self.method.name}: the "
+                            f"Trainer cannot restore a prefix/prompt checkpoint, so the final model is kept")
         if self.train.packing and self.method.name in ("prefix", "prompt"):
             problems.append(f"train.packing cannot be used with method {self.method.name}: its virtual tokens "
                             f"would be shared by every packed example (PEFT ignores position ids)")

@@ -204,6 +204,13 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer) -> dict:
             "bf16": bool(trainer.args.bf16)}
 
 
+def loads_best(config: Config) -> bool:
+    """Whether the Trainer restores the best checkpoint at the end. Not for prefix/prompt tuning: transformers
+    cannot reload their checkpoints into the training model (it raises after training), so the final model is
+    kept and early stopping is refused at config load."""
+    return getattr(METHODS[config.method.name], "LOAD_BEST", True)
+
+
 def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, **extra):
     from transformers import TrainingArguments
 
@@ -234,7 +241,7 @@ def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, 
         save_strategy=every,
         save_steps=steps,
         save_total_limit=1,
-        load_best_model_at_end=has_validation,
+        load_best_model_at_end=has_validation and loads_best(config),
         metric_for_best_model=f"eval_{metric}" if has_validation else None,
         greater_is_better=metric != "loss",
         logging_strategy="steps",
@@ -342,8 +349,12 @@ def _train_generative(config: Config, splits: Splits, model_dir: str, run: RunDi
     stats["tokens_per_s"] = round(tokens(encoded["train"].rows) * (stats["epochs"] or 1) / stats["runtime_s"], 1)
     stats["encoded"] = {name: {"examples": len(e.rows), "truncated": e.truncated, "dropped": e.dropped}
                         for name, e in encoded.items()}
-    # the Trainer evaluated every checkpoint and restored the best: its loss is the best metric, no extra pass
-    stats["validation_loss"] = trainer.state.best_metric if "validation" in sets else None
+    # the Trainer evaluated every checkpoint and (usually) restored the best: its loss is the best metric
+    if "validation" in sets:
+        last_eval = next((r["eval_loss"] for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
+        stats["validation_loss"] = trainer.state.best_metric if loads_best(config) else last_eval
+    else:
+        stats["validation_loss"] = None
     return params, stats
 
 

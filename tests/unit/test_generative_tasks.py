@@ -163,3 +163,22 @@ def test_adapter_sft_run_saves_only_what_trained(make_config, tiny_llama, tmp_pa
     rows = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
     assert Generator.load(result.path).generate([r["prompt"] for r in rows], max_new_tokens=3) == \
         [r["generated"] for r in rows]
+
+
+@pytest.mark.parametrize("name", ["prefix", "prompt"])
+def test_prompt_learning_runs_with_validation_finish(name, make_config, tiny_llama, tmp_path):
+    """transformers cannot reload a prefix/prompt checkpoint as the best model; the run must still finish,
+    with the final model, and the validation loss of that final model."""
+    rows = [{"prompt": f"say {w}", "response": w} for w in WORDS * 6]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    options = {"name": name, "virtual_tokens": 4, **({"projection": True} if name == "prefix" else {})}
+    path = make_config(method=options, name=name, model={"name": str(tiny_llama)}, task="sft",
+                       data={"train": str(data), "split": {"validation": 0.2, "test": 0.2}, "leakage": "ignore"},
+                       train={"max_steps": 4, "eval_every": 2}, eval={"max_new_tokens": 2})
+    result = tunelab.train(path)
+    evals = [json.loads(x) for x in (result.path / "metrics.jsonl").read_text().split("\n") if "eval_loss" in x]
+    assert len(evals) == 2 and result.metrics["validation"]["loss"] == evals[-1]["eval_loss"]
+    bad = make_config(method=options, name=f"{name}-es", model={"name": str(tiny_llama)}, task="sft",
+                      data={"train": str(data)}, train={"early_stopping_patience": 2})
+    with pytest.raises(ConfigError, match="early_stopping_patience cannot be used with method"):
+        load_config(bad)

@@ -11,6 +11,9 @@ from pydantic import Field
 from ..schema import Section
 from .peft_common import wrap
 
+# transformers cannot load a prompt-learning checkpoint back into the training model (load_best_model_at_end
+# raises after training): the final model is kept, and early stopping is refused.
+LOAD_BEST = False
 DEFAULT_LR = 3e-2
 
 
