@@ -31,6 +31,12 @@ def _print_result(result) -> None:
             shown = " · ".join(f"{label} {m[split][key]:.4f}" for key, label in names.items() if key in m[split])
             count = f" ({m[split]['examples']} examples)" if "examples" in m[split] else ""
             print(f"{split:>10}: {shown}{count}")
+    f = m.get("forgetting")
+    if f and "ratio" in f:
+        print(f"forgetting: perplexity on general text ({f['data']}, {f['documents']} documents) "
+              f"{f['base_perplexity']:.2f} before → {f['perplexity']:.2f} after (×{f['ratio']:.3f})")
+    elif f:
+        print(f"forgetting: not measured on {f['data']}: {f['skipped']}")
 
 
 def _validate(args) -> int:

@@ -215,6 +215,12 @@ class EvalConfig(Section):
     """sft: tokens generated per test prompt for the generation metrics (greedy)."""
     max_generate: int | None = Field(200, ge=1)
     """sft: generate for at most this many test examples (generation is slow on a CPU); null for all."""
+    forgetting: str | None = "sample:sotu"
+    """Generative tasks: general text (a `text` column) on which the perplexity of the base and of the fine-tuned
+    model are compared after training — catastrophic forgetting, as a ratio. Default: State of the Union prose
+    shipped with tunelab; null to skip."""
+    forgetting_max: int = Field(32, ge=1)
+    """Use at most this many documents of `eval.forgetting` (a fixed, seeded sample)."""
 
 
 class OutputConfig(Section):

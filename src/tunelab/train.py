@@ -406,17 +406,43 @@ def _evaluate_generative(config: Config, splits: Splits, run: RunDir, train_stat
     if len(splits.test):
         generator = Generator.from_saved(run.path, config)
         metrics["test"], rows = test_metrics(config, splits.test, generator)
-        if rows is None:
-            return metrics
-        tasks = list(rows.pop("_task"))
-        if len(set(tasks)) > 1:
-            from .evaluate import generation_metrics
+        if rows is not None:
+            tasks = list(rows.pop("_task"))
+            if len(set(tasks)) > 1:
+                from .evaluate import generation_metrics
 
-            rows.insert(0, "task", tasks)
-            metrics["test_by_task"] = {t: generation_metrics(list(g["reference"]), list(g["generated"]))
-                                       for t, g in rows.groupby("task", sort=False)}
-        rows.to_json(run.path / "predictions_test.jsonl", orient="records", lines=True, force_ascii=False)
+                rows.insert(0, "task", tasks)
+                metrics["test_by_task"] = {t: generation_metrics(list(g["reference"]), list(g["generated"]))
+                                           for t, g in rows.groupby("task", sort=False)}
+            rows.to_json(run.path / "predictions_test.jsonl", orient="records", lines=True, force_ascii=False)
+    if config.eval.forgetting and config.task != "seq2seq":  # causal-LM perplexity: decoder-only models
+        metrics["forgetting"] = forgetting(config, Generator.from_saved(run.path, config), Generator.base(config))
     return metrics
+
+
+def forgetting(config: Config, tuned, base) -> dict:
+    """Perplexity of the base and the fine-tuned model on general text (eval.forgetting); ratio > 1 means the
+    model got worse at plain language. Skipped (with the reason) when that text is part of the training data."""
+    from .data import load_eval_generative
+    from .tasks import sft
+
+    spec = config.eval.forgetting
+    trained_on = {config.data.train} | {d.train for d in config.data.datasets or []}
+    if config.data.replay is not None:
+        trained_on.add(config.data.replay.train)
+    if spec in trained_on:
+        return {"data": spec, "skipped": "this text is part of the training data"}
+    text_config = config.model_copy(update={"task": "causal_lm", "data": config.data.model_copy(
+        update={"text": "text"})})
+    frame = load_eval_generative(spec, text_config)
+    frame = frame.sample(n=min(len(frame), config.eval.forgetting_max), random_state=config.data.split.seed)
+    rows = sft.encode_text(list(frame["text"]), tuned.tokenizer, config.model.max_length, "truncate",
+                           split_long=False).rows
+    before, after = base.loss(rows), tuned.loss(rows)
+    import math
+
+    return {"data": spec, "documents": len(frame), "base_perplexity": math.exp(min(before, 50)),
+            "perplexity": math.exp(min(after, 50)), "ratio": math.exp(min(after - before, 50))}
 
 
 def perplexity(loss: float) -> dict:

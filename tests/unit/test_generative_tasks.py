@@ -182,3 +182,21 @@ def test_prompt_learning_runs_with_validation_finish(name, make_config, tiny_lla
                       data={"train": str(data)}, train={"early_stopping_patience": 2})
     with pytest.raises(ConfigError, match="early_stopping_patience cannot be used with method"):
         load_config(bad)
+
+
+def test_forgetting_is_measured_on_general_text_by_default(make_config, tiny_llama, tmp_path):
+    rows = [{"prompt": f"say {w}", "response": w} for w in WORDS * 6]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    path = make_config(method="full", name="forget", model={"name": str(tiny_llama)}, task="sft",
+                       data={"train": str(data), "split": {"validation": 0, "test": 0.2}, "leakage": "ignore"},
+                       train={"max_steps": 3, "lr": 1e-2}, eval={"max_new_tokens": 2, "forgetting_max": 5})
+    f = tunelab.train(path).metrics["forgetting"]
+    assert f["data"] == "sample:sotu" and f["documents"] == 5
+    assert f["ratio"] == pytest.approx(f["perplexity"] / f["base_perplexity"], rel=1e-6)
+    assert f["ratio"] != pytest.approx(1.0, abs=1e-4)  # full fine-tuning at a high rate changed the model
+    # the forgetting text being the training text is no measure: skipped, with the reason
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": " ".join(WORDS[i:])} for i in range(8)] * 3)
+    path = make_config(method="full", name="forget2", model={"name": str(tiny_llama)}, task="causal_lm",
+                       data={"train": str(docs), "split": {"validation": 0, "test": 0.2}, "leakage": "ignore"},
+                       train={"max_steps": 1}, eval={"forgetting": str(docs)})
+    assert tunelab.train(path).metrics["forgetting"]["skipped"] == "this text is part of the training data"
