@@ -90,6 +90,8 @@ def make_config(tmp_path, tiny_bert, data_file):
             "method": method,
             "train": {"epochs": 1, "batch_size": 16, "eval_batch_size": 32, "logging_steps": 2, "precision": "fp32"},
             "output": {"dir": str(tmp_path / "runs" / name)},
+            # the forgetting check reloads the base model after every generative run; its own test turns it on
+            "eval": {"forgetting": None},
         }
         for key, value in sections.items():
             cfg.setdefault(key, {})

@@ -92,7 +92,8 @@ def test_smollm2_translation_methods_train_and_reload(tmp_path, method):
                     "instruction": "Translate into French.", "max_train_examples": 32,
                     "split": {"validation": 0.01, "test": 0.01}},
            "method": method, "train": {"max_steps": 2, "batch_size": 8},
-           "eval": {"max_new_tokens": 8, "max_generate": 4}, "output": {"dir": str(tmp_path / "run")}}
+           "eval": {"max_new_tokens": 8, "max_generate": 4, "forgetting": None},
+           "output": {"dir": str(tmp_path / "run")}}
     path = tmp_path / "t.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = tunelab.train(path)

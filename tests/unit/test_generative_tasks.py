@@ -189,7 +189,8 @@ def test_forgetting_is_measured_on_general_text_by_default(make_config, tiny_lla
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
     path = make_config(method="full", name="forget", model={"name": str(tiny_llama)}, task="sft",
                        data={"train": str(data), "split": {"validation": 0, "test": 0.2}, "leakage": "ignore"},
-                       train={"max_steps": 3, "lr": 1e-2}, eval={"max_new_tokens": 2, "forgetting_max": 5})
+                       train={"max_steps": 3, "lr": 1e-2},
+                       eval={"max_new_tokens": 2, "forgetting": "sample:sotu", "forgetting_max": 5})
     f = tunelab.train(path).metrics["forgetting"]
     assert f["data"] == "sample:sotu" and f["documents"] == 5
     assert f["ratio"] == pytest.approx(f["perplexity"] / f["base_perplexity"], rel=1e-6)
