@@ -44,50 +44,47 @@ def evaluate_run(run_path, data_spec: str, write: bool = True) -> dict:
     import json
     from pathlib import Path
 
-    from .data import load_eval_table, load_splits
-    from .data.leakage import find_leaks
-    from .errors import TunelabError
     from .runs import open_finished
-    from .tasks.classify import Classifier
 
     path, config = open_finished(run_path)
-    if config.task != "classify":
-        return _evaluate_generative_run(path, config, data_spec, write)
-    clf = Classifier.from_saved(path, config)
-    frame = load_eval_table(data_spec, clf.config, clf.labels)
-    metrics, predictions = clf.evaluate(frame)
-    try:  # rebuild the run's training split (same files, same seed) to see whether the eval data overlaps it
-        seen = load_splits(clf.config.model_copy(update={"data": clf.config.data.model_copy(
-            update={"leakage": "ignore"})})).train
-        metrics["overlap_with_train"] = int(len(find_leaks(seen, frame)))
-    except TunelabError:  # the training files moved: the check is skipped, not the evaluation
-        metrics["overlap_with_train"] = None
-    if write:
-        out = Path(run_path) / "evaluations"
-        out.mkdir(exist_ok=True)
-        name = Path(data_spec.removeprefix("sample:")).stem
-        (out / f"{name}.json").write_text(json.dumps({"data": data_spec, **metrics}, indent=2))
-    return metrics
-
-
-def _evaluate_generative_run(path, config, data_spec: str, write: bool) -> dict:
-    """Loss/perplexity (and generation metrics, except for raw text) of a generative run on a file read with the
-    run's data settings — e.g. general text, to measure what fine-tuning made the model forget."""
-    import json
-    from pathlib import Path
-
-    from .data import load_eval_generative
-    from .tasks.generate import Generator
-    from .train import test_metrics
-
-    frame = load_eval_generative(data_spec, config)
-    metrics, rows = test_metrics(config, frame, Generator.from_saved(path, config))
+    if config.task == "classify":
+        metrics = _evaluate_classifier_run(path, config, data_spec)
+    else:
+        metrics = _evaluate_generative_run(path, config, data_spec)
     if write:
         out = Path(path) / "evaluations"
         out.mkdir(exist_ok=True)
         name = Path(data_spec.removeprefix("sample:")).stem
         (out / f"{name}.json").write_text(json.dumps({"data": data_spec, **metrics}, indent=2))
     return metrics
+
+
+def _evaluate_classifier_run(path, config, data_spec: str) -> dict:
+    from .data import load_eval_table, load_splits
+    from .data.leakage import find_leaks
+    from .errors import TunelabError
+    from .tasks.classify import Classifier
+
+    clf = Classifier.from_saved(path, config)
+    frame = load_eval_table(data_spec, clf.config, clf.labels)
+    metrics, _ = clf.evaluate(frame)
+    try:  # rebuild the run's training split (same files, same seed) to see whether the eval data overlaps it
+        seen = load_splits(clf.config.model_copy(update={"data": clf.config.data.model_copy(
+            update={"leakage": "ignore"})})).train
+        metrics["overlap_with_train"] = int(len(find_leaks(seen, frame)))
+    except TunelabError:  # the training files moved: the check is skipped, not the evaluation
+        metrics["overlap_with_train"] = None
+    return metrics
+
+
+def _evaluate_generative_run(path, config, data_spec: str) -> dict:
+    """Loss/perplexity (and generation metrics, except for raw text) of a generative run on a file read with the
+    run's data settings — e.g. general text, to measure what fine-tuning made the model forget."""
+    from .data import load_eval_generative
+    from .tasks.generate import Generator
+    from .train import test_metrics
+
+    return test_metrics(config, load_eval_generative(data_spec, config), Generator.from_saved(path, config))[0]
 
 
 def generation_metrics(references: list[str], generated: list[str]) -> dict:

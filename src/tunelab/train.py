@@ -6,6 +6,7 @@ so a user mistake never leaves a directory behind; anything that fails later mar
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import shutil
@@ -275,12 +276,13 @@ def encode_split(config: Config, frame, tokenizer):
 
 
 def _encode_generative(config: Config, splits: Splits, tokenizer) -> dict:
-    """Token rows per split, plus replay text mixed into train."""
+    """Token rows of train and validation, plus replay text mixed into train."""
     from .tasks import sft
 
     data = config.data
+    # the test split is encoded by test_metrics, on the saved model, after training
     out = {name: encode_split(config, getattr(splits, name), tokenizer)
-           for name in ("train", "validation", "test") if len(getattr(splits, name))}
+           for name in ("train", "validation") if len(getattr(splits, name))}
     if splits.replay is not None and "train" in out:
         replay = sft.encode_text(list(splits.replay[data.replay.text]), tokenizer, config.model.max_length,
                                  data.overflow, split_long=False)
@@ -403,8 +405,8 @@ def _evaluate_generative(config: Config, splits: Splits, run: RunDir, train_stat
     loss = train_stats.pop("validation_loss", None)
     if loss is not None:
         metrics["validation"] = perplexity(loss)
+    generator = Generator.from_saved(run.path, config)
     if len(splits.test):
-        generator = Generator.from_saved(run.path, config)
         metrics["test"], rows = test_metrics(config, splits.test, generator)
         if rows is not None:
             tasks = list(rows.pop("_task"))
@@ -416,14 +418,14 @@ def _evaluate_generative(config: Config, splits: Splits, run: RunDir, train_stat
                                            for t, g in rows.groupby("task", sort=False)}
             rows.to_json(run.path / "predictions_test.jsonl", orient="records", lines=True, force_ascii=False)
     if config.eval.forgetting and config.task != "seq2seq":  # causal-LM perplexity: decoder-only models
-        metrics["forgetting"] = forgetting(config, Generator.from_saved(run.path, config), Generator.base(config))
+        metrics["forgetting"] = forgetting(config, generator, Generator.base(config))
     return metrics
 
 
 def forgetting(config: Config, tuned, base) -> dict:
     """Perplexity of the base and the fine-tuned model on general text (eval.forgetting); ratio > 1 means the
     model got worse at plain language. Skipped (with the reason) when that text is part of the training data."""
-    from .data import load_eval_generative
+    from .data import text_table
     from .tasks import sft
 
     spec = config.eval.forgetting
@@ -432,22 +434,16 @@ def forgetting(config: Config, tuned, base) -> dict:
         trained_on.add(config.data.replay.train)
     if spec in trained_on:
         return {"data": spec, "skipped": "this text is part of the training data"}
-    text_config = config.model_copy(update={"task": "causal_lm", "data": config.data.model_copy(
-        update={"text": "text"})})
-    frame = load_eval_generative(spec, text_config)
+    frame = text_table(spec, "text")
     frame = frame.sample(n=min(len(frame), config.eval.forgetting_max), random_state=config.data.split.seed)
     rows = sft.encode_text(list(frame["text"]), tuned.tokenizer, config.model.max_length, "truncate",
                            split_long=False).rows
     before, after = base.loss(rows), tuned.loss(rows)
-    import math
-
-    return {"data": spec, "documents": len(frame), "base_perplexity": math.exp(min(before, 50)),
-            "perplexity": math.exp(min(after, 50)), "ratio": math.exp(min(after - before, 50))}
+    return {"data": spec, "documents": len(frame), "base_perplexity": perplexity(before)["perplexity"],
+            "perplexity": perplexity(after)["perplexity"], "ratio": math.exp(min(after - before, 50))}
 
 
 def perplexity(loss: float) -> dict:
-    import math
-
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 

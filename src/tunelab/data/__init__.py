@@ -16,7 +16,7 @@ from .leakage import find_leaks
 from .readers import ROW, read_table, resolve_path
 from .splits import add_text_key, split_table
 
-__all__ = ["Splits", "load_splits", "load_eval_table", "load_eval_generative", "file_hash"]
+__all__ = ["Splits", "load_splits", "load_eval_table", "load_eval_generative", "text_table", "file_hash"]
 
 
 @dataclass
@@ -197,14 +197,14 @@ def _load_sft_splits(config) -> Splits:
     splits = Splits(merged["train"], merged["validation"], merged["test"], [], files)
     _check_leakage(splits, data)
     if data.replay is not None:
-        replay = _text_table(data.replay.train, data.replay.text)
+        replay = text_table(data.replay.train, data.replay.text)
         splits.files[data.replay.train] = file_hash(data.replay.train)
         n = min(len(replay), max(1, round(data.replay.fraction * len(splits.train))))
         splits.replay = replay.sample(n=n, random_state=data.split.seed).reset_index(drop=True)
     return splits
 
 
-def _text_table(spec: str, column: str) -> pd.DataFrame:
+def text_table(spec: str, column: str) -> pd.DataFrame:
     """Raw text rows (causal_lm, replay): the column must exist; empty rows are errors naming the row."""
     frame = read_table(spec)
     if column not in frame.columns:
@@ -220,7 +220,7 @@ def _text_table(spec: str, column: str) -> pd.DataFrame:
 def _load_text_splits(config) -> Splits:
     data = config.data
     split, files = _split_source(data.train, data.validation, data.test, config,
-                                 lambda s: _text_table(s, data.text))
+                                 lambda s: text_table(s, data.text))
     if data.max_train_examples and len(split["train"]) > data.max_train_examples:
         split["train"] = split["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
     splits = Splits(split["train"], split["validation"], split["test"], [], files)
@@ -256,5 +256,5 @@ def load_eval_generative(spec: str, config) -> pd.DataFrame:
     """An extra evaluation file for a generative run, read with the run's data settings (raw text for
     causal_lm, conversations otherwise)."""
     if config.task == "causal_lm":
-        return _text_table(spec, config.data.text)
+        return text_table(spec, config.data.text)
     return _sft_table(spec, config.data).assign(_task="")
