@@ -118,6 +118,15 @@ def _preview(args) -> int:
     return 0
 
 
+def _data_check(args) -> int:
+    from .config import load_config
+    from .data.check import check, format_report
+
+    report = check(load_config(args.config, args.set))
+    print(json.dumps(report, indent=2) if args.json else format_report(report, args.config))
+    return 1 if any(v["examples"] for v in report["leakage"].values()) else 0
+
+
 def _generate(args) -> int:
     from .config import load_config
     from .errors import TunelabError
@@ -173,6 +182,38 @@ def _merge(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .compare import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    result = compare(args.config, args.set, methods=methods, out=args.out, rerun=args.rerun)
+    print()
+    for row in result["rows"]:
+        if row["status"] == "failed":
+            print(f"{row['name']:>14}: FAILED — {row['error']}")
+            continue
+        shown = " · ".join(f"{k} {v:.4f}" for k, v in row["test"].items() if k in ("accuracy", "f1_macro", "loss",
+                                                                                     "perplexity", "chrf")
+                           and isinstance(v, float))
+        print(f"{row['name']:>14}: test {shown} ({row['status']})")
+    print(f"\nreport: {result['report_html']} (and {result['report_md'].name} beside it)")
+    return 0 if all(r["status"] != "failed" for r in result["rows"]) else 1
+
+
+def _search(args) -> int:
+    from .search import search
+
+    r = search(args.config, args.set, trials=args.trials, out=args.out)
+    print(f"\nsearch: {r['trials']} trial(s): {r['complete']} complete, {r['pruned']} pruned, {r['failed']} failed")
+    print(f"trials: {r['trials_csv']} · history plot: {r['history']} · study: {r['dir'] / 'study.db'}")
+    if "best_yaml" in r:
+        print(f"best: trial {r['best_trial']}, validation {r['metric']} {r['best_value']:.4f}, {r['best_params']}")
+        print(f"ready to run: tunelab train {r['best_yaml']}")
+        return 0
+    print("no trial completed; nothing to recommend")
+    return 1
+
+
 def _models(args) -> int:
     from .models import PACKAGED
 
@@ -225,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--split", choices=["train", "validation", "test"], default="train")
     with_set(pv)
     pv.set_defaults(fn=_preview)
+    dc = dsub.add_parser("check", help="sizes, label balance, token lengths, duplicates and train/eval leakage "
+                                       "(exit status 1 when there is leakage)")
+    dc.add_argument("config")
+    dc.add_argument("--json", action="store_true")
+    with_set(dc)
+    dc.set_defaults(fn=_data_check)
 
     g = sub.add_parser("generate", help="generate text with a finished sft run (or a config's base model)")
     g.add_argument("run", help="run directory, or a config file with --base")
@@ -245,6 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("run")
     mg.add_argument("--out", help="output folder (default RUN/merged)")
     mg.set_defaults(fn=_merge)
+
+    c = sub.add_parser("compare", help="run several methods on the same data and split; write report.md/.html")
+    c.add_argument("config")
+    c.add_argument("--methods", help="comma-separated, e.g. features,head,last_layers,full,lora,prompt,icl_0,icl_k,"
+                                     "icl_retrieved (default: the config's compare.methods)")
+    c.add_argument("--out", help="folder for the runs and the report (default: compare.dir or runs/compare-NAME)")
+    c.add_argument("--rerun", action="store_true", help="train every method again, even those already run")
+    with_set(c)
+    c.set_defaults(fn=_compare)
+
+    se = sub.add_parser("search", help="hyperparameter search (Optuna TPE + median pruning) over search.space")
+    se.add_argument("config")
+    se.add_argument("--trials", type=int, help="trials in total (default: search.trials)")
+    se.add_argument("--out", help="folder (default: search.dir or runs/search-NAME)")
+    with_set(se)
+    se.set_defaults(fn=_search)
 
     m = sub.add_parser("models", help="list the packaged model aliases")
     m.set_defaults(fn=_models)

@@ -199,6 +199,9 @@ class TrainConfig(Section):
     block-diagonal)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower (always on for qlora)."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    """Experiment trackers the Trainer also logs to (metrics.jsonl is always written). tensorboard logs go to
+    RUN/tensorboard; mlflow and wandb use their own settings (MLFLOW_TRACKING_URI, WANDB_MODE=offline, ...)."""
 
     @field_validator("eval_every")
     @classmethod
@@ -230,6 +233,82 @@ class OutputConfig(Section):
     """Keep the intermediate Trainer checkpoints after a successful run (they are needed only for --resume)."""
 
 
+ICL_ENTRIES = ("icl_0", "icl_k", "icl_retrieved")
+
+
+class CompareConfig(Section):
+    """`tunelab compare`: the approaches to run on the same data, split and seed, side by side in one report."""
+    methods: list[str] = Field(default_factory=lambda: ["features", "head", "last_layers", "full", "lora"],
+                               min_length=1)
+    """Method names, plus the no-training baselines `icl_0` (zero-shot), `icl_k` (k random demonstrations) and
+    `icl_retrieved` (the k nearest training examples as demonstrations). Classification for the icl ones."""
+    shots: int = Field(4, ge=1, le=64)
+    """k of icl_k and icl_retrieved."""
+    icl_model: str | None = None
+    """Causal LM for the icl entries (default: model.name)."""
+    icl: dict[str, Any] = Field(default_factory=dict)
+    """Options of method icl for the icl entries, e.g. {templates: [...], label_words: {...}, retriever: minilm}."""
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Settings for one entry only, as dotted keys: {full: {train.lr: 3.0e-5}, icl_k: {method.templates: [...]}}."""
+    dir: str | None = None
+    """Folder for the runs, the cache and the report; default `runs/compare-<config file name>`."""
+
+    @model_validator(mode="after")
+    def _entries(self):
+        problems = []
+        known = list(METHODS) + list(ICL_ENTRIES)
+        for m in self.methods:
+            if m not in known:
+                close = difflib.get_close_matches(m, known, n=1)
+                hint = f"did you mean `{close[0]}`? " if close else ""
+                problems.append(f"unknown method `{m}`; {hint}choose from: {', '.join(known)}")
+        if len(set(self.methods)) != len(self.methods):
+            problems.append("a method is listed twice")
+        for name in self.overrides:  # overrides of entries not run now are kept for when they are (--methods)
+            if name not in known:
+                problems.append(f"overrides for `{name}`, which is not a method or icl entry")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ParamRange(Section):
+    """One searched setting: `choices`, or a range `low`..`high` (integers when both are integers)."""
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    """Sample on a log scale (learning rates)."""
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or not self.choices:
+                raise ValueError("give either a non-empty `choices` list or `low` and `high`")
+        elif self.low is None or self.high is None or self.low >= self.high:
+            raise ValueError("needs `low` < `high` (or `choices`)")
+        elif self.log and self.low <= 0:
+            raise ValueError("a log range needs `low` > 0")
+        return self
+
+
+class SearchConfig(Section):
+    """`tunelab search`: Optuna's TPE sampler over `space`, pruning trials whose validation metric falls below the
+    median of earlier trials at the same evaluation step."""
+    space: dict[str, ParamRange] = Field(min_length=1)
+    """Dotted config keys → ranges, e.g. {train.lr: {low: 1.0e-5, high: 1.0e-2, log: true},
+    method.r: {choices: [4, 8, 16]}, train.epochs: {low: 1, high: 3}}."""
+    trials: int = Field(10, ge=1)
+    """Trials in total (a resumed search runs only the missing ones)."""
+    startup_trials: int = Field(2, ge=0)
+    """Trials that always finish before pruning starts (they set the median)."""
+    warmup_evaluations: int = Field(0, ge=0)
+    """Evaluations of a trial before it may be pruned."""
+    dir: str | None = None
+    """Folder for the trials, the SQLite study, best.yaml and the plots; default `runs/search-<config name>`."""
+
+
 class Config(Section):
     model: ModelConfig
     task: Literal["classify", "sft", "seq2seq", "causal_lm"] = "classify"
@@ -242,6 +321,10 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    compare: CompareConfig | None = None
+    """Used by `tunelab compare` only (ignored by `tunelab train`)."""
+    search: SearchConfig | None = None
+    """Used by `tunelab search` only (ignored by `tunelab train`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -272,6 +355,9 @@ class Config(Section):
                         problems.append(problem)
         if self.method.name == "features" and self.task != "classify":
             problems.append("method features (frozen embeddings + logistic regression) is for task classify")
+        if self.method.name == "icl" and self.task != "classify":
+            problems.append("method icl (label-word scoring of prompts) is for task classify; for generative tasks "
+                            "`tunelab eval --base CONFIG` gives the untrained model's numbers")
         if self.train.packing and self.task not in ("sft", "causal_lm"):
             problems.append(f"train.packing applies to tasks sft and causal_lm, not {self.task}")
         if self.train.early_stopping_patience and self.method.name in ("prefix", "prompt"):
@@ -300,7 +386,11 @@ class Config(Section):
 
     def to_dict(self) -> dict:
         """The resolved config, without the data fields of other tasks."""
-        return self.model_dump(mode="json", exclude={"data": _ALL_TASK_FIELDS - TASK_FIELDS[self.task]})
+        out = self.model_dump(mode="json", exclude={"data": _ALL_TASK_FIELDS - TASK_FIELDS[self.task]})
+        for key in ("compare", "search"):  # left out when absent, so they do not change the hash
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

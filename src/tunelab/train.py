@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import resource
 import shutil
@@ -52,13 +53,14 @@ def use_bf16(config: Config) -> bool:
 
 
 def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = (), *, resume: bool = False,
-          overwrite: bool = False, config_path: str | Path | None = None) -> RunResult:
-    """Run the config end to end; return the run path and its final metrics."""
+          overwrite: bool = False, config_path: str | Path | None = None, callbacks: tuple = ()) -> RunResult:
+    """Run the config end to end; return the run path and its final metrics. `callbacks`: extra Trainer callbacks
+    (tunelab search reports evaluations to Optuna through one)."""
     if not isinstance(config, Config):
         config_path = config
         config = load_config(config, overrides)
     model_dir = resolve(config.model.name)
-    _check_method(config)
+    _check_method(config, model_dir)
     splits = load_splits(config)
     out = Path(config.output.dir) if config.output.dir else default_dir(config_path)
     run = RunDir.start(out, config, resume=resume, overwrite=overwrite)
@@ -66,10 +68,12 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
     try:
         if config.method.name == "features":
             outcome = _train_features(config, splits, model_dir, run)
+        elif config.method.name == "icl":
+            outcome = _train_icl(config, splits, model_dir, run)
         elif config.task in GENERATIVE:
-            outcome = _train_generative(config, splits, model_dir, run, resume)
+            outcome = _train_generative(config, splits, model_dir, run, resume, callbacks)
         else:
-            outcome = _train_with_trainer(config, splits, model_dir, run, resume)
+            outcome = _train_with_trainer(config, splits, model_dir, run, resume, callbacks)
         result = _finish(config, splits, run, started, *outcome)
     except KeyboardInterrupt:
         run.set_state("interrupted", error="stopped by the user; continue with --resume")
@@ -109,9 +113,54 @@ def _train_features(config: Config, splits: Splits, model_dir: str, run: RunDir)
     return params, train_stats
 
 
+# ------------------------------------------------------------------------------------------------------ icl
+
+def _train_icl(config: Config, splits: Splits, model_dir: str, run: RunDir):
+    """In-context learning: nothing trains. Store the demonstration pool (and its FAISS index), score every
+    template on validation and keep the best; its "training time" is the index build plus that selection."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluate import classification_metrics
+    from .methods import icl
+
+    opts, data = config.method, config.data
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pool = [{"text": str(t), "label": str(lbl), **({"pair": str(p)} if data.text_pair else {})}
+            for t, lbl, p in zip(splits.train[data.text], splits.train[data.label],
+                                 splits.train[data.text_pair] if data.text_pair else splits.train[data.text])]
+    retriever = None
+    if opts.shots and opts.demos == "retrieved":
+        retriever = icl.Retriever(opts.retriever)
+        retriever.build([row["text"] for row in pool])
+    learner = icl.ICL(opts, splits.labels, pool, model, tokenizer, config.model.max_length, retriever,
+                      batch_size=config.train.eval_batch_size, bf16=use_bf16(config))
+    templates = {}
+    frame = splits.validation
+    if len(opts.templates) > 1 and len(frame):
+        texts = frame[data.text].astype(str).tolist()
+        pairs = frame[data.text_pair].astype(str).tolist() if data.text_pair else None
+        for n, template in enumerate(opts.templates, 1):
+            print(f"tunelab: icl: template {n}/{len(opts.templates)} on {len(texts)} validation examples")
+            predicted = learner.scores(texts, pairs, template, progress=True).argmax(-1)
+            m = classification_metrics(frame[data.label].tolist(), [splits.labels[i] for i in predicted],
+                                       splits.labels)
+            templates[template] = {k: m[k] for k in ("accuracy", "f1_macro")}
+        metric = config.metric if config.metric != "loss" else "f1_macro"
+        learner.template = max(templates, key=lambda t: templates[t][metric])
+    icl.save(run.path / "model", opts, splits.labels, pool, learner.template, retriever)
+    elapsed = time.time() - t0
+    total = sum(p.numel() for p in model.parameters())
+    params = {"trainable": 0, "total": total, "percent": 0.0}
+    stats = {"runtime_s": round(elapsed, 2), "examples_per_s": None, "template": learner.template,
+             "templates": templates, "shots": opts.shots, "demos": opts.demos if opts.shots else None}
+    return params, stats
+
+
 # -------------------------------------------------------------------------------------------------- trainer
 
-def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool):
+def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool, callbacks=()):
     from transformers import DataCollatorWithPadding, Trainer, set_seed
 
     from .evaluate import trainer_metrics
@@ -132,17 +181,30 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                       compute_metrics=trainer_metrics(splits.labels),
-                      callbacks=_callbacks(config, run, val_ds is not None))
+                      callbacks=_callbacks(config, run, val_ds is not None) + list(callbacks))
     stats = _fit(trainer, config, run, resume, tokenizer)
     return params, {**stats, "best_checkpoint": trainer.state.best_model_checkpoint, "truncated_examples": at_limit}
 
 
-def _check_method(config: Config) -> None:
-    """The method's own check that this machine can run it (qlora: bitsandbytes), before any work."""
+_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
+_TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
+             "wandb": ("wandb", "wandb")}
+
+
+def _check_method(config: Config, model_dir: str) -> None:
+    """The method's own check that this machine and model can run it (qlora: bitsandbytes; icl: a causal LM),
+    and the experiment trackers are installed — before any work."""
+    import importlib.util
+
+    missing = [pip for name in config.train.report_to for module, pip in [_TRACKERS[name]]
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise TunelabError(f"train.report_to names {', '.join(missing)}, which is not installed: pip install "
+                           f"{' '.join(missing)} (or remove it from train.report_to)")
     check = getattr(METHODS[config.method.name], "check", None)
     if check:
         try:
-            check(config.method)
+            check(config.method, model_dir=model_dir, model_name=config.model.name)
         except RuntimeError as exc:
             raise TunelabError(str(exc)) from None
 
@@ -217,6 +279,9 @@ def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, 
 
     cls = cls or TrainingArguments
     t = config.train
+    if "tensorboard" in t.report_to and not _USER_TENSORBOARD_DIR:
+        # transformers' default is under checkpoints/, which is deleted after a run
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.path / "tensorboard")
     bf16 = use_bf16(config)
     every = "epoch" if t.eval_every == "epoch" else "steps"
     steps = t.eval_every if every == "steps" else None
@@ -248,7 +313,8 @@ def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, 
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        report_to=[],
+        report_to=list(t.report_to) or "none",
+        run_name=run.path.name,
         dataloader_num_workers=0,
         disable_tqdm=False,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -292,7 +358,7 @@ def _encode_generative(config: Config, splits: Splits, tokenizer) -> dict:
     return out
 
 
-def build_generative_trainer(config: Config, splits: Splits, model_dir: str, run: RunDir):
+def build_generative_trainer(config: Config, splits: Splits, model_dir: str, run: RunDir, callbacks=()):
     """The configured model, method and TRL SFTTrainer (sft, causal_lm) or Seq2SeqTrainer (seq2seq), with the
     encoded splits; `train` runs it. Exposed so tests can inspect exactly what training sees."""
     import datasets
@@ -326,7 +392,8 @@ def build_generative_trainer(config: Config, splits: Splits, model_dir: str, run
         args = _training_args(config, run, has_validation=val_ds is not None, cls=Seq2SeqTrainingArguments)
         trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=val_ds,
                                  data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
-                                 processing_class=tokenizer, callbacks=_callbacks(config, run, val_ds is not None))
+                                 processing_class=tokenizer,
+                                 callbacks=_callbacks(config, run, val_ds is not None) + list(callbacks))
     else:
         from trl import SFTConfig, SFTTrainer
 
@@ -337,12 +404,13 @@ def build_generative_trainer(config: Config, splits: Splits, model_dir: str, run
                               max_length=max_length, completion_only_loss=True, packing=config.train.packing,
                               packing_strategy="bfd")
         trainer = SFTTrainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=val_ds,
-                             processing_class=tokenizer, callbacks=_callbacks(config, run, val_ds is not None))
+                             processing_class=tokenizer,
+                             callbacks=_callbacks(config, run, val_ds is not None) + list(callbacks))
     return trainer, tokenizer, params, encoded, sets
 
 
-def _train_generative(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool):
-    trainer, tokenizer, params, encoded, sets = build_generative_trainer(config, splits, model_dir, run)
+def _train_generative(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool, callbacks=()):
+    trainer, tokenizer, params, encoded, sets = build_generative_trainer(config, splits, model_dir, run, callbacks)
     stats = _fit(trainer, config, run, resume, tokenizer)
 
     def tokens(rows):  # real tokens, not padding: prompt + response (+ decoder targets for seq2seq)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -129,3 +130,25 @@ def test_group_by_split_still_reports_duplicate_texts_across_groups():
     with pytest.raises(DataError, match="also appear in train"):
         load_splits(config("sample:sentiment_uci", split={"group_by": "source", "validation": 0.3, "test": 0.3,
                                                            "stratify": False}))
+
+
+def test_data_check_reports_balance_lengths_duplicates_and_leakage(make_config, tmp_path, capsys):
+    from tunelab.cli import main
+
+    rows = sample_rows(240)
+    train = write_jsonl(tmp_path / "train-dup.jsonl", rows + [dict(rows[0])])  # one repeated text
+    val = write_jsonl(tmp_path / "val.jsonl", [rows[5], rows[150]] + sample_rows()[2000:2010])  # 2 leak from train
+    path = make_config(data={"train": str(train), "validation": str(val), "split": {"validation": 0, "test": 0.2,
+                                                                                   "seed": 1}}, name="chk")
+    assert main(["data", "check", str(path)]) == 1  # leakage: exit status 1
+    out = capsys.readouterr().out
+    assert "LEAKAGE: 2 validation example(s) also in train" in out
+    assert "duplicates: 1 repeated text(s)" in out
+    assert re.search(r"labels: negative \d+ \(\d+%\), positive \d+", out)
+    assert main(["data", "check", str(path), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["splits"]["validation"]["examples"] == 12 and report["leakage"]["validation"]["examples"] == 2
+    tokens = report["splits"]["train"]["tokens"]
+    assert 0 < tokens["min"] <= tokens["median"] <= tokens["p95"] <= tokens["max"]
+    clean = make_config(name="clean")
+    assert main(["data", "check", str(clean)]) == 0

@@ -265,3 +265,25 @@ def test_merge_lora_gives_a_plain_model_that_predicts_the_same(make_config, caps
 def test_merge_refuses_a_non_lora_run(make_config, capsys):
     result = tunelab.train(make_config(method="head", name="nomerge", train={"max_steps": 2}))
     assert_clean_failure(["merge", str(result.path)], capsys, "its model/ folder is already a full model")
+
+
+def test_report_to_tensorboard_writes_events_in_the_run(make_config):
+    from tunelab.train import train
+
+    result = train(make_config(method="head", name="tb", train={"report_to": ["tensorboard"], "max_steps": 4}))
+    events = list((result.path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert (result.path / "metrics.jsonl").exists()  # the local log is always written
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_refused_before_any_work(make_config, tmp_path, monkeypatch):
+    import importlib.util
+
+    from tunelab.errors import TunelabError
+    from tunelab.train import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(TunelabError, match="pip install mlflow"):
+        train(make_config(name="mlf", train={"report_to": ["mlflow"]}))
+    assert not (tmp_path / "runs" / "mlf").exists()

@@ -130,7 +130,7 @@ def load_splits(config) -> Splits:
 
 def _sft_table(spec: str, data) -> pd.DataFrame:
     """A table whose `_conv` column holds each row's Conversation and `_text_key` its normalised text."""
-    from ..tasks.sft import conversations, user_content
+    from ..tasks.sft import conversations, identity_text
     from .leakage import normalise
 
     frame = read_table(spec)
@@ -141,7 +141,7 @@ def _sft_table(spec: str, data) -> pd.DataFrame:
         frame, convs = frame[keep], [c for c in convs if c is not None]
         if not convs:
             raise DataError(f"{spec}: every row was bad; nothing is left to train on")
-    keys = [normalise(" ".join(user_content(t) + " " + t["response"] for t in c.turns)) for c in convs]
+    keys = [normalise(identity_text(c)) for c in convs]
     return frame.assign(_conv=convs, _text_key=keys, _label="")
 
 

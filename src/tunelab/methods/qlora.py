@@ -24,7 +24,7 @@ class Options(lora.Options):
     """Quantize the quantization constants too (saves ~0.4 bit per weight)."""
 
 
-def check(options: Options) -> None:
+def check(options: Options, **_) -> None:
     """Raise RuntimeError when bitsandbytes cannot quantize to `options.bits` on this machine's device."""
     import torch
 

@@ -69,6 +69,7 @@ class Classifier:
     def __init__(self, config, labels: list[str], tokenizer, model, head: dict | None = None, path=None):
         self.config, self.labels, self.tokenizer, self.model, self.head, self.path = \
             config, labels, tokenizer, model, head, path
+        self.icl = None  # method icl: prompts + label-word scoring instead of a classification head
         self.model.eval()
 
     @classmethod
@@ -90,6 +91,8 @@ class Classifier:
 
         model_dir = Path(path) / "model"
         labels = json.loads((model_dir / "labels.json").read_text())
+        if config.method.name == "icl":
+            return cls._icl(path, config, labels)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if config.method.name == "features":
             model = AutoModel.from_pretrained(resolve(config.model.name), dtype=torch.float32)
@@ -98,9 +101,27 @@ class Classifier:
                            lambda: load_model(resolve(config.model.name), labels)[1])
         return cls(config, labels, tokenizer, model, None, path)
 
+    @classmethod
+    def _icl(cls, path: Path, config, labels: list[str]) -> "Classifier":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..methods import icl
+        from ..models import resolve
+        from ..train import use_bf16
+
+        base = resolve(config.model.name)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        clf = cls(config, labels, tokenizer, model, None, path)
+        clf.icl = icl.load(Path(path) / "model", model, tokenizer, config.model.max_length,
+                           config.train.eval_batch_size, bf16=use_bf16(config))
+        return clf
+
     @torch.inference_mode()
     def logits(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
         max_length = self.config.model.max_length
+        if self.icl is not None:  # log-likelihood of each label word: a softmax over them is P(label | prompt)
+            return self.icl.scores(texts, pairs, progress=len(texts) > 64)
         if self.head is not None:
             pooling = self.config.method.pooling
             x = features_method.embed(self.model, self.tokenizer, texts, pairs, pooling, max_length, batch_size,

@@ -149,6 +149,15 @@ def check_template(template: str, response: str) -> str | None:
     return None
 
 
+def identity_text(conv: Conversation) -> str:
+    """The text that identifies an example (for duplicates and train/test leakage): its prompts and responses,
+    or, for a user template, every column the template reads."""
+    data = getattr(conv, "data", None)
+    if data is not None and data.prompt_format == "template":
+        return " ".join(str(conv.row.get(f, "")) for f in _template_fields(data.template))
+    return " ".join(user_content(t) + " " + t["response"] for t in conv.turns)
+
+
 def user_content(turn: dict) -> str:
     return turn["instruction"] if not turn["input"] else f"{turn['instruction']}\n\n{turn['input']}"
 

@@ -1,0 +1,160 @@
+"""`tunelab compare`: run several fine-tuning approaches on the same data, split and seed, and write one report.
+
+Each entry of `compare.methods` becomes an ordinary run config (written to DIR/configs/NAME.yaml) trained in its
+own process, so its peak memory is its own and a crash stays a row in the report. A run whose saved config has
+the same hash as the one it would get now is reused, so adding a method does not rerun the others.
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ICL_ENTRIES, Config, load_config
+from .errors import ConfigError
+from .runs import read_status
+
+
+@dataclass
+class Entry:
+    name: str
+    config: Config | None
+    config_path: Path
+    run_dir: Path
+    status: str = "pending"  # cached | trained | failed
+    error: str | None = None
+    wall_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _set(raw: dict, dotted: str, value) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if isinstance(node.get(part), str) and part == "method":
+            node[part] = {"name": node[part]}
+        node = node.setdefault(part, {})
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def entry_configs(config: Config, config_path: str | Path, out: Path) -> list[Entry]:
+    """One validated run config per compare entry; every problem of every entry reported at once."""
+    from pydantic import ValidationError
+
+    from .config import _describe
+
+    cmp = config.compare
+    base = config.to_dict()
+    base.pop("compare", None)
+    entries, problems = [], []
+    for name in cmp.methods:
+        raw = copy.deepcopy(base)
+        if name in ICL_ENTRIES:
+            shots = 0 if name == "icl_0" else cmp.shots
+            raw["method"] = {"name": "icl", **copy.deepcopy(cmp.icl), "shots": shots,
+                             "demos": "retrieved" if name == "icl_retrieved" else "random"}
+            raw["model"] = {**raw["model"], "name": cmp.icl_model or raw["model"]["name"],
+                            "max_length": max(raw["model"]["max_length"], 512)}
+        elif raw["method"]["name"] != name:
+            raw["method"] = {"name": name}  # the base config's method keeps its options; others their defaults
+        raw["output"] = {**raw.get("output", {}), "dir": str(out / "runs" / name)}
+        for key, value in cmp.overrides.get(name, {}).items():
+            _set(raw, key, value)
+        try:
+            entry_config = Config.model_validate(raw)
+        except ValidationError as exc:
+            problems += [f"compare entry `{name}`: {_describe(err)}" for err in exc.errors()]
+            continue
+        entries.append(Entry(name, entry_config, out / "configs" / f"{name}.yaml", out / "runs" / name))
+    if problems:
+        raise ConfigError(str(config_path), problems)
+    return entries
+
+
+def cached(entry: Entry) -> bool:
+    """The run finished with exactly this config (same hash): its results can be reused."""
+    status = read_status(entry.run_dir)
+    if not status or status.get("state") != "completed":
+        return False
+    try:
+        return load_config(entry.run_dir / "config.yaml").hash() == entry.config.hash()
+    except Exception:  # noqa: BLE001 - an unreadable old config simply means "run it again"
+        return False
+
+
+def _run_process(entry: Entry) -> tuple[int, str]:
+    """`tunelab train` on the entry's config in a child process; its output is shown live, and the tail of its
+    stderr is kept for the error message."""
+    cmd = [sys.executable, "-m", "tunelab", "train", str(entry.config_path), "--overwrite"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    tail = bytearray()
+
+    def pump():
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail.extend(chunk)
+            del tail[:-8000]
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    code = proc.wait()
+    reader.join()
+    return code, tail.decode("utf-8", "replace")
+
+
+def _failure(entry: Entry, stderr_tail: str) -> str:
+    status = read_status(entry.run_dir)
+    if status and status.get("error"):
+        return status["error"]
+    lines = [x.strip() for x in stderr_tail.replace("\r", "\n").split("\n") if x.strip()]
+    errors = [x for x in lines if x.startswith("tunelab: error:")]
+    if errors:
+        return errors[-1].removeprefix("tunelab: error:").strip()
+    return lines[-1] if lines else "the training process exited without a message"
+
+
+def compare(config_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, methods: list[str] | None = None,
+            out: str | Path | None = None, rerun: bool = False) -> dict:
+    """Run (or reuse) every entry, then write report.md / report.html; returns {"dir", "entries", "rows"}."""
+    from .report import compare_report, compare_rows
+
+    overrides = list(overrides)
+    if methods:
+        overrides.append(f"compare.methods=[{', '.join(methods)}]")
+    config = load_config(config_path, overrides)  # --methods creates the compare section if there is none
+    if config.compare is None:
+        from .config import CompareConfig
+
+        config = config.model_copy(update={"compare": CompareConfig()})
+    out = Path(out or config.compare.dir or Path("runs") / f"compare-{Path(config_path).stem}")
+    entries = entry_configs(config, config_path, out)
+    if config.train.lr is not None:
+        print(f"tunelab compare: train.lr={config.train.lr} is set, so every method uses it; leave it unset for each "
+              f"method's own default, or set it per method in compare.overrides", file=sys.stderr)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        entry.config.save(entry.config_path)
+    for n, entry in enumerate(entries, 1):
+        if not rerun and cached(entry):
+            entry.status = "cached"
+            print(f"\n── compare [{n}/{len(entries)}] {entry.name}: cached ({entry.run_dir})", flush=True)
+            continue
+        print(f"\n── compare [{n}/{len(entries)}] {entry.name}: training ({entry.config_path})", flush=True)
+        t0 = time.time()
+        code, tail = _run_process(entry)
+        entry.wall_s = round(time.time() - t0, 1)
+        if code == 0 and (read_status(entry.run_dir) or {}).get("state") == "completed":
+            entry.status = "trained"
+        else:
+            entry.status, entry.error = "failed", _failure(entry, tail)
+            print(f"── compare: {entry.name} failed: {entry.error}", flush=True)
+        if code == 130:
+            raise KeyboardInterrupt
+    rows = compare_rows(entries)
+    paths = compare_report(rows, out, title=f"tunelab compare · {Path(config_path).name}", config=config)
+    return {"dir": out, "entries": entries, "rows": rows, **paths}

@@ -1,0 +1,104 @@
+"""`tunelab data check CONFIG`: what the data of a config looks like before anything trains — split sizes,
+label balance, lengths in the model's tokens (and how many exceed model.max_length), duplicates, and texts that
+appear both in train and in validation/test (leakage)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .leakage import find_leaks
+
+
+def check(config) -> dict:
+    """The report as a dict (printed by `format_report`, or as JSON)."""
+    from transformers import AutoTokenizer
+
+    from ..models import resolve
+    from . import load_splits
+
+    quiet = config.model_copy(update={"data": config.data.model_copy(update={"leakage": "ignore"})})
+    splits = load_splits(quiet)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(config.model.name))
+    report = {"task": config.task, "max_length": config.model.max_length, "splits": {}, "leakage": {}}
+    for name in ("train", "validation", "test"):
+        frame = getattr(splits, name)
+        if not len(frame):
+            continue
+        info = {"examples": len(frame)}
+        if config.task == "classify":
+            counts = frame[config.data.label].astype(str).value_counts()
+            info["labels"] = {label: int(counts.get(label, 0)) for label in splits.labels}
+        lengths = _token_lengths(config, frame, tokenizer)
+        info["tokens"] = {"min": int(lengths.min()), "median": int(np.median(lengths)),
+                          "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max()),
+                          "over_max_length": int((lengths > config.model.max_length).sum())}
+        if len(lengths) != len(frame):  # sft chats: one training row per assistant turn
+            info["rows"] = len(lengths)
+        if "_text_key" in frame:
+            dup = frame[frame["_text_key"].duplicated(keep=False)]
+            info["duplicates"] = int(frame["_text_key"].duplicated().sum())
+            if config.task == "classify" and len(dup):
+                labels = dup.groupby("_text_key")[config.data.label].nunique()
+                info["conflicting_duplicates"] = int((labels > 1).sum())
+        report["splits"][name] = info
+        if name != "train" and "_text_key" in frame:
+            leaks = find_leaks(splits.train, frame)
+            report["leakage"][name] = {"examples": len(leaks),
+                                       "rows": [int(r) for r in leaks["_row"].head(5)] if "_row" in leaks else [],
+                                       "texts": [t[:80] for t in leaks["_text_key"].head(3)]}
+    return report
+
+
+def _token_lengths(config, frame: pd.DataFrame, tokenizer) -> np.ndarray:
+    """Tokens per example as the model sees it, before truncation: text (+ pair) for classify; the rendered
+    prompt and response for sft/seq2seq; the raw text for causal_lm."""
+    data = config.data
+    if config.task == "classify":
+        pairs = frame[data.text_pair].astype(str).tolist() if data.text_pair else None
+        enc = tokenizer(frame[data.text].astype(str).tolist(), pairs)
+        return np.array([len(x) for x in enc["input_ids"]])
+    if config.task == "causal_lm":
+        return np.array([len(x) for x in tokenizer(frame[data.text].astype(str).tolist())["input_ids"]])
+    from ..tasks import sft
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # the same rendering training uses, with room for any length (nothing cut), so lengths are the real ones
+    wide = config.model_copy(update={"model": config.model.model_copy(update={"max_length": 10 ** 6})})
+    if config.task == "seq2seq":
+        from ..tasks import seq2seq
+
+        rows = seq2seq.encode(list(frame["_conv"]), tokenizer, data, wide.model.max_length).rows
+        return np.array([len(r["input_ids"]) + len(r["labels"]) for r in rows])
+    rows = sft.encode(list(frame["_conv"]), tokenizer, data, wide.model.max_length).rows
+    return np.array([len(r["input_ids"]) for r in rows])
+
+
+def format_report(report: dict, source: str) -> str:
+    lines = [f"{source}: task {report['task']}, model.max_length {report['max_length']}"]
+    for name, info in report["splits"].items():
+        t = info["tokens"]
+        rows = f" → {info['rows']:,} rows (one per assistant turn)" if "rows" in info else ""
+        line = (f"  {name:>10}: {info['examples']:>6,} examples{rows} · tokens min {t['min']} / median {t['median']} / "
+                f"p95 {t['p95']} / max {t['max']}")
+        if t["over_max_length"]:
+            line += f" · {t['over_max_length']} over max_length (cut or dropped)"
+        if t["over_max_length"] and "rows" in info:
+            line = line.replace("over max_length", "rows over max_length")
+        lines.append(line)
+        if "labels" in info:
+            total = sum(info["labels"].values()) or 1
+            lines.append("              labels: " + ", ".join(f"{k} {v} ({100 * v / total:.0f}%)"
+                                                          for k, v in info["labels"].items()))
+        if info.get("duplicates"):
+            conflict = info.get("conflicting_duplicates")
+            lines.append(f"              duplicates: {info['duplicates']} repeated text(s)"
+                         + (f", {conflict} with conflicting labels" if conflict else ""))
+    leaks = {k: v for k, v in report["leakage"].items() if v["examples"]}
+    if leaks:
+        for name, v in leaks.items():
+            lines.append(f"  LEAKAGE: {v['examples']} {name} example(s) also in train (rows {v['rows']}, e.g. "
+                         f"{v['texts'][0]!r}); their scores would overstate the model")
+    else:
+        lines.append("  leakage: none (no validation/test text also in train)")
+    return "\n".join(lines)
