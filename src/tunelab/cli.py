@@ -43,8 +43,8 @@ def _validate(args) -> int:
     from .config import load_config
 
     config = load_config(args.config, args.set)
-    print(f"{args.config}: OK ({config.task}, method {config.method.name}, model {config.model.name}, "
-          f"lr {config.lr})")
+    lr = f", lr {config.lr}" if config.lr is not None else ""
+    print(f"{args.config}: OK ({config.task}, method {config.method.name}, model {config.model.name}{lr})")
     return 0
 
 

@@ -18,7 +18,14 @@ def test_every_shipped_example_validates(path):
 
 def test_examples_cover_the_method_ladder():
     methods = {load_config(p).method.name for p in EXAMPLES}
-    assert {"features", "head", "last_layers", "full", "lora"} <= methods
+    assert {"features", "head", "last_layers", "full", "lora", "icl"} <= methods
+
+
+def test_examples_cover_compare_and_search():
+    configs = [load_config(p) for p in EXAMPLES]
+    compare = next(c.compare for c in configs if c.compare)
+    assert {"features", "full", "lora", "icl_0", "icl_k", "icl_retrieved"} <= set(compare.methods)
+    assert any(c.search and c.search.space for c in configs)
 
 
 def test_examples_cover_every_generative_method_and_task():

@@ -149,6 +149,17 @@ def test_user_template(tok):
     assert sft.render_prompt(c, 0, tok, "template", data) == "English: the cat\nFrench: "
 
 
+def test_template_rows_are_split_and_checked_by_their_own_text():
+    """Regression: with a user template, rows were keyed by their response only, so a one-word-label task (two
+    distinct responses) collapsed into two groups and could not be split."""
+    config = cfg("sample:sentiment_uci", prompt="text", response="label", prompt_format="template",
+                 template="Review: {text}\nSentiment: {label}")
+    splits = load_splits(config)
+    sizes = splits.sizes()
+    assert sizes["test"] > 500 and sizes["validation"] > 250 and sizes["train"] > 2000
+    assert splits.train["_text_key"].nunique() > 2000
+
+
 def test_sft_end_to_end_and_reload_generates_the_same(make_config, tiny_llama, tmp_path, capsys):
     from tunelab.cli import main
     from tunelab.tasks.generate import Generator
