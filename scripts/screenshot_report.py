@@ -9,4 +9,4 @@ if __name__ == "__main__":
         sys.exit(__doc__)
     html = Path(sys.argv[1])
     out = Path(sys.argv[2]) if len(sys.argv) == 3 else html.with_name("report-screenshot.png")
-    print(screenshot(html, out))
+    print(screenshot(html, out, height=4000))

@@ -195,7 +195,7 @@ def _compare(args) -> int:
         shown = " · ".join(f"{k} {v:.4f}" for k, v in row["test"].items() if k in ("accuracy", "f1_macro", "loss",
                                                                                      "perplexity", "chrf")
                            and isinstance(v, float))
-        print(f"{row['name']:>14}: test {shown} ({row['status']})")
+        print(f"{row['name']:>14}: test {shown} ({'cached' if row['status'] == 'cached' else 'ran now'})")
     print(f"\nreport: {result['report_html']} (and {result['report_md'].name} beside it)")
     return 0 if all(r["status"] != "failed" for r in result["rows"]) else 1
 

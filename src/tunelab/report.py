@@ -146,14 +146,19 @@ def recommend(rows: list[dict], key: str, higher: bool) -> list[str]:
         return v / b if higher else b / v
 
     trained = [r for r in done if r["params"]["trainable"] > 0]
-    close = sorted((r for r in trained if r is not best and share(r) >= 0.99),
+    close = sorted((r for r in trained if r is not best and share(r) >= 0.98),
                    key=lambda r: (r["params"]["trainable"], r["train_s"] or 0))
-    for r in close[:2]:
+    for r in close[:3]:
         pct = 100 * r["params"]["trainable"] / max(best["params"]["trainable"], 1)
         t = 100 * (r["train_s"] or 0) / max(best["train_s"] or 1e-9, 1e-9)
+        stored = (f"stores {human_bytes(r['stored'])} instead of {human_bytes(best['stored'])}"
+                  if r["stored"] < 0.9 * best["stored"] else f"stores as much ({human_bytes(r['stored'])})")
         out.append(f"**{r['name']}** reaches {100 * share(r):.1f}% of {best['name']}'s {name} with {pct:.3g}% of "
-                   f"its trainable parameters and {t:.0f}% of its training time, and stores "
-                   f"{human_bytes(r['stored'])} instead of {human_bytes(best['stored'])}.")
+                   f"its trainable parameters and {t:.0f}% of its training time, and {stored}.")
+    fastest = min(trained, key=lambda r: r["train_s"] or 0, default=None)
+    if fastest is not None and fastest is not best and fastest not in close[:3]:
+        out.append(f"The quickest to train, **{fastest['name']}**, reaches {100 * share(fastest):.1f}% of the best "
+                   f"in {fastest['train_s']:.0f} s (vs {best['train_s']:.0f} s).")
     free = [r for r in done if r["params"]["trainable"] == 0]
     if free:
         icl = max(free, key=lambda r: sign * _value(r, key))

@@ -149,7 +149,8 @@ def _train_icl(config: Config, splits: Splits, model_dir: str, run: RunDir):
             templates[template] = {k: m[k] for k in ("accuracy", "f1_macro")}
         metric = config.metric if config.metric != "loss" else "f1_macro"
         learner.template = max(templates, key=lambda t: templates[t][metric])
-    icl.save(run.path / "model", opts, splits.labels, pool, learner.template, retriever)
+    # zero-shot needs no demonstration pool: nothing of the training data is stored
+    icl.save(run.path / "model", opts, splits.labels, pool if opts.shots else [], learner.template, retriever)
     elapsed = time.time() - t0
     total = sum(p.numel() for p in model.parameters())
     params = {"trainable": 0, "total": total, "percent": 0.0}

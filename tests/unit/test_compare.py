@@ -133,9 +133,9 @@ def test_report_renders_with_its_plots_in_headless_chromium(tmp_path):
     pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
     assert pixels.shape[:2] == (2600, 1280)
 
-    def count(rgb):
-        return int((np.abs(pixels - np.array(rgb)).sum(-1) < 30).sum())
+    def count(rgb, tolerance=30):
+        return int((np.abs(pixels - np.array(rgb)).sum(-1) < tolerance).sum())
 
     assert count((31, 119, 180)) > 300   # tab:blue: train-loss lines and the scatter points
     assert count((255, 127, 14)) > 200   # tab:orange: validation-loss curves
-    assert count((253, 236, 234)) == 0   # no failed-row background: no method failed
+    assert count((253, 236, 234), tolerance=6) == 0   # no failed-row background: no method failed
