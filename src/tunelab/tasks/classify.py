@@ -150,7 +150,10 @@ class Classifier:
         pairs = frame[data.text_pair].astype(str).tolist() if data.text_pair else None
         probs = self.predict_proba(frame[data.text].astype(str).tolist(), pairs)
         predicted = [max(p, key=p.get) for p in probs]
-        metrics = classification_metrics(frame[data.label].tolist(), predicted, self.labels)
+        truth = frame[data.label].tolist()
+        metrics = classification_metrics(truth, predicted, self.labels)
+        # cross-entropy of the saved model's probabilities: the same number for every method (features included)
+        metrics["loss"] = float(np.mean([-np.log(max(p[str(t)], 1e-12)) for p, t in zip(probs, truth)]))
         rows = pd.DataFrame({"row": frame["_row"], "text": frame[data.text], "label": frame[data.label],
                              "predicted": predicted, "probability": [p[x] for p, x in zip(probs, predicted)]})
         return metrics, rows
