@@ -32,7 +32,10 @@ def _print_result(result) -> None:
             count = f" ({m[split]['examples']} examples)" if "examples" in m[split] else ""
             print(f"{split:>10}: {shown}{count}")
     f = m.get("forgetting")
-    if f and "ratio" in f:
+    if f and "drop" in f:
+        print(f"forgetting: earlier task ({f['data']}, label {f['label']}) linear-probe accuracy "
+              f"{f['base_accuracy']:.4f} with the base encoder → {f['accuracy']:.4f} after fine-tuning")
+    elif f and "ratio" in f:
         print(f"forgetting: perplexity on general text ({f['data']}, {f['documents']} documents) "
               f"{f['base_perplexity']:.2f} before → {f['perplexity']:.2f} after (×{f['ratio']:.3f})")
     elif f:

@@ -211,6 +211,16 @@ class TrainConfig(Section):
         return v
 
 
+class EarlierTask(Section):
+    """classify: a labelled data set of an earlier task, used to measure forgetting with a linear probe."""
+    data: str
+    """File (or `sample:NAME`) with a text and a label column."""
+    text: str = "text"
+    label: str = "label"
+    max_examples: int = Field(1000, ge=20)
+    """Use at most this many rows (a seeded sample); half fit the probe, half score it."""
+
+
 class EvalConfig(Section):
     metric: Literal["accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"] | None = None
     """Metric that picks the best checkpoint and drives early stopping; default f1_macro (classify), loss (sft)."""
@@ -224,6 +234,11 @@ class EvalConfig(Section):
     shipped with tunelab; null to skip."""
     forgetting_max: int = Field(32, ge=1)
     """Use at most this many documents of `eval.forgetting` (a fixed, seeded sample)."""
+    earlier_task: EarlierTask | None = None
+    """classify: forgetting of an earlier task — a logistic-regression probe on the encoder's mean-pooled features
+    is fitted and scored on this data with the base encoder and with the fine-tuned one; the accuracy drop is
+    reported. E.g. {data: sample:sentiment_uci, label: source} asks whether the encoder still tells the review
+    sites apart after sentiment training."""
 
 
 class OutputConfig(Section):
@@ -355,6 +370,9 @@ class Config(Section):
                         problems.append(problem)
         if self.method.name == "features" and self.task != "classify":
             problems.append("method features (frozen embeddings + logistic regression) is for task classify")
+        if self.eval.earlier_task is not None and self.task != "classify":
+            problems.append("eval.earlier_task applies to task classify; generative tasks measure forgetting by "
+                            "perplexity (eval.forgetting)")
         if self.method.name == "icl" and self.task != "classify":
             problems.append("method icl (label-word scoring of prompts) is for task classify; for generative tasks "
                             "`tunelab eval --base CONFIG` gives the untrained model's numbers")

@@ -77,6 +77,62 @@ def _evaluate_classifier_run(path, config, data_spec: str) -> dict:
     return metrics
 
 
+# methods whose encoder is the base one (nothing to forget) or that change the input rather than the encoder
+_PROBE_SKIP = {"features": "the encoder is frozen", "icl": "nothing is trained",
+               "prompt": "prompt tuning changes the input, not the encoder",
+               "prefix": "prefix tuning changes the attention inputs, not the encoder's weights"}
+
+
+def earlier_task_probe(config, clf) -> dict:
+    """Forgetting for classifiers: accuracy of a logistic-regression probe on mean-pooled last-layer features of
+    an earlier task's data, with the base encoder and with the fine-tuned one (same rows, same split)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from transformers import AutoModel
+
+    from .data.readers import read_table
+    from .errors import DataError
+    from .methods.features import embed
+    from .models import resolve
+
+    spec = config.eval.earlier_task
+    if config.method.name in _PROBE_SKIP:
+        return {"data": spec.data, "skipped": _PROBE_SKIP[config.method.name]}
+    frame = read_table(spec.data)
+    missing = [c for c in (spec.text, spec.label) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{spec.data}: eval.earlier_task column(s) {', '.join(missing)} not found; columns: "
+                        f"{', '.join(c for c in frame.columns if not c.startswith('_'))}")
+    frame = frame.dropna(subset=[spec.text, spec.label])
+    if frame[spec.label].astype(str).nunique() < 2:
+        raise DataError(f"{spec.data}: eval.earlier_task needs at least two labels in `{spec.label}`")
+    frame = frame.sample(n=min(len(frame), spec.max_examples), random_state=config.data.split.seed)
+    texts, labels = frame[spec.text].astype(str).tolist(), frame[spec.label].astype(str).to_numpy()
+    idx_fit, idx_score = train_test_split(range(len(texts)), test_size=0.5, random_state=config.data.split.seed,
+                                          stratify=labels)
+
+    class Hidden(torch.nn.Module):  # the fine-tuned classifier's last hidden states, as embed() expects
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.device = model, model.device
+
+        def forward(self, **enc):
+            out = self.model(**enc, output_hidden_states=True)
+            return type("Out", (), {"last_hidden_state": out.hidden_states[-1]})
+
+    def probe(model) -> float:
+        x = embed(model, clf.tokenizer, texts, None, "mean", config.model.max_length, 64, progress=False)
+        fit = LogisticRegression(max_iter=2000, random_state=config.train.seed)
+        fit.fit(x[idx_fit], labels[idx_fit])
+        return float((fit.predict(x[idx_score]) == labels[idx_score]).mean())
+
+    base = AutoModel.from_pretrained(resolve(config.model.name), dtype=torch.float32)
+    before, after = probe(base), probe(Hidden(clf.model))
+    return {"data": spec.data, "label": spec.label, "examples": len(idx_score), "base_accuracy": before,
+            "accuracy": after, "drop": before - after}
+
+
 def _evaluate_generative_run(path, config, data_spec: str) -> dict:
     """Loss/perplexity (and generation metrics, except for raw text) of a generative run on a file read with the
     run's data settings — e.g. general text, to measure what fine-tuning made the model forget."""

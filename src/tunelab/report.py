@@ -97,7 +97,9 @@ def compare_rows(entries) -> list[dict]:
                        params=metrics["params"], train_s=train.get("runtime_s"),
                        examples_per_s=train.get("examples_per_s"), tokens_per_s=train.get("tokens_per_s"),
                        peak_rss_mb=manifest.get("peak_rss_mb"), stored=stored_bytes(e.run_dir / "model"),
-                       forgetting=(metrics.get("forgetting") or {}).get("ratio"), records=records,
+                       forgetting=(metrics.get("forgetting") or {}).get("ratio"),
+                       probe=metrics.get("forgetting") if "drop" in (metrics.get("forgetting") or {}) else None,
+                       records=records,
                        templates=train.get("templates"), template=train.get("template"),
                        shots=train.get("shots"), demos=train.get("demos"))
             flag = overfitting(records)
@@ -174,6 +176,13 @@ def recommend(rows: list[dict], key: str, higher: bool) -> list[str]:
         else:
             out.append(f"Recommendation: **{pick['name']}** — within 2% of the best ({100 * share(pick):.1f}%) at "
                        f"the lowest training time ({pick['train_s']:.0f} s vs {best['train_s']:.0f} s).")
+    probes = [r for r in done if r.get("probe")]
+    if probes:
+        worst = max(probes, key=lambda r: r["probe"]["drop"])
+        p = worst["probe"]
+        out.append(f"Forgetting of the earlier task ({p['data']}, `{p['label']}`; linear probe on the encoder): "
+                   f"largest after **{worst['name']}** ({p['base_accuracy']:.3f} → {p['accuracy']:.3f}); "
+                   + ", ".join(f"{r['name']} {r['probe']['accuracy']:.3f}" for r in probes if r is not worst) + ".")
     forgetting = [r for r in done if r.get("forgetting")]
     if forgetting:
         worst = max(forgetting, key=lambda r: r["forgetting"])
@@ -214,9 +223,18 @@ def _table(rows: list[dict], key: str) -> tuple[list[str], list[list[str]]]:
                     + [_fmt(_value(r, k, "validation")) for k in val_keys] + [_fmt(_value(r, k)) for k in keys]
                     + [f"{p['trainable']:,} ({p['percent']:.3g}%)", f"{r['train_s']:.0f} s" if r["train_s"] else "—",
                        speed, f"{r['peak_rss_mb'] / 1024:.1f} GB" if r.get("peak_rss_mb") else "—",
-                       human_bytes(r["stored"]), f"×{r['forgetting']:.3f}" if r.get("forgetting") else "—",
+                       human_bytes(r["stored"]), _forgetting_cell(r),
                        "; ".join(notes)])
     return head, body
+
+
+def _forgetting_cell(r: dict) -> str:
+    """Perplexity ratio on general text (generative), or earlier-task probe accuracy before → after (classify)."""
+    if r.get("forgetting"):
+        return f"×{r['forgetting']:.3f}"
+    if r.get("probe"):
+        return f"probe {r['probe']['base_accuracy']:.3f} → {r['probe']['accuracy']:.3f}"
+    return "—"
 
 
 def _fmt(v) -> str:

@@ -461,6 +461,10 @@ def _evaluate_classifier(config: Config, splits: Splits, run: RunDir) -> dict:
             metrics[name], predictions = clf.evaluate(frame)
             predictions.to_json(run.path / f"predictions_{name}.jsonl", orient="records", lines=True,
                                 force_ascii=False)
+    if config.eval.earlier_task is not None:
+        from .evaluate import earlier_task_probe
+
+        metrics["forgetting"] = earlier_task_probe(config, clf)
     return metrics
 
 

@@ -287,3 +287,24 @@ def test_report_to_a_tracker_that_is_not_installed_is_refused_before_any_work(ma
     with pytest.raises(TunelabError, match="pip install mlflow"):
         train(make_config(name="mlf", train={"report_to": ["mlflow"]}))
     assert not (tmp_path / "runs" / "mlf").exists()
+
+
+def test_earlier_task_probe_measures_encoder_forgetting(make_config, tmp_path):
+    """Linear probe on an earlier task (the review's source site): unchanged when the encoder is frozen (head),
+    changed after full fine-tuning; skipped with a reason for features."""
+    from conftest import sample_rows, write_jsonl
+
+    from tunelab.train import train
+
+    rows = sample_rows()
+    earlier = write_jsonl(tmp_path / "sources.jsonl", [r for s in ("imdb", "yelp", "amazon")
+                                                       for r in [x for x in rows if x["source"] == s][:80]])
+    task = {"earlier_task": {"data": str(earlier), "label": "source"}, "forgetting": None}
+    frozen = train(make_config(method="head", name="probe-head", eval=task)).metrics["forgetting"]
+    assert frozen["examples"] == 120 and 0 < frozen["base_accuracy"] <= 1
+    assert frozen["accuracy"] == frozen["base_accuracy"]  # same encoder output → the very same probe
+    full = train(make_config(method="full", name="probe-full", eval=task, train={"lr": 1e-3})).metrics["forgetting"]
+    assert full["base_accuracy"] == frozen["base_accuracy"] and full["accuracy"] != full["base_accuracy"]
+    assert full["drop"] == pytest.approx(full["base_accuracy"] - full["accuracy"])
+    skipped = train(make_config(method="features", name="probe-feat", eval=task)).metrics["forgetting"]
+    assert "frozen" in skipped["skipped"]
