@@ -23,10 +23,22 @@ def train(config, overrides=(), *, resume=False, overwrite=False):
 
 
 def load(run_path):
-    """Load a finished run for prediction (`.predict`, `.predict_proba`, `.evaluate`)."""
-    from .tasks.classify import Classifier
+    """Load a finished run: a classifier (`.predict`, `.predict_proba`, `.evaluate`), a reward model (`.score`), or
+    a generative / dpo / rl policy (`.generate`, `.render`)."""
+    from .runs import open_finished
 
-    return Classifier.load(run_path)
+    path, config = open_finished(run_path)
+    if config.task == "classify":
+        from .tasks.classify import Classifier
+
+        return Classifier.from_saved(path, config)
+    if config.task == "reward":
+        from .tasks.reward import RewardModel
+
+        return RewardModel.from_saved(path, config)
+    from .tasks.generate import Generator
+
+    return Generator.from_saved(path, config)
 
 
 def validate(config_path, overrides=()):

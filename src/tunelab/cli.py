@@ -24,6 +24,9 @@ def _print_result(result) -> None:
     print(f"training: {m['train']['runtime_s']} s, {m['train']['examples_per_s']} examples/s")
     if m["train"].get("tokens_per_s"):
         print(f"throughput: {m['train']['tokens_per_s']} real tokens/s")
+    if result.config.task in ("reward", "dpo", "rl"):
+        _print_preference(result.config, m)
+        return
     names = {"accuracy": "accuracy", "f1_macro": "macro F1", "loss": "loss", "perplexity": "perplexity",
              "chrf": "chrF", "bleu": "BLEU", "rouge_l": "ROUGE-L", "exact_match": "exact match"}
     for split in ("validation", "test"):
@@ -40,6 +43,29 @@ def _print_result(result) -> None:
               f"{f['base_perplexity']:.2f} before → {f['perplexity']:.2f} after (×{f['ratio']:.3f})")
     elif f:
         print(f"forgetting: not measured on {f['data']}: {f['skipped']}")
+
+
+def _print_preference(config, m: dict) -> None:
+    for split in ("validation", "test"):
+        s = m.get(split)
+        if s and config.task == "reward":
+            print(f"{split:>10}: pairwise accuracy {s['accuracy']:.4f} · mean margin {s['margin']:.3f} · "
+                  f"loss {s['loss']:.4f} ({s['pairs']} pairs)")
+        elif s:
+            print(f"{split:>10}: log-likelihood margin log π(chosen) - log π(rejected) {s['base_logp_margin']:.3f} "
+                  f"(base) → {s['logp_margin']:.3f}; chosen preferred {s['base_preference_accuracy']:.1%} → "
+                  f"{s['preference_accuracy']:.1%}; DPO reward margin {s['reward_margin']:.3f} "
+                  f"(accuracy {s['reward_accuracy']:.1%}) ({s['pairs']} pairs)")
+    h = m.get("held_out")
+    if h:
+        print(f"held-out prompts ({h['prompts']} {h['split']} prompts × {h['samples_per_prompt']} samples), reward "
+              f"= {h['reward']}:\n  mean reward {h['base_reward']:.4f} (base) → {h['tuned_reward']:.4f} (tuned); "
+              f"KL(tuned ‖ base) {h['kl']:.2f} nats per completion; mean length {h['base_length']:.1f} → "
+              f"{h['tuned_length']:.1f} tokens")
+    f = m.get("forgetting")
+    if f and "ratio" in f:
+        print(f"forgetting: perplexity on general text ({f['data']}, {f['documents']} documents) "
+              f"{f['base_perplexity']:.2f} before → {f['perplexity']:.2f} after (×{f['ratio']:.3f})")
 
 
 def _validate(args) -> int:
@@ -81,20 +107,30 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    from . import load
+    from .tasks.classify import Classifier
 
     texts = list(args.text)
     if args.input:
         texts += [line.rstrip("\n") for line in Path(args.input).read_text().splitlines() if line.strip()]
     if not texts:
         raise SystemExit("tunelab predict: give TEXT arguments or --input FILE (one text per line)")
-    clf = load(args.run)
+    clf = Classifier.load(args.run)
     for text, probs in zip(texts, clf.predict_proba(texts)):
         label = max(probs, key=probs.get)
         if args.json:
             print(json.dumps({"text": text, "label": label, "probabilities": probs}, ensure_ascii=False))
         else:
             print(f"{label}\t{probs[label]:.3f}\t{text}")
+    return 0
+
+
+def _score(args) -> int:
+    from .tasks.reward import RewardModel
+
+    model = RewardModel.load(args.run)
+    scores = model.score([args.prompt] * len(args.response), list(args.response))
+    for response, score in sorted(zip(args.response, scores), key=lambda x: -x[1]):
+        print(f"{score:8.3f}\t{response}")
     return 0
 
 
@@ -261,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="one JSON object per line, with probabilities")
     pr.set_defaults(fn=_predict)
 
+    sc = sub.add_parser("score", help="score responses to a prompt with a finished reward run (best first)")
+    sc.add_argument("run")
+    sc.add_argument("--prompt", required=True, help="the prompt the responses answer")
+    sc.add_argument("response", nargs="+", help="responses to score")
+    sc.set_defaults(fn=_score)
+
     d = sub.add_parser("data", help="look at a config's data as the model will see it")
     dsub = d.add_subparsers(dest="data_command", required=True)
     pv = dsub.add_parser("preview", help="render one sft example with its trained tokens marked")
@@ -276,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_set(dc)
     dc.set_defaults(fn=_data_check)
 
-    g = sub.add_parser("generate", help="generate text with a finished sft run (or a config's base model)")
+    g = sub.add_parser("generate", help="generate text with a finished sft/dpo/rl run (or a config's base model)")
     g.add_argument("run", help="run directory, or a config file with --base")
     g.add_argument("--prompt", action="append", default=[], help="repeatable")
     g.add_argument("--input", help="batch: a .jsonl file with a `prompt` field per row (see --field), or a text "

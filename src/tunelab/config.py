@@ -22,16 +22,24 @@ from .schema import Section
 METRICS = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "loss")
 
 
-TASKS = ("classify", "sft", "seq2seq", "causal_lm")
+TASKS = ("classify", "sft", "seq2seq", "causal_lm", "reward", "dpo", "rl")
 _PROMPTED = {"format", "prompt", "response", "messages", "instruction", "prompt_format", "template", "loss_on",
              "overflow", "bad_rows"}
 _SFT_FIELDS = _PROMPTED | {"datasets", "replay"}
+_PREFERENCE_FIELDS = {"prompt", "chosen", "rejected", "responses", "scores", "ranking_pairs", "instruction",
+                      "prompt_format", "bad_rows"}
 # data fields each task reads; a field of another task given in a config is an error, and is left out of the
 # saved config
 TASK_FIELDS = {"classify": {"text", "text_pair", "label", "labels"}, "sft": _SFT_FIELDS,
-               "seq2seq": _SFT_FIELDS - {"loss_on", "replay"}, "causal_lm": {"text", "overflow"}}
+               "seq2seq": _SFT_FIELDS - {"loss_on", "replay"}, "causal_lm": {"text", "overflow"},
+               "reward": _PREFERENCE_FIELDS, "dpo": _PREFERENCE_FIELDS,
+               "rl": {"prompt", "instruction", "prompt_format", "bad_rows"}}
 _ALL_TASK_FIELDS = set().union(*TASK_FIELDS.values())
 GENERATIVE = ("sft", "seq2seq", "causal_lm")
+PREFERENCE = ("reward", "dpo", "rl")
+# methods that cannot train on preferences: no gradient (features, icl), or virtual tokens TRL's preference
+# trainers do not handle (prefix, prompt)
+_NOT_FOR_PREFERENCE = ("features", "icl", "prefix", "prompt")
 
 
 class ModelConfig(Section):
@@ -121,24 +129,27 @@ class DataConfig(Section):
     """sft row layout: `alpaca` (instruction, optional input, output), `prompt_response` (`prompt` and
     `response` columns), `messages` (chat turns: system/user/assistant); `auto` detects it from the columns."""
     prompt: str = "prompt"
-    """sft: column holding the prompt (prompt_response layout)."""
+    """sft: column holding the prompt (prompt_response layout). reward, dpo, rl: column holding the prompt — a
+    string, or chat messages ([{role, content}, ...] ending with a user message)."""
     response: str = "response"
     """sft: column holding the response (prompt_response layout, and user templates)."""
     messages: str = "messages"
     """sft: column holding the chat turns (messages layout)."""
     instruction: str | None = None
     """sft: a fixed instruction put before every prompt, e.g. "Translate English to French."."""
-    prompt_format: Literal["auto", "chat", "alpaca", "template"] = "auto"
-    """sft: how a prompt is shown to the model: its own chat template (`auto` when it has one), the Alpaca
-    "### Instruction / ### Response" text, or `template` (see data.template)."""
+    prompt_format: Literal["auto", "chat", "alpaca", "template", "plain"] = "auto"
+    """sft, dpo, rl (and reward on a causal LM): how a prompt is shown to the model: its own chat template (`auto`
+    when it has one), the Alpaca "### Instruction / ### Response" text, `plain` (the prompt text as it is, to be
+    continued: e.g. the first words of a review), or `template` (sft only; see data.template)."""
     template: str | None = None
     """sft, prompt_format template: text with {column} placeholders, ending with the response placeholder,
     e.g. "English: {en}\nFrench: {fr}" with response: fr."""
     loss_on: Literal["response", "all"] = "response"
     """sft: take the loss on the response tokens only (default), or on every token."""
-    bad_rows: Literal["error", "drop"] = "error"
-    """sft: a malformed row (unknown role, empty response, missing column value) stops the run with its row
-    number (`error`), or is dropped and counted (`drop`)."""
+    bad_rows: Literal["error", "drop"] | None = None
+    """A malformed row (sft: unknown role, empty response, missing column value; preferences: missing prompt, empty
+    response, chosen == rejected, a ranking without two distinct scores) stops the run with its row number
+    (`error`), or is dropped and counted (`drop`). Default: error for sft, drop for preference data."""
     overflow: Literal["truncate", "drop"] = "truncate"
     """sft, seq2seq, causal_lm: an example longer than model.max_length is cut (its end is lost) or dropped;
     both are counted. (causal_lm with train.packing cuts long documents into max_length pieces instead.)"""
@@ -147,6 +158,20 @@ class DataConfig(Section):
     metrics are reported per dataset. Replaces `data.train`."""
     replay: ReplayConfig | None = None
     """sft: mix this fraction of general text into training (loss on all its tokens) against forgetting."""
+    # --- tasks reward, dpo
+    chosen: str = "chosen"
+    """reward, dpo: column holding the preferred response (pairs layout)."""
+    rejected: str = "rejected"
+    """reward, dpo: column holding the other response (pairs layout)."""
+    responses: str = "responses"
+    """reward, dpo: column holding a ranking — a list of responses, best first (or ordered by `data.scores`);
+    used when the file has no `chosen`/`rejected` columns. Each ranking becomes pairs (data.ranking_pairs)."""
+    scores: str | None = None
+    """reward, dpo: column holding one score per response (higher is better) instead of a best-first order;
+    responses with equal scores make no pair."""
+    ranking_pairs: Literal["all", "best_vs_rest"] = "all"
+    """How a ranking of k responses becomes pairs: every better/worse pair (k(k-1)/2, as InstructGPT trained its
+    reward model) or the best against each other (k-1)."""
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -241,6 +266,61 @@ class EvalConfig(Section):
     sites apart after sentiment training."""
 
 
+class DPOSettings(Section):
+    """task dpo: direct preference optimisation (TRL's DPOTrainer)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull towards the reference model (the frozen base): higher stays closer to it."""
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero"] = "sigmoid"
+    """`sigmoid` is DPO's loss; the others are TRL's variants (IPO, SLiC hinge, robust DPO, APO-zero)."""
+
+
+class RewardSource(Section):
+    """task rl: what scores a completion. Exactly one of `run` and `function`."""
+    run: str | None = None
+    """A finished tunelab run: a `reward` run (its score of prompt + completion), or a `classify` run with `label`
+    (the probability of that label for the text)."""
+    label: str | None = None
+    """With a classify run: the label whose probability is the reward, e.g. `positive`."""
+    function: str | None = None
+    """A Python function `module:function` or `path/to/file.py:function`, called as TRL reward functions are:
+    f(prompts=[...], completions=[...], **columns) → list of floats."""
+    include_prompt: bool = True
+    """With a classify run: score the prompt text followed by the completion (e.g. the whole review), not the
+    completion alone."""
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.run is None) == (self.function is None):
+            raise ValueError("give exactly one of `run` (a reward or classify run directory) and `function` "
+                             "(module:function)")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"`function` must be module:function or file.py:function (got {self.function!r})")
+        return self
+
+
+class RLSettings(Section):
+    """task rl: online optimisation of the policy against a reward, with TRL's GRPO or RLOO trainer (the PPO
+    clipped objective with a KL penalty towards the reference model, advantages from a group of completions
+    per prompt instead of a value network)."""
+    reward: RewardSource
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    """`grpo` (advantage: reward minus the group mean, over the group's std) or `rloo` (leave-one-out baseline)."""
+    group_size: int = Field(4, ge=2, le=64)
+    """Completions sampled per prompt; train.batch_size × train.grad_accum must be a multiple of it."""
+    kl: float = Field(0.05, ge=0)
+    """KL coefficient (β) of the penalty towards the reference model (the base: LoRA's adapter disabled)."""
+    clip: float = Field(0.2, gt=0, lt=1)
+    """Clip range ε of the policy ratio (PPO)."""
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    """Length limit of each sampled completion."""
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    eval_prompts: int = Field(64, ge=1)
+    """Held-out prompts (validation, else test split) scored with the model before and after training."""
+    eval_samples: int = Field(2, ge=1)
+    """Sampled completions per held-out prompt (seeded) for the before/after reward."""
+
+
 class OutputConfig(Section):
     dir: str | None = None
     """Run directory; default `runs/<config file name>`."""
@@ -326,16 +406,22 @@ class SearchConfig(Section):
 
 class Config(Section):
     model: ModelConfig
-    task: Literal["classify", "sft", "seq2seq", "causal_lm"] = "classify"
+    task: Literal["classify", "sft", "seq2seq", "causal_lm", "reward", "dpo", "rl"] = "classify"
     """What to learn: `classify` (sequence classification), `sft` (instruction / chat tuning of a causal LM),
     `seq2seq` (the same instruction data on an encoder-decoder, T5 style), `causal_lm` (continued pre-training on
-    raw text)."""
+    raw text), `reward` (a reward model from preference pairs or rankings), `dpo` (direct preference optimisation
+    of a causal LM), `rl` (online RL of a causal LM against a reward: GRPO/RLOO)."""
     data: DataConfig
     method: MethodOptions
-    """The fine-tuning method: a name (`lora`) or a mapping with `name` and its options."""
+    """The fine-tuning method: a name (`lora`) or a mapping with `name` and its options (dpo and rl: lora when
+    left out)."""
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    dpo: DPOSettings | None = None
+    """task dpo: its settings (defaults when left out)."""
+    rl: RLSettings | None = None
+    """task rl: the reward and the sampling/optimisation settings (required for task rl)."""
     compare: CompareConfig | None = None
     """Used by `tunelab compare` only (ignored by `tunelab train`)."""
     search: SearchConfig | None = None
@@ -346,6 +432,8 @@ class Config(Section):
     def _method_shorthand(cls, data: Any):
         if isinstance(data, dict) and isinstance(data.get("method"), str):
             data = {**data, "method": {"name": data["method"]}}
+        if isinstance(data, dict) and "method" not in data and data.get("task") in ("dpo", "rl"):
+            data = {**data, "method": {"name": "lora"}}  # the frozen base is the reference: no second copy
         return data
 
     @model_validator(mode="after")
@@ -376,6 +464,7 @@ class Config(Section):
         if self.method.name == "icl" and self.task != "classify":
             problems.append("method icl (label-word scoring of prompts) is for task classify; for generative tasks "
                             "`tunelab eval --base CONFIG` gives the untrained model's numbers")
+        problems += self._preference_checks()
         if self.train.packing and self.task not in ("sft", "causal_lm"):
             problems.append(f"train.packing applies to tasks sft and causal_lm, not {self.task}")
         if self.train.early_stopping_patience and self.method.name in ("prefix", "prompt"):
@@ -392,9 +481,36 @@ class Config(Section):
                              "data.split.validation > 0)")
         return self
 
+    def _preference_checks(self) -> list[str]:
+        problems = []
+        if self.task == "rl" and self.rl is None:
+            problems.append("task rl needs an `rl:` section with at least `reward:` (a run directory or a function)")
+        if self.rl is not None and self.task != "rl":
+            problems.append(f"the `rl:` section applies to task rl, not {self.task}")
+        if self.dpo is not None and self.task != "dpo":
+            problems.append(f"the `dpo:` section applies to task dpo, not {self.task}")
+        if self.task in PREFERENCE:
+            if self.method.name in _NOT_FOR_PREFERENCE:
+                problems.append(f"method {self.method.name} cannot be used with task {self.task}; use lora (or full, "
+                                f"last_layers, dora, qlora, ia3, adapter)")
+            if self.data.prompt_format == "template":
+                problems.append(f"data.prompt_format template is for sft; task {self.task} uses auto, chat, "
+                                f"alpaca or plain")
+            if self.eval.metric not in (None, "loss", "accuracy"):
+                problems.append(f"eval.metric {self.eval.metric} does not apply to task {self.task} (loss or "
+                                f"accuracy: pairwise for reward, preference for dpo)")
+        if self.task == "rl" and self.rl is not None:
+            effective = self.train.batch_size * self.train.grad_accum
+            if effective % self.rl.group_size:
+                problems.append(f"train.batch_size × train.grad_accum ({effective}) must be a multiple of "
+                                f"rl.group_size ({self.rl.group_size}): each step trains whole groups of completions")
+        return problems
+
     @property
     def metric(self) -> str:
         """The metric in effect: `eval.metric` or the task's default."""
+        if self.task in PREFERENCE:
+            return self.eval.metric or ("accuracy" if self.task == "reward" else "loss")
         return self.eval.metric or ("loss" if self.task in GENERATIVE else "f1_macro")
 
     @property
@@ -405,7 +521,9 @@ class Config(Section):
     def to_dict(self) -> dict:
         """The resolved config, without the data fields of other tasks."""
         out = self.model_dump(mode="json", exclude={"data": _ALL_TASK_FIELDS - TASK_FIELDS[self.task]})
-        for key in ("compare", "search"):  # left out when absent, so they do not change the hash
+        if self.task == "dpo" and out.get("dpo") is None:
+            out["dpo"] = DPOSettings().model_dump(mode="json")
+        for key in ("compare", "search", "dpo", "rl"):  # left out when absent, so they do not change the hash
             if out.get(key) is None:
                 out.pop(key, None)
         return out

@@ -83,7 +83,8 @@ class RunDir:
 
 
 _USE = {"classify": "`tunelab predict` / `tunelab.load`", "sft": "`tunelab generate`",
-        "seq2seq": "`tunelab generate`", "causal_lm": "`tunelab generate`"}
+        "seq2seq": "`tunelab generate`", "causal_lm": "`tunelab generate`", "dpo": "`tunelab generate`",
+        "rl": "`tunelab generate`", "reward": "`tunelab score` / rl.reward.run"}
 
 
 def open_finished(run_path, task: str | tuple[str, ...] | None = None) -> tuple[Path, Config]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import GENERATIVE, Config, load_config
+from .config import GENERATIVE, PREFERENCE, Config, load_config
 from .data import Splits, load_splits
 from .errors import TunelabError
 from .methods import METHODS
@@ -62,11 +62,18 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
     model_dir = resolve(config.model.name)
     _check_method(config, model_dir)
     splits = load_splits(config)
+    reward = None
+    if config.task == "rl":  # a bad reward spec is a user mistake: found before the run directory exists
+        from .tasks.rl import load_reward
+
+        reward = load_reward(config.rl.reward)
     out = Path(config.output.dir) if config.output.dir else default_dir(config_path)
     run = RunDir.start(out, config, resume=resume, overwrite=overwrite)
     started = time.time()
     try:
-        if config.method.name == "features":
+        if config.task in PREFERENCE:
+            outcome = _train_preference(config, splits, model_dir, run, resume, callbacks, reward)
+        elif config.method.name == "features":
             outcome = _train_features(config, splits, model_dir, run)
         elif config.method.name == "icl":
             outcome = _train_icl(config, splits, model_dir, run)
@@ -74,7 +81,7 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
             outcome = _train_generative(config, splits, model_dir, run, resume, callbacks)
         else:
             outcome = _train_with_trainer(config, splits, model_dir, run, resume, callbacks)
-        result = _finish(config, splits, run, started, *outcome)
+        result = _finish(config, splits, run, started, *outcome, reward=reward)
     except KeyboardInterrupt:
         run.set_state("interrupted", error="stopped by the user; continue with --resume")
         raise
@@ -275,7 +282,8 @@ def loads_best(config: Config) -> bool:
     return getattr(METHODS[config.method.name], "LOAD_BEST", True)
 
 
-def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, **extra):
+def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, best_metric: str | None = None,
+                   **extra):
     from transformers import TrainingArguments
 
     cls = cls or TrainingArguments
@@ -309,7 +317,7 @@ def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, 
         save_steps=steps,
         save_total_limit=1,
         load_best_model_at_end=has_validation and loads_best(config),
-        metric_for_best_model=f"eval_{metric}" if has_validation else None,
+        metric_for_best_model=(best_metric or f"eval_{metric}") if has_validation else None,
         greater_is_better=metric != "loss",
         logging_strategy="steps",
         logging_steps=t.logging_steps,
@@ -429,13 +437,88 @@ def _train_generative(config: Config, splits: Splits, model_dir: str, run: RunDi
     return params, stats
 
 
+# ----------------------------------------------------------------------------------------------- preference
+
+def _train_preference(config: Config, splits: Splits, model_dir: str, run: RunDir, resume: bool, callbacks,
+                      reward):
+    """reward, dpo, rl: the configured model and method handed to TRL's RewardTrainer, DPOTrainer or
+    GRPO/RLOO trainer."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    set_seed(config.train.seed)
+    data, max_length = config.data, config.model.max_length
+    has_validation = config.task != "rl" and len(splits.validation) > 0
+    if config.task == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        from .tasks import reward as reward_task
+
+        tokenizer, model, new_modules = classify.load_model(model_dir, ["reward"], **_load_kwargs(config))
+        model, params = _prepare_method(config, model, new_modules, model_dir)
+        encoder = reward_task.PairEncoder(tokenizer, data, max_length, reward_task.is_causal(model.config))
+        sets, cut = {}, {}
+        for name in ("train", "validation"):
+            frame = getattr(splits, name)
+            if len(frame):
+                rows, cut[name] = reward_task.encode_pairs(frame, encoder)
+                sets[name] = datasets.Dataset.from_list(rows)
+        if any(cut.values()):
+            print(f"tunelab: pairs with a response cut at model.max_length={max_length}: "
+                  + ", ".join(f"{n} {k}" for k, n in cut.items()))
+        args = _training_args(config, run, has_validation, cls=RewardConfig, max_length=max_length)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=sets["train"],
+                                eval_dataset=sets.get("validation"), processing_class=tokenizer,
+                                callbacks=_callbacks(config, run, has_validation) + list(callbacks))
+        stats = _fit(trainer, config, run, resume, tokenizer)
+        return params, {**stats, "pairs": {k: len(v) for k, v in sets.items()}, "truncated_pairs": cut}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **{"dtype": torch.float32, **_load_kwargs(config)})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model, params = _prepare_method(config, model, [], model_dir)
+    if config.task == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        from .config import DPOSettings
+        from .tasks import dpo
+
+        settings = config.dpo or DPOSettings()
+        sets = {name: datasets.Dataset.from_list(dpo.rows(getattr(splits, name), tokenizer, data))
+                for name in ("train", "validation") if len(getattr(splits, name))}
+        best = "eval_rewards/accuracies" if config.metric == "accuracy" else None
+        args = _training_args(config, run, has_validation, cls=DPOConfig, best_metric=best, max_length=max_length,
+                              beta=settings.beta, loss_type=[settings.loss])
+        trainer = DPOTrainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets.get("validation"),
+                             processing_class=tokenizer,
+                             callbacks=_callbacks(config, run, has_validation) + list(callbacks))
+        stats = _fit(trainer, config, run, resume, tokenizer)
+        return params, {**stats, "pairs": {k: len(v) for k, v in sets.items()}}
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from .tasks import rl
+
+    s = config.rl
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if s.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+    train_ds = datasets.Dataset.from_list(rl.rows(splits.train, tokenizer, data))
+    args = _training_args(config, run, False, cls=config_cls, num_generations=s.group_size, beta=s.kl,
+                          epsilon=s.clip, max_completion_length=s.max_new_tokens, temperature=s.temperature,
+                          top_p=s.top_p)
+    trainer = trainer_cls(model=model, reward_funcs=[reward], args=args, train_dataset=train_ds,
+                          processing_class=tokenizer, callbacks=_callbacks(config, run, False) + list(callbacks))
+    stats = _fit(trainer, config, run, resume, tokenizer)
+    return params, {**stats, "prompts": len(train_ds), "reward": reward.describe}
+
+
 # --------------------------------------------------------------------------------------------------- finish
 
 def _finish(config: Config, splits: Splits, run: RunDir, started: float, params: dict,
-            train_stats: dict) -> RunResult:
+            train_stats: dict, reward=None) -> RunResult:
     """Evaluate the saved model with the code `tunelab predict` uses, write every artefact, mark completed."""
     metrics = {"train": train_stats, "params": params}
-    if config.task in GENERATIVE:
+    if config.task in PREFERENCE:
+        metrics.update(_evaluate_preference(config, splits, run, train_stats, reward))
+    elif config.task in GENERATIVE:
         metrics.update(_evaluate_generative(config, splits, run, train_stats))
     else:
         metrics.update(_evaluate_classifier(config, splits, run))
@@ -448,6 +531,60 @@ def _finish(config: Config, splits: Splits, run: RunDir, started: float, params:
         shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
     run.set_state("completed", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return RunResult(run.path, config, metrics, manifest)
+
+
+def _evaluate_preference(config: Config, splits: Splits, run: RunDir, train_stats: dict, reward) -> dict:
+    """reward: pairwise accuracy of the saved reward model; dpo: likelihood and reward margins of the reloaded
+    policy against the base; rl: reward of sampled completions on held-out prompts, base vs tuned, and KL. dpo and
+    rl also measure forgetting (perplexity on general text)."""
+    from .tasks.generate import Generator
+
+    train_stats.pop("validation_loss", None)
+    metrics = {}
+    if config.task == "reward":
+        from .tasks.reward import RewardModel
+
+        model = RewardModel.from_saved(run.path, config)
+        for name in ("validation", "test"):
+            frame = getattr(splits, name)
+            if len(frame):
+                metrics[name], rows = model.evaluate(frame)
+                rows.to_json(run.path / f"predictions_{name}.jsonl", orient="records", lines=True, force_ascii=False)
+        return metrics
+    tuned, base = Generator.from_saved(run.path, config), Generator.base(config)
+    if config.task == "dpo":
+        from .config import DPOSettings
+        from .tasks import dpo
+
+        beta = (config.dpo or DPOSettings()).beta
+        for name in ("validation", "test"):
+            frame = getattr(splits, name)
+            if len(frame):
+                metrics[name] = dpo.preference_metrics(tuned.model, tuned.tokenizer, frame, config.data, beta,
+                                                       config.model.max_length, lambda: base.model)
+    else:
+        from .report import read_jsonl
+        from .tasks import rl
+
+        frame = splits.validation if len(splits.validation) else splits.test
+        if len(frame):
+            metrics["held_out"], samples = rl.evaluate(config, frame, tuned, base, reward, config.train.seed)
+            metrics["held_out"]["split"] = "validation" if len(splits.validation) else "test"
+            metrics["held_out"]["reward"] = reward.describe
+            write_jsonl(run.path / "samples.jsonl", samples)
+        rl.plot_rewards(read_jsonl(run.path / "metrics.jsonl"), run.path / "rewards.png",
+                        f"{config.rl.algorithm} · {config.model.name} · {reward.describe}")
+    if config.eval.forgetting:
+        for g in (tuned, base):
+            g.tokenizer.padding_side = "right"
+        metrics["forgetting"] = forgetting(config, tuned, base)
+    return metrics
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _evaluate_classifier(config: Config, splits: Splits, run: RunDir) -> dict:

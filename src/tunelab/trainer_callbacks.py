@@ -1,4 +1,4 @@
-"""Trainer callbacks: every log line to metrics.jsonl, and a progress bar that shows the loss."""
+"""Trainer callbacks: every log line to metrics.jsonl, and a progress bar that shows the loss (rl: the reward)."""
 from __future__ import annotations
 
 import json
@@ -38,7 +38,10 @@ class LossProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
-        if "loss" in logs:
+        if "reward" in logs:  # rl: the policy loss says little; the reward and the KL say how it goes
+            self.training_bar.set_postfix(reward=f"{logs['reward']:.3f}", kl=f"{logs.get('kl', 0):.4f}",
+                                          lr=f"{logs.get('learning_rate', 0):.2e}")
+        elif "loss" in logs:
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
         if "eval_loss" in logs:
             shown = f"epoch {state.epoch:.2f} · eval_loss {logs['eval_loss']:.4f}"

@@ -293,7 +293,6 @@ def test_earlier_task_probe_measures_encoder_forgetting(make_config, tmp_path):
     """Linear probe on an earlier task (the review's source site): unchanged when the encoder is frozen (head),
     changed after full fine-tuning; skipped with a reason for features."""
     from conftest import sample_rows, write_jsonl
-
     from tunelab.train import train
 
     rows = sample_rows()

@@ -95,6 +95,8 @@ def load_splits(config) -> Splits:
         return _load_sft_splits(config)
     if config.task == "causal_lm":
         return _load_text_splits(config)
+    if config.task in ("reward", "dpo", "rl"):
+        return _load_preference_splits(config)
     data = config.data
     train = _check_columns(read_table(data.train), data.train, data)
     files = {data.train: file_hash(data.train)}
@@ -225,6 +227,24 @@ def _load_text_splits(config) -> Splits:
         split["train"] = split["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
     splits = Splits(split["train"], split["validation"], split["test"], [], files)
     _check_leakage(splits, data)
+    return splits
+
+
+def _load_preference_splits(config) -> Splits:
+    """Preference rows (reward, dpo) or prompts (rl), split by row; a ranking's pairs stay in one split."""
+    from .preferences import expand_pairs, preference_table, prompt_table
+
+    data = config.data
+    read = (lambda s: prompt_table(s, data)) if config.task == "rl" else (lambda s: preference_table(s, data))
+    split, files = _split_source(data.train, data.validation, data.test, config, read)
+    if data.max_train_examples and len(split["train"]) > data.max_train_examples:
+        split["train"] = split["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
+    if config.task != "rl":
+        split = {name: expand_pairs(frame) for name, frame in split.items()}
+    splits = Splits(split["train"], split["validation"], split["test"], [], files)
+    _check_leakage(splits, data)
+    if len(splits.train) == 0:
+        raise DataError(f"{data.train}: no training example is left after the split")
     return splits
 
 

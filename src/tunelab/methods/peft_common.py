@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-TASK_TYPES = {"classify": "SEQ_CLS", "sft": "CAUSAL_LM", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+TASK_TYPES = {"classify": "SEQ_CLS", "sft": "CAUSAL_LM", "causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
+              "reward": "SEQ_CLS", "dpo": "CAUSAL_LM", "rl": "CAUSAL_LM"}
 
 
 def wrap(model, config_cls, task: str, new_modules: list[str], **options):

@@ -48,7 +48,7 @@ class Generator:
     def load(cls, run_path) -> "Generator":
         from ..runs import open_finished
 
-        return cls.from_saved(*open_finished(run_path, task=("sft", "seq2seq", "causal_lm")))
+        return cls.from_saved(*open_finished(run_path, task=("sft", "seq2seq", "causal_lm", "dpo", "rl")))
 
     @classmethod
     def from_saved(cls, path, config) -> "Generator":
@@ -68,8 +68,9 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16,
-                 progress: bool = False) -> list[str]:
-        """Completions of already-rendered prompts (see `render`), stopping at EOS."""
+                 progress: bool = False, strip: bool = True) -> list[str]:
+        """Completions of already-rendered prompts (see `render`), stopping at EOS; `strip=False` keeps their
+        leading space (a continuation of plain text)."""
         out = []
         eos = self.model.generation_config.eos_token_id if self.encoder_decoder else self.tokenizer.eos_token_id
         for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
@@ -83,7 +84,7 @@ class Generator:
             ids = self.model.generate(**enc, **kwargs)
             new = ids if self.encoder_decoder else ids[:, enc["input_ids"].shape[1]:]
             out += self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return [text.strip() for text in out]
+        return [text.strip() for text in out] if strip else out
 
     @torch.inference_mode()
     def loss(self, rows: list[dict], batch_size: int = 8) -> float:

@@ -72,7 +72,7 @@ def conversations(frame: pd.DataFrame, spec: str, data) -> tuple[list[Conversati
         except ValueError as exc:
             out.append(None)
             problems.append(f"row {record['_row']}: {exc}")
-    if problems and data.bad_rows == "error":
+    if problems and (data.bad_rows or "error") == "error":
         more = f" (and {len(problems) - 5} more rows)" if len(problems) > 5 else ""
         raise DataError(f"{spec}: " + "; ".join(problems[:5]) + more +
                         ". Fix the rows, or set data.bad_rows: drop to skip them (they are counted)")

@@ -1,0 +1,103 @@
+"""`reward`: a reward model — a sequence classifier with one output — trained on preference pairs with the
+pairwise (Bradley-Terry) loss -log σ(r(chosen) - r(rejected)) by TRL's RewardTrainer.
+
+An encoder (minilm) reads the pair as its two segments, `[CLS] prompt [SEP] response [SEP]`; a causal LM reads
+the prompt rendered as in sft/dpo followed by the response and EOS, and scores its last token.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.preferences import prompt_text
+from . import preference
+
+
+def is_causal(model_config) -> bool:
+    return any(a.endswith("ForCausalLM") for a in (getattr(model_config, "architectures", None) or []))
+
+
+class PairEncoder:
+    """Token ids of (prompt, response) for a reward model, the same in training and scoring."""
+
+    def __init__(self, tokenizer, data, max_length: int, causal: bool):
+        self.tokenizer, self.data, self.max_length, self.causal = tokenizer, data, max_length, causal
+
+    def __call__(self, prompt, response: str) -> tuple[list[int], bool]:
+        """(ids, truncated)."""
+        if self.causal:
+            ids, _ = preference.encode_response(self.tokenizer, preference.render(prompt, self.tokenizer, self.data),
+                                                response, add_eos=True, max_length=self.max_length)
+            return ids, len(ids) >= self.max_length
+        # token types are left at 0, as TRL's preference collator passes none: the same in training and scoring
+        enc = self.tokenizer(prompt_text(prompt), response, truncation="longest_first", max_length=self.max_length)
+        return enc["input_ids"], len(enc["input_ids"]) >= self.max_length
+
+
+def encode_pairs(frame, encoder: PairEncoder) -> tuple[list[dict], int]:
+    rows, cut = [], 0
+    for prompt, chosen, rejected in zip(frame["_prompt"], frame["_chosen"], frame["_rejected"]):
+        c, c_cut = encoder(prompt, chosen)
+        r, r_cut = encoder(prompt, rejected)
+        cut += c_cut or r_cut
+        rows.append({"chosen_ids": c, "rejected_ids": r})
+    return rows, cut
+
+
+class RewardModel:
+    """A finished reward run, loaded for scoring: `score(prompts, responses)` → one float each (fp32)."""
+
+    def __init__(self, config, tokenizer, model, path=None):
+        self.config, self.tokenizer, self.model, self.path = config, tokenizer, model.eval(), path
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.encoder = PairEncoder(tokenizer, config.data, config.model.max_length, is_causal(model.config))
+
+    @classmethod
+    def load(cls, run_path) -> "RewardModel":
+        from ..runs import open_finished
+
+        return cls.from_saved(*open_finished(run_path, task="reward"))
+
+    @classmethod
+    def from_saved(cls, path, config) -> "RewardModel":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from ..models import resolve
+        from ..models.saved import load_saved
+        from .classify import load_model
+
+        model_dir = Path(path) / "model"
+        model = load_saved(model_dir, AutoModelForSequenceClassification,
+                           lambda: load_model(resolve(config.model.name), ["reward"])[1])
+        return cls(config, AutoTokenizer.from_pretrained(model_dir), model, path)
+
+    @torch.inference_mode()
+    def score(self, prompts: list, responses: list[str], batch_size: int = 32) -> np.ndarray:
+        out = []
+        pad = self.tokenizer.pad_token_id
+        for i in range(0, len(responses), batch_size):
+            ids = [self.encoder(p, r)[0] for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+            out.append(self.model(input_ids=input_ids, attention_mask=mask).logits.float()[:, 0])
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
+    def evaluate(self, frame) -> tuple[dict, "object"]:
+        """Pairwise accuracy (chosen scored above rejected) and mean margin on a table of pairs; per-pair rows."""
+        import pandas as pd
+
+        prompts = list(frame["_prompt"])
+        chosen = self.score(prompts, list(frame["_chosen"]))
+        rejected = self.score(prompts, list(frame["_rejected"]))
+        margin = chosen - rejected
+        metrics = {"accuracy": float((margin > 0).mean()), "margin": float(margin.mean()),
+                   "loss": float(np.mean(np.logaddexp(0, -margin))), "pairs": int(len(margin))}
+        rows = pd.DataFrame({"row": frame["_row"], "prompt": [prompt_text(p) for p in prompts],
+                             "chosen": frame["_chosen"], "rejected": frame["_rejected"],
+                             "chosen_score": chosen, "rejected_score": rejected})
+        return metrics, rows
