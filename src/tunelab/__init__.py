@@ -14,6 +14,12 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
 # Import the `train` submodule before defining the function of the same name: importing a submodule sets
 # the package attribute, and doing it first means the function below is what `tunelab.train` stays bound to.
+# The same for every submodule named like a function below: imported lazily, it would replace the function.
+from . import compare as _compare_module  # noqa: E402, F401
+from . import export as _export_module  # noqa: E402, F401
+from . import merge as _merge_module  # noqa: E402, F401
+from . import search as _search_module  # noqa: E402, F401
+from . import serve as _serve_module  # noqa: E402, F401
 from . import train as _train_module  # noqa: E402
 
 
@@ -62,4 +68,50 @@ def merge(run_path, out=None):
     return _merge(run_path, out)
 
 
-__all__ = ["train", "load", "validate", "evaluate", "merge", "__version__"]
+def compare(config, overrides=(), *, methods=None, out=None, rerun=False):
+    """Run several methods on the same data and split; returns rows and the paths of report.md / report.html."""
+    from .compare import compare as _compare
+
+    return _compare(config, overrides, methods=methods, out=out, rerun=rerun)
+
+
+def search(config, overrides=(), *, trials=None, out=None):
+    """Optuna hyperparameter search over the config's search.space; returns the best params and output paths."""
+    from .search import search as _search
+
+    return _search(config, overrides, trials=trials, out=out)
+
+
+def check_data(config, overrides=()):
+    """`tunelab data check`: sizes, label balance, token lengths, duplicates and leakage, as a dict."""
+    from .config import Config, load_config
+    from .data.check import check
+
+    return check(config if isinstance(config, Config) else load_config(config, overrides))
+
+
+def export(run_path, format="hf", *, merge=False, out=None, tolerance=None):
+    """Export a finished run as a Hugging Face folder (`merge=True` folds the adapter in) or ONNX (parity-checked
+    against PyTorch with onnxruntime); returns what was written and measured."""
+    from .export import export as _export
+
+    return _export(run_path, format, merge=merge, out=out, tolerance=tolerance)
+
+
+def serve(runs, host="127.0.0.1", port=8000, *, api_key=None, limits=None):
+    """Serve finished runs over the OpenAI-compatible HTTP API (blocking); `tunelab.serve_app(runs)` gives the
+    FastAPI app to embed instead."""
+    from .serve import serve as _serve
+
+    return _serve(list(runs), host=host, port=port, api_key=api_key, limits=limits)
+
+
+def serve_app(runs, *, api_key=None, limits=None):
+    """The FastAPI app serving `runs`, for an ASGI server of your choice."""
+    from .serve import create_app
+
+    return create_app(list(runs), limits, api_key)
+
+
+__all__ = ["train", "load", "validate", "evaluate", "merge", "compare", "search", "check_data", "export", "serve",
+           "serve_app", "__version__"]

@@ -253,6 +253,33 @@ def _search(args) -> int:
     return 1
 
 
+def _export(args) -> int:
+    from .export import export
+
+    r = export(args.run, args.format, merge=args.merge, out=args.out, tolerance=args.tolerance)
+    if r["format"] == "onnx":
+        print(f"ONNX {r['kind']} model written to {r['path']}/model.onnx")
+        print(f"parity with PyTorch on {r['examples']} inputs (batch {r['batch_shape']}): max |logit difference| "
+              f"{r['max_abs_diff']:.2e} (tolerance {r['tolerance']:.0e})")
+        print(f"speed on that batch: PyTorch eager {r['torch_eager_s'] * 1000:.1f} ms, onnxruntime "
+              f"{r['onnxruntime_s'] * 1000:.1f} ms — onnxruntime {r['speedup']:.2f}× PyTorch")
+    elif r["merged"]:
+        print(f"merged Hugging Face model written to {r['path']} (max |logit difference| vs the adapter: "
+              f"{r['max_abs_diff']:.2e} on {r['examples']} inputs)")
+    else:
+        print(f"Hugging Face folder written to {r['path']}")
+    return 0
+
+
+def _serve(args) -> int:
+    from .serve import Limits, serve
+
+    limits = Limits(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                    max_tokens=args.max_tokens)
+    serve(args.runs, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    return 0
+
+
 def _models(args) -> int:
     from .models import PACKAGED
 
@@ -337,6 +364,26 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("run")
     mg.add_argument("--out", help="output folder (default RUN/merged)")
     mg.set_defaults(fn=_merge)
+
+    ex = sub.add_parser("export", help="export a finished run as a Hugging Face folder or ONNX (parity-checked)")
+    ex.add_argument("run")
+    ex.add_argument("--format", choices=["hf", "onnx"], default="hf")
+    ex.add_argument("--merge", action="store_true", help="hf: fold a LoRA-type adapter into the base weights")
+    ex.add_argument("--out", help="output folder (default RUN/export-FORMAT)")
+    ex.add_argument("--tolerance", type=float, help="largest allowed |logit difference| (default 1e-4 classifiers, "
+                                                      "1e-3 language models)")
+    ex.set_defaults(fn=_export)
+
+    sv = sub.add_parser("serve", help="serve finished runs over an OpenAI-compatible HTTP API")
+    sv.add_argument("runs", nargs="+", help="run directories; each is served as model <directory name>")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: ${TUNELAB_API_KEY} if set)")
+    sv.add_argument("--max-batch", type=int, default=16, help="requests run together in one pass (1: no batching)")
+    sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to collect a batch")
+    sv.add_argument("--max-queue", type=int, default=256, help="waiting requests per model before 503")
+    sv.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    sv.set_defaults(fn=_serve)
 
     c = sub.add_parser("compare", help="run several methods on the same data and split; write report.md/.html")
     c.add_argument("config")

@@ -2,9 +2,10 @@
 save a plain Hugging Face model folder.
 
 The merged folder loads with `AutoModelForSequenceClassification` (classify runs) or `AutoModelForCausalLM`
-(sft runs) and needs neither peft nor tunelab. Merging changes the arithmetic (W + BA is added once instead of
-at every call), so the merged model's outputs are compared with the adapter's on the run's own test inputs —
-class logits, or next-token logits of the test prompts — and the merge fails loudly beyond the tolerance.
+(sft, causal_lm, dpo and rl runs) and needs neither peft nor tunelab. Merging changes the arithmetic (W + BA is
+added once instead of at every call), so the merged model's outputs are compared with the adapter's on the run's
+own test inputs — class logits, or next-token logits of the test prompts —
+and the merge fails loudly beyond the tolerance.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .runs import open_finished
 
 TOLERANCE = 1e-4
 MERGEABLE = ("lora", "dora", "qlora", "ia3")
+CAUSAL = ("sft", "causal_lm", "dpo", "rl")  # decoder-only generative runs
 
 
 def merge(run_path, out: str | Path | None = None, tolerance: float = TOLERANCE) -> dict:
@@ -33,7 +35,10 @@ def merge(run_path, out: str | Path | None = None, tolerance: float = TOLERANCE)
                else "there is nothing to merge")
         raise RunError(f"{path} holds a `{method}` run; merge folds {', '.join(MERGEABLE)} adapters into the "
                        f"base weights, and {why}")
-    if config.task == "sft":
+    if config.task not in CAUSAL + ("classify",):
+        raise RunError(f"{path} is a `{config.task}` run; merge handles classify and causal-LM runs "
+                       f"({', '.join(CAUSAL)})")
+    if config.task in CAUSAL:
         from .tasks.generate import Generator
 
         loaded = Generator.from_saved(path, config)
@@ -76,6 +81,7 @@ def _samples(path: Path, column: str, n: int = 16) -> list[str]:
     predictions = path / "predictions_test.jsonl"
     if predictions.exists():
         rows = [json.loads(x) for x in predictions.read_text(encoding="utf-8").split("\n") if x.strip()]
-        if rows:
-            return [r[column] for r in rows[:n]]
+        texts = [r[column] for r in rows if isinstance(r.get(column), str)][:n]
+        if texts:
+            return texts
     return ["a sample sentence to compare outputs", "another, longer sample sentence to compare the outputs"]

@@ -1,0 +1,171 @@
+"""`tunelab export RUN --format hf|onnx [--merge] --out DIR`: a finished run in a deployable format.
+
+`hf`   a Hugging Face folder: the run's model (a full model, or the PEFT adapter with its tokenizer) — or with
+       `--merge` the adapter folded into the base weights (see `merge`), loadable without peft or tunelab.
+`onnx` `model.onnx` for classifiers (logits) and decoder-only LMs (next-token logits of every position), made
+       by torch's exporter (`torch.onnx.export(dynamo=True)`), dynamic in batch and sequence length. LoRA-type
+       adapters are merged first. The ONNX graph is run with onnxruntime next to PyTorch on sample inputs (the
+       run's test texts, padded into a batch): the largest absolute logit difference is printed and the export
+       fails, writing nothing, beyond the tolerance. Both are also timed on those inputs (ratio printed).
+
+Nothing is left half-written: the folder is built under DIR.tmp and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import RunError, TunelabError
+from .merge import CAUSAL, MERGEABLE, _samples
+from .merge import merge as merge_run
+from .runs import open_finished
+
+FORMATS = ("hf", "onnx")
+TOLERANCE = {"classify": 1e-4, "causal": 1e-3}  # logits of an LM are larger (|z| ~ 10-30): same relative error
+
+
+def export(run_path, format: str = "hf", merge: bool = False, out=None, tolerance: float | None = None) -> dict:
+    """Write the export to `out` (default RUN/export-FORMAT) and return what was written and measured."""
+    if format not in FORMATS:
+        raise TunelabError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    path, config = open_finished(run_path)
+    method = config.method.name
+    if method in ("features", "icl"):
+        why = ("its classifier is a scikit-learn head on frozen embeddings (model/head.*), not a network layer"
+               if method == "features" else "it trains nothing: its model is the base model plus stored prompts")
+        raise RunError(f"{path} is a `{method}` run and cannot be exported: {why}")
+    target = Path(out) if out else path / f"export-{format}"
+    if format == "hf":
+        if merge:
+            if method not in MERGEABLE:
+                raise RunError(f"--merge folds {', '.join(MERGEABLE)} adapters into the base model; {path} is a "
+                               f"`{method}` run" + (" whose model/ folder is already a full model: export without "
+                                                    "--merge" if method in ("full", "head", "last_layers") else ""))
+            return {"format": "hf", "merged": True, **merge_run(path, target)}
+        return {"format": "hf", "merged": False, "path": str(_copy_folder(path, target))}
+    return _onnx(path, config, target, tolerance)
+
+
+def _copy_folder(path: Path, target: Path) -> Path:
+    tmp = _fresh(target)
+    shutil.copytree(path / "model", tmp)
+    shutil.copy2(path / "config.yaml", tmp / "tunelab_config.yaml")  # how it was trained (base model, prompts)
+    return _publish(tmp, target)
+
+
+def _fresh(target: Path) -> Path:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def _publish(tmp: Path, target: Path) -> Path:
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+class _Logits(torch.nn.Module):
+    """The graph that is exported: token ids + attention mask (+ token types) → logits."""
+
+    def __init__(self, model, token_types: bool, causal: bool):
+        super().__init__()
+        self.model, self.token_types, self.causal = model, token_types, causal
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"use_cache": False} if self.causal else {}
+        if self.token_types:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+
+
+def _load(path: Path, config):
+    """(model in fp32 with any adapter merged, tokenizer, labels or None, kind)."""
+    if config.task == "classify":
+        from .tasks.classify import Classifier
+
+        loaded, kind = Classifier.from_saved(path, config), "classify"
+    elif config.task in CAUSAL:
+        from .tasks.generate import Generator
+
+        loaded, kind = Generator.from_saved(path, config), "causal"
+    else:
+        raise RunError(f"{path} is a `{config.task}` run; ONNX export handles classify and decoder-only "
+                       f"generative runs ({', '.join(CAUSAL)})")
+    model = loaded.model
+    method = config.method.name
+    if method in MERGEABLE:
+        model = model.merge_and_unload()
+    elif method in ("prefix", "prompt"):
+        raise RunError(f"{path} is a `{method}` run: its virtual tokens are not part of the network's weights, "
+                       f"so there is no single graph to export; serve it with `tunelab serve`")
+    return model.float().eval(), loaded.tokenizer, getattr(loaded, "labels", None), kind
+
+
+def _onnx(path: Path, config, target: Path, tolerance: float | None) -> dict:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise TunelabError("ONNX export needs onnx, onnxscript and onnxruntime: "
+                           "pip install 'tunelab[onnx]'") from e
+    model, tokenizer, labels, kind = _load(path, config)
+    tolerance = TOLERANCE[kind] if tolerance is None else tolerance
+    texts = _samples(path, "text" if kind == "classify" else "prompt")
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                    max_length=config.model.max_length)
+    token_types = kind == "classify" and "token_type_ids" in enc
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if token_types else [])
+    inputs = tuple(enc[n] for n in names)
+    wrapper = _Logits(model, token_types, causal=kind == "causal").eval()
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    tmp = _fresh(target)
+    tmp.mkdir(parents=True)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(wrapper, inputs, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
+                              dynamic_shapes={n: {0: batch, 1: seq} for n in names}, dynamo=True,
+                              verbose=False)
+        session = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
+        feed = {n: enc[n].numpy() for n in names}
+        with torch.no_grad():
+            reference = wrapper(*inputs).float().numpy()
+        got = session.run(None, feed)[0]
+        mask = enc["attention_mask"].numpy().astype(bool)
+        if kind == "causal":  # padded positions' logits are meaningless: compare real tokens only
+            diff = float(np.abs(reference - got)[mask].max())
+        else:
+            diff = float(np.abs(reference - got).max())
+        if not np.isfinite(diff) or diff > tolerance:
+            raise TunelabError(f"ONNX model disagrees with PyTorch: max |logit difference| {diff:.2e} > "
+                               f"{tolerance:.0e} on {len(texts)} inputs; nothing was written")
+        torch_s, ort_s = _time(lambda: wrapper(*inputs)), _time(lambda: session.run(None, feed))
+        tokenizer.save_pretrained(tmp)
+        if labels is not None:
+            (tmp / "labels.json").write_text(json.dumps(labels))
+        info = {"format": "onnx", "kind": kind, "inputs": names, "output": "logits",
+                "max_abs_diff": diff, "tolerance": tolerance, "examples": len(texts),
+                "batch_shape": list(enc["input_ids"].shape), "torch_eager_s": torch_s, "onnxruntime_s": ort_s,
+                "speedup": torch_s / ort_s, "labels": labels, "run": str(path)}
+        (tmp / "export.json").write_text(json.dumps(info, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**info, "path": str(_publish(tmp, target))}
+
+
+def _time(fn, repeats: int = 10) -> float:
+    """Median seconds per call, after a warm-up call."""
+    with torch.no_grad():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))

@@ -1,0 +1,184 @@
+"""tunelab serve on tiny models: one base shared by two LoRA runs, batching that changes nothing in the outputs,
+streaming, classify, and every kind of bad request answered with a 4xx in OpenAI's error shape."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import yaml
+
+import tunelab
+from conftest import Serving, sample_rows, write_jsonl
+from tunelab.serve import Limits, Registry, create_app
+
+
+def _config(root, name, model, method, task, data, **train):
+    cfg = {"model": {"name": str(model), "max_length": 64}, "task": task, "method": method,
+           "data": {"train": str(data), "split": {"validation": 0.2, "test": 0.2, "seed": 1}, "leakage": "ignore"},
+           "train": {"batch_size": 8, "eval_batch_size": 16, "precision": "fp32", "logging_steps": 5, **train},
+           "output": {"dir": str(root / "runs" / name)}, "eval": {"forgetting": None, "max_new_tokens": 4}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama, tiny_bert):
+    """Two LoRA sft runs on the tiny llama taught opposite answers, and a LoRA classifier on the tiny bert."""
+    root = tmp_path_factory.mktemp("serve")
+    out = {}
+    for name, word in (("says-good", "good"), ("says-bad", "bad")):
+        rows = [{"prompt": f"say something about the {w}", "response": f"{word} {word} {word}"}
+                for w in ["movie", "film", "plot", "actor", "story", "ending"] * 10]
+        data = write_jsonl(root / f"{name}.jsonl", rows)
+        out[name] = tunelab.train(_config(root, name, tiny_llama, {"name": "lora", "r": 4}, "sft", data,
+                                          max_steps=30, lr=2e-2)).path
+    data = write_jsonl(root / "sentiment.jsonl", sample_rows(200))
+    out["sentiment"] = tunelab.train(_config(root, "sentiment", tiny_bert, {"name": "lora", "r": 4}, "classify",
+                                             data, max_steps=6)).path
+    return out
+
+
+def _app(runs, **limits):
+    return create_app([runs["says-good"], runs["says-bad"], runs["sentiment"]], Limits(**limits))
+
+
+def test_two_adapters_share_one_base_and_answer_as_generate_does(runs):
+    from tunelab.tasks.classify import Classifier
+    from tunelab.tasks.generate import Generator
+
+    app = _app(runs)
+    registry: Registry = app.state.registry
+    good, bad = registry.models["says-good"], registry.models["says-bad"]
+    assert good.engine.model is bad.engine.model and good.worker is bad.worker  # one model, one base in memory
+    assert set(good.engine.model.peft_config) == {good.adapter, bad.adapter}
+    assert any("shared by 2 adapter run(s)" in line for line in registry.lines)
+
+    prompt_text = "say something about the movie"
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        listed = http.get("/v1/models").json()["data"]
+        assert {m["id"] for m in listed} == {"says-good", "says-bad", "sentiment"}
+        assert next(m for m in listed if m["id"] == "says-good")["shares_base_with"] == ["says-bad"]
+
+        answers = {}
+        for name in ("says-good", "says-bad"):
+            gen = Generator.load(runs[name])
+            rendered = gen.render(prompt_text)
+            expected_raw = gen.generate([rendered], max_new_tokens=6, strip=False)[0]
+            r = http.post("/v1/completions", json={"model": name, "prompt": rendered, "max_tokens": 6,
+                                                   "temperature": 0})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["choices"][0]["text"] == expected_raw
+            assert body["usage"]["completion_tokens"] <= 6 and body["usage"]["prompt_tokens"] > 0
+            # chat with one user message renders as `tunelab generate --prompt` does
+            chat = http.post("/v1/chat/completions", json={
+                "model": name, "messages": [{"role": "user", "content": prompt_text}], "max_tokens": 6,
+                "temperature": 0}).json()
+            assert chat["choices"][0]["message"] == {"role": "assistant", "content": expected_raw.strip()}
+            answers[name] = expected_raw
+        assert answers["says-good"] != answers["says-bad"]  # each request really ran its own adapter
+
+        # 16 concurrent requests over both adapters: batched together, each answer unchanged
+        def ask(i):
+            name = ("says-good", "says-bad")[i % 2]
+            rendered = registry.models[name].engine.render(prompt_text)
+            return name, http.post("/v1/completions", json={"model": name, "prompt": rendered, "max_tokens": 6,
+                                                            "temperature": 0}).json()["choices"][0]["text"]
+        before = (good.worker.batches, good.worker.batched_jobs)
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(ask, range(16)))
+        assert all(text == answers[name] for name, text in results)
+        batches, jobs = good.worker.batches - before[0], good.worker.batched_jobs - before[1]
+        assert jobs == 16 and batches < 16  # some requests shared a forward pass
+
+        # streaming: the deltas add up to the non-streamed text; the stream ends with [DONE]
+        with http.stream("POST", "/v1/chat/completions", json={
+                "model": "says-bad", "messages": [{"role": "user", "content": prompt_text}], "max_tokens": 6,
+                "temperature": 0, "stream": True}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == answers["says-bad"].strip()
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+        texts = [r["text"] for r in sample_rows(10)]
+        got = http.post("/v1/classify", json={"model": "sentiment", "input": texts}).json()["data"]
+        expected = Classifier.load(runs["sentiment"]).predict_proba(texts)
+        assert [g["label"] for g in got] == [max(p, key=p.get) for p in expected]
+        for g, p in zip(got, expected):
+            assert g["probabilities"] == pytest.approx(p, abs=1e-5)
+        health = http.get("/health").json()
+        assert health["status"] == "ok"
+
+
+def test_bad_requests_get_4xx_in_openai_error_shape_and_the_server_keeps_answering(runs):
+    app = _app(runs, max_tokens=32)
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        def check(r, status, code=None, param=None):
+            assert r.status_code == status, r.text
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"]
+            if code:
+                assert err["code"] == code, err
+            if param:
+                assert err["param"] == param, err
+
+        ok = {"model": "says-good", "prompt": "say good", "max_tokens": 2, "temperature": 0}
+        check(http.post("/v1/completions", json={**ok, "model": "nope"}), 404, "model_not_found", "model")
+        check(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+              400)
+        check(http.post("/v1/completions", json={**ok, "max_tokens": 0}), 400, "invalid_value", "max_tokens")
+        check(http.post("/v1/completions", json={**ok, "max_tokens": 33}), 400, "invalid_value", "max_tokens")
+        check(http.post("/v1/completions", json={**ok, "prompt": "movie " * 200}), 400, "context_length_exceeded")
+        check(http.post("/v1/completions", json={**ok, "prompt": "x" * 200_001}), 400, "input_too_long")
+        check(http.post("/v1/completions", json={**ok, "n": 3}), 400, param="n")
+        check(http.post("/v1/completions", json={**ok, "temperature": 5}), 400, param="temperature")
+        check(http.post("/v1/completions", json={"model": "says-good"}), 400, param="prompt")
+        check(http.post("/v1/chat/completions", json={"model": "says-good", "messages": []}), 400, param="messages")
+        check(http.post("/v1/chat/completions", json={"model": "says-good", "messages": [
+            {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}), 400, param="messages")
+        check(http.post("/v1/classify", json={"model": "says-good", "input": "x"}), 400, "wrong_endpoint")
+        check(http.post("/v1/classify", json={"model": "sentiment", "input": ["x"] * 257}), 400, "too_many_inputs")
+        check(http.post("/v1/classify", json={"model": "sentiment", "input": 3}), 400, param="input")
+        check(http.get("/v1/nothing-here"), 404)
+        assert http.post("/v1/completions", json=ok).status_code == 200  # still serving
+
+
+def test_api_key_is_required_on_v1_routes(runs, monkeypatch):
+    monkeypatch.setenv("TUNELAB_API_KEY", "s3cret")
+    app = create_app([runs["sentiment"]])
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        body = {"model": "sentiment", "input": "great film"}
+        r = http.post("/v1/classify", json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert http.post("/v1/classify", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert http.post("/v1/classify", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert http.get("/health").status_code == 200  # liveness checks need no key
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_nothing_else_fails(runs):
+    app = create_app([runs["says-good"]], Limits(max_batch=1, batch_wait_ms=0, max_queue=2))
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        def ask(_):
+            return http.post("/v1/completions", json={"model": "says-good", "prompt": "say good", "max_tokens": 48,
+                                                      "temperature": 0})
+        with ThreadPoolExecutor(24) as pool:
+            replies = list(pool.map(ask, range(24)))
+    codes = [r.status_code for r in replies]
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 3, codes
+    busy = next(r for r in replies if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
+
+
+def test_serving_refuses_runs_it_cannot_serve(runs, tmp_path):
+    from tunelab.errors import RunError, TunelabError
+
+    with pytest.raises(RunError, match="not a tunelab run directory"):
+        Registry([tmp_path], Limits())
+    with pytest.raises(TunelabError, match="at least one"):
+        Registry([], Limits())
