@@ -276,7 +276,7 @@ def _serve(args) -> int:
 
     limits = Limits(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                     max_tokens=args.max_tokens)
-    serve(args.runs, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    serve(args.runs, host=args.host, port=args.port, api_key=args.api_key, limits=limits, log_level=args.log_level)
     return 0
 
 
@@ -383,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to collect a batch")
     sv.add_argument("--max-queue", type=int, default=256, help="waiting requests per model before 503")
     sv.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (info logs every request)")
     sv.set_defaults(fn=_serve)
 
     c = sub.add_parser("compare", help="run several methods on the same data and split; write report.md/.html")

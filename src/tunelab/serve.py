@@ -384,9 +384,14 @@ class Registry:
             self.models[p.name] = Served(p.name, p, c, "generate", view, adapter=adapters.get(p.name),
                                          worker=worker, shared_with=[n for n in names if n != p.name])
         if adapters:
-            self.lines.append(f"{config.model.name}: one copy of the base model "
-                              f"({base_bytes / 2**20:.1f} MB with adapters) shared by {len(members)} adapter run(s): "
-                              f"{', '.join(names)}" + (" — mixed-adapter batches" if mixed else ""))
+            sizes = {name: sum(t.numel() * t.element_size() for n, t in engine.model.named_parameters()
+                               if f".{adapter}." in n) for name, adapter in adapters.items()}
+            base = base_bytes - sum(sizes.values())
+            self.lines.append(f"{config.model.name}: one copy of the base model ({base / 2**20:.1f} MB) shared by "
+                              f"{len(members)} adapter run(s): "
+                              + ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in sizes.items())
+                              + (f" — {(len(members) - 1) * base / 2**20:.0f} MB less than a copy each"
+                                 if len(members) > 1 else "") + ("; mixed-adapter batches" if mixed else ""))
         else:
             self.lines.append(f"{path.name}: {config.method.name} model on {config.model.name}, "
                               f"{base_bytes / 2**20:.1f} MB of weights")

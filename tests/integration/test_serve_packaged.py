@@ -1,16 +1,18 @@
 """Integration: `tunelab serve` with two LoRA runs of smollm2-135m on one base and a minilm classifier, driven by
 the official `openai` client (completions, chat, streaming) and plain HTTP (classify); every answer must equal
-what `tunelab generate` / `tunelab predict` print for the same input (greedy)."""
+what `tunelab generate` / `tunelab predict` print for the same input (greedy). Server and CLI run as the
+commands a user types, in their own processes."""
 import json
+import subprocess
+import sys
+import time
 
 import httpx
 import pytest
 import yaml
 
 import tunelab
-from conftest import Serving
-from tunelab.cli import main
-from tunelab.serve import Limits, create_app
+from conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -22,13 +24,29 @@ def _train(tmp_path, name, cfg):
     return tunelab.train(path).path
 
 
-def _cli_json(capsys, argv):
-    capsys.readouterr()
-    assert main(argv) == 0
-    return [json.loads(x) for x in capsys.readouterr().out.strip().split("\n") if x.startswith("{")]
+def _cli_json(argv):
+    out = subprocess.run([sys.executable, "-m", "tunelab.cli", *argv], capture_output=True, text=True, check=True)
+    return [json.loads(x) for x in out.stdout.strip().split("\n") if x.startswith("{")]
 
 
-def test_openai_client_against_two_smollm2_adapters_and_a_classifier(tmp_path, capsys):
+def _start_server(runs, log, port):
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", *map(str, runs), "--port", str(port),
+                                 "--api-key", "k", "--max-tokens", "64", "--log-level", "warning"],
+                                stdout=sink, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"server did not start:\n{log.read_text()}")
+
+
+def test_openai_client_against_two_smollm2_adapters_and_a_classifier(tmp_path):
     from openai import OpenAI
 
     smol = {"model": {"name": "smollm2-135m", "max_length": 96}, "task": "sft", "method": {"name": "lora", "r": 4},
@@ -45,14 +63,16 @@ def test_openai_client_against_two_smollm2_adapters_and_a_classifier(tmp_path, c
         "data": {"train": "sample:sentiment_uci", "max_train_examples": 200},
         "train": {"max_steps": 4, "batch_size": 16}})
 
-    app = create_app([french, chat, sentiment], Limits(max_tokens=64), api_key="k")
-    registry = app.state.registry
-    assert registry.models["french"].engine.model is registry.models["chat"].engine.model  # one smollm2 in memory
-    with Serving(app) as url:
+    port, log = free_port(), tmp_path / "server.log"
+    server = _start_server([french, chat, sentiment], log, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert "smollm2-135m: one copy of the base model" in log.read_text()
+        assert "shared by 2 adapter run(s): french" in log.read_text()
         client = OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"french", "chat", "sentiment"}
         for run, question in ((french, "The weather is nice today."), (chat, "What do you like to do on weekends?")):
-            expected = _cli_json(capsys, ["generate", str(run), "--prompt", question, "--max-new-tokens", "12",
+            expected = _cli_json(["generate", str(run), "--prompt", question, "--max-new-tokens", "12",
                                           "--json"])[0]["generated"]
             reply = client.chat.completions.create(model=run.name, messages=[{"role": "user", "content": question}],
                                                    max_tokens=12, temperature=0)
@@ -67,7 +87,7 @@ def test_openai_client_against_two_smollm2_adapters_and_a_classifier(tmp_path, c
             assert completion.choices[0].text.strip() == expected
 
         texts = ["An absolute delight from start to finish.", "I want those two hours of my life back."]
-        expected = _cli_json(capsys, ["predict", str(sentiment), *texts, "--json"])
+        expected = _cli_json(["predict", str(sentiment), *texts, "--json"])
         got = httpx.post(f"{url}/v1/classify", json={"model": "sentiment", "input": texts},
                          headers={"Authorization": "Bearer k"}, timeout=60).json()["data"]
         assert [g["label"] for g in got] == [e["label"] for e in expected]
@@ -76,3 +96,6 @@ def test_openai_client_against_two_smollm2_adapters_and_a_classifier(tmp_path, c
         with pytest.raises(Exception) as err:
             OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         assert getattr(err.value, "status_code", None) == 401
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

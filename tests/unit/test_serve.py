@@ -54,7 +54,8 @@ def test_two_adapters_share_one_base_and_answer_as_generate_does(runs):
     good, bad = registry.models["says-good"], registry.models["says-bad"]
     assert good.engine.model is bad.engine.model and good.worker is bad.worker  # one model, one base in memory
     assert set(good.engine.model.peft_config) == {good.adapter, bad.adapter}
-    assert any("shared by 2 adapter run(s)" in line for line in registry.lines)
+    assert any("shared by 2 adapter run(s): says-good" in line and "less than a copy each" in line
+               for line in registry.lines)
 
     prompt_text = "say something about the movie"
     with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:

@@ -1,0 +1,159 @@
+"""Load test of `tunelab serve`: N requests from C concurrent clients on loopback, with dynamic batching on and
+off (max_batch 1), against a server process started here. Reports p50/p95 latency, requests/s and any 5xx,
+and the throughput ratio batching / one-at-a-time. Writes bench/results/serve_load.json.
+
+    python bench/serve_load.py                      # trains two small smollm2 LoRA runs + a minilm classifier
+    python bench/serve_load.py --runs RUN_A RUN_B   # your generative runs (ids: their directory names)
+
+The generative requests alternate between the runs (several adapters on one base) and ask for
+--max-tokens greedy tokens of a review opening from the shipped data; --classify adds as many /v1/classify
+requests of one review each to the classifier run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "src" / "tunelab" / "data" / "samples"
+WORK = ROOT / "bench" / ".runs"
+
+
+def _train_if_missing(name: str, cfg: dict) -> Path:
+    import tunelab
+
+    out = WORK / name
+    if (out / "status.json").exists() and json.loads((out / "status.json").read_text()).get("state") == "completed":
+        return out
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "output": {"dir": str(out)}}))
+    return tunelab.train(path, overwrite=True).path
+
+
+def default_runs() -> tuple[list[Path], Path]:
+    smol = {"model": {"name": "smollm2-135m", "max_length": 96}, "task": "sft", "method": {"name": "lora", "r": 8},
+            "train": {"max_steps": 4, "batch_size": 8}, "eval": {"max_new_tokens": 4, "max_generate": 2,
+                                                                  "forgetting": None}}
+    french = _train_if_missing("french", {**smol, "data": {
+        "train": "sample:translate_en_fr", "prompt": "en", "response": "fr", "instruction": "Translate into French.",
+        "max_train_examples": 64, "split": {"validation": 0.01, "test": 0.01}}})
+    chat = _train_if_missing("chat", {**smol, "data": {
+        "train": "sample:chitchat", "bad_rows": "drop", "max_train_examples": 64,
+        "split": {"validation": 0.01, "test": 0.01}}})
+    sentiment = _train_if_missing("sentiment", {
+        "model": {"name": "minilm", "max_length": 128}, "method": {"name": "lora", "r": 8},
+        "data": {"train": "sample:sentiment_uci", "max_train_examples": 400}, "train": {"max_steps": 10}})
+    return [french, chat], sentiment
+
+
+def start_server(runs: list[Path], port: int, max_batch: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tunelab.cli", "serve", *map(str, runs), "--port", str(port),
+           "--max-batch", str(max_batch), "--max-queue", "1024"]
+    log = WORK / f"server-{port}-batch{max_batch}.log"  # a file, not a pipe: nobody reads a pipe during the load
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd + ["--log-level", "warning"], stdout=sink, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited:\n{log.read_text()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not start in 300 s")
+
+
+def load(url: str, requests: list[tuple[str, dict]], concurrency: int) -> dict:
+    with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as http:
+        def one(req):
+            path, body = req
+            t = time.perf_counter()
+            r = http.post(path, json=body)
+            return time.perf_counter() - t, r.status_code
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(one, requests))
+        wall = time.perf_counter() - start
+    lat = sorted(x for x, _ in results)
+    codes = [c for _, c in results]
+    return {"requests": len(results), "wall_s": round(wall, 2), "requests_per_s": round(len(results) / wall, 2),
+            "p50_ms": round(1000 * statistics.median(lat), 1),
+            "p95_ms": round(1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))], 1),
+            "status_counts": {str(c): codes.count(c) for c in sorted(set(codes))},
+            "errors_5xx": sum(c >= 500 for c in codes)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", nargs="*", help="generative run directories (default: train two small ones)")
+    p.add_argument("--classifier", help="a classify run for /v1/classify requests (default: train one)")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--port", type=int, default=8765)
+    args = p.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.runs:
+        runs, classifier = [Path(r) for r in args.runs], Path(args.classifier) if args.classifier else None
+    else:
+        runs, classifier = default_runs()
+    prompts = [json.loads(x)["prompt"] for x in (SAMPLES / "review_prompts.jsonl").read_text().split("\n")
+               if x.strip()]
+    reviews = [json.loads(x)["text"] for x in (SAMPLES / "sentiment_uci.jsonl").read_text().split("\n") if x.strip()]
+    generate = [("/v1/completions", {"model": runs[i % len(runs)].name, "prompt": prompts[i % len(prompts)],
+                                     "max_tokens": args.max_tokens, "temperature": 0})
+                for i in range(args.requests)]
+    classify = [("/v1/classify", {"model": classifier.name, "input": reviews[i % len(reviews)]})
+                for i in range(args.requests)] if classifier else []
+    served = runs + ([classifier] if classifier else [])
+    results = {}
+    for mode, max_batch in (("batched", args.max_batch), ("one_at_a_time", 1)):
+        proc = start_server(served, args.port, max_batch)
+        try:
+            url = f"http://127.0.0.1:{args.port}"
+            load(url, generate[:args.concurrency], args.concurrency)  # warm-up
+            results[mode] = {"completions": load(url, generate, args.concurrency)}
+            if classify:
+                results[mode]["classify"] = load(url, classify, args.concurrency)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    ratio = {kind: round(results["batched"][kind]["requests_per_s"] / results["one_at_a_time"][kind]["requests_per_s"],
+                         2) for kind in results["batched"]}
+    print(f"\n{args.requests} requests per kind, {args.concurrency} concurrent clients, loopback; completions: "
+          f"{args.max_tokens} greedy tokens, adapters {', '.join(r.name for r in runs)} on one base")
+    print(f"{'kind':<12} {'mode':<14} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'5xx':>4}")
+    for mode, kinds in results.items():
+        for kind, r in kinds.items():
+            print(f"{kind:<12} {mode:<14} {r['requests_per_s']:>7.2f} {r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} "
+                  f"{r['errors_5xx']:>4}")
+    for kind, x in ratio.items():
+        print(f"batching / one-at-a-time throughput, {kind}: {x:.2f}×")
+    out = ROOT / "bench" / "results" / "serve_load.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": vars(args) | {"runs": [str(r) for r in runs],
+                                                         "classifier": str(classifier) if classifier else None},
+                               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                               "results": results, "throughput_ratio": ratio}, indent=2))
+    print(f"written: {out.relative_to(ROOT)}")
+    return 1 if any(r["errors_5xx"] for kinds in results.values() for r in kinds.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
