@@ -222,6 +222,11 @@ class TrainConfig(Section):
     """sft, causal_lm: concatenate short examples into sequences of up to model.max_length tokens. Packed
     examples cannot attend to each other (position ids restart per example and the attention is
     block-diagonal)."""
+    cache_frozen: bool = True
+    """head, last_layers (classify): run the frozen embeddings and blocks once per example before training and
+    reuse their output every epoch (the frozen part then sees no dropout). Off: every epoch runs the whole model."""
+    cache_frozen_mb: int = Field(2048, ge=0)
+    """Memory bound for that cache (estimated before it is built); over it, training runs uncached."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower (always on for qlora)."""
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)

@@ -46,6 +46,21 @@ def fast_bf16() -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+# methods whose base weights stay frozen: with bf16 on, the base is loaded in bf16 (half the memory, no per-step
+# casts under autocast) and only the trainable parameters keep fp32 master copies (bench/sft.py)
+_FROZEN_BASE = {"lora", "dora", "ia3", "adapter", "prompt", "prefix"}
+
+
+def base_dtype(config: Config) -> torch.dtype:
+    return torch.bfloat16 if use_bf16(config) and config.method.name in _FROZEN_BASE else torch.float32
+
+
+def _fp32_trainable(model) -> None:
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def use_bf16(config: Config) -> bool:
     if config.train.precision == "auto":
         return fast_bf16()
@@ -186,12 +201,50 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
         print(f"tunelab: examples cut at model.max_length={config.model.max_length} tokens: "
               + ", ".join(f"{n} {k}" for k, n in at_limit.items()) + " (raise model.max_length to keep them whole)")
     args = _training_args(config, run, has_validation=val_ds is not None)
+    collator = DataCollatorWithPadding(tokenizer)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+                      data_collator=collator, processing_class=tokenizer,
                       compute_metrics=trainer_metrics(splits.labels),
                       callbacks=_callbacks(config, run, val_ds is not None) + list(callbacks))
-    stats = _fit(trainer, config, run, resume, tokenizer)
-    return params, {**stats, "best_checkpoint": trainer.state.best_model_checkpoint, "truncated_examples": at_limit}
+    cache, cache_stats = _frozen_cache(config, model, tokenizer, [d for d in (train_ds, val_ds) if d is not None],
+                                       collator)
+    try:
+        stats = _fit(trainer, config, run, resume, tokenizer, before_save=cache.remove if cache else None)
+    finally:
+        if cache:
+            cache.remove()
+    return params, {**stats, "best_checkpoint": trainer.state.best_model_checkpoint, "truncated_examples": at_limit,
+                    "frozen_cache": cache_stats}
+
+
+def _frozen_cache(config: Config, model, tokenizer, datasets, collator):
+    """head / last_layers: cache the frozen prefix's output per example (methods/frozen_cache.py)."""
+    from .methods.frozen_cache import FrozenCache
+
+    if not config.train.cache_frozen or config.method.name not in ("head", "last_layers"):
+        return None, None
+    cache = FrozenCache(model, tokenizer.pad_token_id)
+    if cache.k == 0:
+        return None, None
+    tokens = sum(len(ids) for ds in datasets for ids in ds["input_ids"])
+    mb = cache.estimate_mb(tokens)
+    if mb > config.train.cache_frozen_mb:
+        print(f"tunelab: not caching the frozen layers: {mb:,.0f} MB for {tokens:,} tokens is over "
+              f"train.cache_frozen_mb={config.train.cache_frozen_mb}; every epoch runs the whole model")
+        return None, {"used": False, "estimated_mb": round(mb, 1)}
+    from tqdm.auto import tqdm
+
+    n = sum(len(ds) for ds in datasets)
+    t0 = time.time()
+    with tqdm(total=n, desc=f"caching embeddings + {cache.k} frozen block(s)", unit="ex", leave=False) as bar:
+        cache.build(datasets, collator, config.train.eval_batch_size, use_bf16(config), progress=bar.update)
+    took = time.time() - t0
+    stored = sum(t.numel() * t.element_size() for t in cache.store.values()) / 2 ** 20
+    print(f"tunelab: cached the output of the {cache.k} frozen block(s) for {n} examples in {took:.1f} s "
+          f"({stored:.0f} MB); each epoch now runs only the trainable part")
+    cache.install()
+    return cache, {"used": True, "examples": n, "build_s": round(took, 2), "mb": round(stored, 1),
+                   "frozen_blocks": cache.k}
 
 
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
@@ -247,18 +300,22 @@ def _callbacks(config: Config, run: RunDir, has_validation: bool) -> list:
     return callbacks
 
 
-def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer) -> dict:
+def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer, before_save=None) -> dict:
     """Train (resuming from the last checkpoint if asked), save model + tokenizer, return the common stats."""
     from transformers.trainer_callback import ProgressCallback
 
-    from .trainer_callbacks import LossProgress
+    from .trainer_callbacks import EpochTimer, LossProgress
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgress(metric=config.metric))
+    epochs = EpochTimer()
+    trainer.add_callback(epochs)
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         print(f"tunelab: no checkpoint in {run.path}/checkpoints yet; starting from the beginning")
     output = trainer.train(resume_from_checkpoint=checkpoint)
+    if before_save:
+        before_save()
     save = getattr(METHODS[config.method.name], "save", None)
     if save:
         (run.path / "model").mkdir(exist_ok=True)
@@ -272,7 +329,7 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer) -> dict:
             # (log history is restored from the checkpoint) means the same with or without one
             "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
             "steps": output.global_step, "epochs": output.metrics.get("epoch"), "lr": config.lr,
-            "bf16": bool(trainer.args.bf16)}
+            "bf16": bool(trainer.args.bf16), "epoch_s": epochs.seconds}
 
 
 def loads_best(config: Config) -> bool:
@@ -380,11 +437,13 @@ def build_generative_trainer(config: Config, splits: Splits, model_dir: str, run
         tokenizer, model, new_modules = seq2seq.load_model(model_dir, **_load_kwargs(config))
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **{"dtype": torch.float32, **_load_kwargs(config)})
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **{"dtype": base_dtype(config),
+                                                                   **_load_kwargs(config)})
         new_modules = []
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model, params = _prepare_method(config, model, new_modules, model_dir)
+    _fp32_trainable(model)
     encoded = _encode_generative(config, splits, tokenizer)
     max_length = config.model.max_length
     for name, e in encoded.items():
@@ -404,17 +463,22 @@ def build_generative_trainer(config: Config, splits: Splits, model_dir: str, run
                                  processing_class=tokenizer,
                                  callbacks=_callbacks(config, run, val_ds is not None) + list(callbacks))
     else:
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
-        # packing: TRL's best-fit-decreasing packs whole examples into max_length rows and feeds them
-        # padding-free with position ids restarting per example; transformers then builds a block-diagonal
+        from .tasks.sft_trainer import PackedRows, SFTTrainer
+
+        # packing: TRL's best-fit-decreasing packs whole examples into max_length rows; PackedRows feeds them
+        # row by row with position ids restarting per example; transformers then builds a block-diagonal
         # mask from the position ids (tests/unit/test_packing.py checks the logits)
+
         args = _training_args(config, run, has_validation=val_ds is not None, cls=SFTConfig,
                               max_length=max_length, completion_only_loss=True, packing=config.train.packing,
                               packing_strategy="bfd")
         trainer = SFTTrainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=val_ds,
                              processing_class=tokenizer,
                              callbacks=_callbacks(config, run, val_ds is not None) + list(callbacks))
+        if config.train.packing:  # TRL refuses a custom collator with packing, so it is swapped in after
+            trainer.data_collator = PackedRows(tokenizer.pad_token_id)
     return trainer, tokenizer, params, encoded, sets
 
 

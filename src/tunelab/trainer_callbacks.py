@@ -48,3 +48,22 @@ class LossProgress(ProgressCallback):
             if self.metric in logs and self.metric != "eval_loss":
                 shown += f" · {self.metric} {logs[self.metric]:.4f}"
             self.training_bar.write(shown)
+
+
+class EpochTimer(TrainerCallback):
+    """Wall seconds of each epoch's training steps (for metrics.json and bench/). With evaluation per epoch the
+    Trainer evaluates after on_epoch_end, so evaluation is not counted; with evaluation every N steps it is."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        import time
+
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        import time
+
+        if hasattr(self, "_t0"):
+            self.seconds.append(round(time.perf_counter() - self._t0, 3))

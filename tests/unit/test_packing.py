@@ -26,39 +26,50 @@ def packed_trainer(make_config, tiny_llama, tmp_path):
     return build
 
 
+def _segments(batch, pad_id):
+    """(row, start, end) of every example in a packed batch; the padding that ends a short row is left out."""
+    out = []
+    for r, pos in enumerate(batch["position_ids"]):
+        starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
+        for a, b in zip(starts[:-1], starts[1:]):
+            if not (batch["input_ids"][r, a:b] == pad_id).all():
+                out.append((r, a, b))
+    return out
+
+
 def test_packed_logits_equal_unpacked(packed_trainer):
     trainer, tokenizer, _, encoded, _ = packed_trainer(packing=True)
     batch = next(iter(trainer.get_train_dataloader()))
-    assert "attention_mask" not in batch  # padding-free: the position ids carry the boundaries
-    pos = batch["position_ids"][0]
-    starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
-    assert len(starts) > 3, "several examples should share the packed row"
+    assert "attention_mask" not in batch  # the position ids carry the boundaries
+    assert batch["input_ids"].shape[0] > 1, "packed rows stay rows of the batch (not one flattened row)"
+    segments = _segments(batch, tokenizer.pad_token_id)
+    assert len(segments) > 2 * batch["input_ids"].shape[0], "several examples should share each packed row"
     model = trainer.model.eval()
     with torch.no_grad():
         # the inputs TRL's compute_loss gives the model (it sets use_cache=False)
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        for a, b in zip(starts[:-1], starts[1:]):
-            alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]
-            torch.testing.assert_close(packed[a:b], alone, rtol=1e-4, atol=1e-4)
-    # the loss the trainer optimises (TRL's fused head, no logits) equals the unpacked examples' loss
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for r, a, b in segments:
+            alone = model(input_ids=batch["input_ids"][r:r + 1, a:b]).logits[0]
+            torch.testing.assert_close(packed[r, a:b], alone, rtol=1e-4, atol=1e-4)
+    # the loss the trainer optimises (labelled positions only, no full logits) equals the unpacked examples' loss
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch))
-        labels = batch["labels"][0]
         total, count = 0.0, 0
-        for a, b in zip(starts[:-1], starts[1:]):
-            logits = model(input_ids=batch["input_ids"][:, a:b]).logits[0, :-1]
-            target = labels[a + 1:b]
+        for r, a, b in segments:
+            logits = model(input_ids=batch["input_ids"][r:r + 1, a:b]).logits[0, :-1]
+            target = batch["labels"][r, a + 1:b]
             keep = target != -100
             total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
             count += int(keep.sum())
     torch.testing.assert_close(loss, total / count, rtol=1e-4, atol=1e-5)
+    assert int((batch["labels"][:, 1:] != -100).sum()) == count  # no loss on the padding at the end of a row
     # loss positions: the response tokens of each example, never its prompt, never across a boundary
-    labels = batch["labels"][0]
-    assert (labels[torch.tensor(starts[:-1])] == -100).all()
     rows = {tuple(r["input_ids"]): r["completion_mask"] for r in encoded["train"].rows}
-    for a, b in zip(starts[:-1], starts[1:]):
-        mask = rows[tuple(batch["input_ids"][0, a:b].tolist())]
-        assert [int(x != -100) for x in labels[a:b]] == mask
+    for r, a, b in segments:
+        labels = batch["labels"][r, a:b]
+        assert labels[0] == -100
+        mask = rows[tuple(batch["input_ids"][r, a:b].tolist())]
+        assert [int(x != -100) for x in labels] == mask
 
 
 def test_without_the_block_mask_the_examples_would_leak(packed_trainer):
@@ -70,8 +81,9 @@ def test_without_the_block_mask_the_examples_would_leak(packed_trainer):
     b = (pos == 0).nonzero().flatten().tolist()[1]
     model = trainer.model.eval()
     with torch.no_grad():
-        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits[0]
-        alone = model(input_ids=batch["input_ids"][:, b:b + 3]).logits[0]
+        leaky = model(input_ids=batch["input_ids"][:1], position_ids=batch["position_ids"][:1],
+                      use_cache=True).logits[0]
+        alone = model(input_ids=batch["input_ids"][:1, b:b + 3]).logits[0]
     assert (leaky[b:b + 3] - alone).abs().max() > 1e-3
 
 

@@ -301,3 +301,4 @@ def preview(conv: Conversation, tokenizer, data, max_length: int, color: bool) -
                      f"EOS ({tokenizer.eos_token}) trained: {'yes' if eos else 'NO - the model will not learn to stop'}"
                      f"{', truncated' if enc.truncated else ''}\n" + "".join(text))
     return "\n".join(parts)
+

@@ -1,0 +1,95 @@
+"""The trainer behind sft and causal_lm: TRL's SFTTrainer, with two CPU fixes measured by bench/sft.py.
+
+- `PackedRows`: packed rows stay rows of the batch. TRL's padding-free collator flattens the whole batch into one
+  row; without a varlen flash-attention kernel (CPUs) that is one (batch·max_length)² masked attention.
+- `SFTTrainer.compute_loss` on CPU: the LM head runs on the positions that carry a label only, in the autocast
+  dtype, with the ordinary cross-entropy. TRL's fused head scores *every* position off Triton devices, in fp32
+  tiles with entropy; on this 2-core CPU it took half of each step (7.5 of 15 s at batch 8 × 256).
+  On CUDA/XPU TRL's own fused head (Triton) is kept.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from trl import SFTTrainer as _TRLSFTTrainer
+
+
+class SFTTrainer(_TRLSFTTrainer):
+    def _own_loss(self, model) -> bool:
+        from peft import PeftModel
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        # prompt-learning PEFT models insert virtual tokens in their own forward: leave them to TRL
+        if isinstance(unwrapped, PeftModel) and unwrapped.peft_config[unwrapped.active_adapter].is_prompt_learning:
+            return False
+        return self.args.device.type == "cpu"
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not self._own_loss(model):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        mode = "train" if model.training else "eval"
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        inputs["use_cache"] = False
+        causal_lm = self.accelerator.unwrap_model(model)
+        if hasattr(causal_lm, "get_base_model"):
+            causal_lm = causal_lm.get_base_model()
+        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        target = labels[:, 1:]
+        mask = target != -100
+        # calling the backbone directly skips the autocast wrapper accelerate puts on the model's forward
+        with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            hidden = backbone(**inputs).last_hidden_state[:, :-1]
+            logits = causal_lm.get_output_embeddings()(hidden[mask]).float()  # [labelled tokens, vocab]
+        target = target[mask]
+        count = mask.sum()
+        loss = F.cross_entropy(logits, target, reduction="sum") / (
+            count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        with torch.no_grad():  # the metrics TRL logs: mean entropy and top-1 accuracy on the labelled tokens
+            logp = logits.log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1).sum()
+            correct = (logits.argmax(-1) == target).sum()
+            n = self.accelerator.gather_for_metrics(count).sum()
+            entropy = self.accelerator.gather_for_metrics(entropy).sum()
+            correct = self.accelerator.gather_for_metrics(correct).sum()
+            self._metrics[mode]["entropy"].append((entropy / n).item() if n > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((correct / n).item() if n > 0 else 0.0)
+            if mode == "train":
+                real = inputs["attention_mask"].sum() if "attention_mask" in inputs else \
+                    torch.tensor(inputs["input_ids"].numel())
+                self._total_train_tokens += self.accelerator.gather_for_metrics(real).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+
+class PackedRows:
+    """Collator for packed training: each packed row stays a row of the batch (`[batch, max_length]`), with
+    position ids restarting at every example and no attention mask, so transformers builds a block-diagonal
+    causal mask per row. TRL's own padding-free collator flattens the whole batch into one row instead, which
+    on a CPU (no varlen flash-attention kernel) turns the attention into one (batch·max_length)² masked product:
+    8× the attention work and memory at batch 8.
+
+    The tail of a short row is padding with its own position ids (a separate segment nobody attends to) and no
+    loss; the first token of every example has no loss either (it would be predicted from the previous one)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        ids, labels, positions = [], [], []
+        for e in examples:
+            n = len(e["input_ids"])
+            lengths = list(e.get("seq_lengths") or [n])
+            pos = [p for length in lengths for p in range(length)] + list(range(width - n))
+            lab = list(e.get("labels", e["input_ids"])) + [-100] * (width - n)
+            ids.append(list(e["input_ids"]) + [self.pad] * (width - n))
+            labels.append([-100 if p == 0 else t for t, p in zip(lab, pos)])
+            positions.append(pos)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "position_ids": torch.tensor(positions)}
