@@ -57,7 +57,8 @@ def machine() -> dict:
 def _bf16_flags() -> list[str]:
     """The CPU's bf16 matrix features (AMX tiles are several times faster than AVX512-BF16)."""
     try:
-        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = set(next(line for line in lines if line.startswith("flags")).split())
     except (OSError, StopIteration):
         return []
     return sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})

@@ -183,8 +183,9 @@ def main() -> None:
     speedups = {m: ratio(res[f"tunelab-{m}"].get("examples_per_s"), res[f"recipe-{m}"].get("examples_per_s"))
                 for m in args.methods.split(",")}
     print("tunelab / recipe examples/s: " + ", ".join(f"{m} {s}×" for m, s in speedups.items()))
-    print(f"wrote {write('classify', {'settings': vars(args), 'work': work, 'bf16_peak_gflops': peak,
-                                      'results': res, 'speedup_examples_per_s': speedups})}")
+    payload = {"settings": vars(args), "work": work, "bf16_peak_gflops": peak, "results": res,
+               "speedup_examples_per_s": speedups}
+    print(f"wrote {write('classify', payload)}")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ class Timer:
         tokens, labelled = sum(self.tokens[WARMUP:steps]), sum(self.labelled[WARMUP:steps])
         seconds = sum(timed)
         flops = 4 * n_body * tokens + 4 * n_head * labelled
-        out = {"peak_rss_before_training_mb": getattr(self, "rss_before", None), "timed_steps": len(timed), "seconds": round(seconds, 2), "real_tokens": tokens,
+        out = {"peak_rss_before_training_mb": getattr(self, "rss_before", None), "timed_steps": len(timed),
+               "seconds": round(seconds, 2), "real_tokens": tokens,
                "completion_tokens": labelled, "tokens_per_s": round(tokens / seconds, 1),
                "model_gflops_per_s": round(flops / seconds / 1e9, 1)}
         if peak_gflops:
