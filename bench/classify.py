@@ -8,7 +8,7 @@ own child process. Measured: examples/s over the timed steps (the first two are 
 accuracy after the same number of epochs. The recipe is slow (~1 example/s here), so both train on the first
 --train examples of tunelab's train split and are tested on the first --test of its test split.
 
-    python bench/classify.py [--train 320] [--test 300] [--epochs 1] [--batch 32]
+    python bench/classify.py [--train 256] [--test 200] [--epochs 1] [--batch 32]
 """
 from __future__ import annotations
 
@@ -151,8 +151,8 @@ def _work(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train", type=int, default=320)
-    ap.add_argument("--test", type=int, default=300)
+    ap.add_argument("--train", type=int, default=256)
+    ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--methods", default="full,lora")

@@ -9,10 +9,17 @@ from pathlib import Path
 
 
 def _train(args) -> int:
+    from . import distributed
     from .train import train
 
+    if args.nproc > 1 and distributed.world_size() == 1:
+        argv = ["train", args.config, *[a for kv in args.set for a in ("--set", kv)]]
+        argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite + ["--debug"] * args.debug
+        return distributed.launch(argv, args.nproc)
+    distributed.quiet_other_ranks()
     result = train(args.config, args.set, resume=args.resume, overwrite=args.overwrite)
-    _print_result(result)
+    if distributed.is_main():
+        _print_result(result)
     return 0
 
 
@@ -302,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_set(t)
     t.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel training in N processes (torch.distributed.run; gloo on CPU, NCCL on GPU); "
+                        "train.batch_size is per process")
     t.set_defaults(fn=_train)
 
     v = sub.add_parser("validate", help="check a config file without running it")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .config import GENERATIVE, PREFERENCE, Config, load_config
 from .data import Splits, load_splits
 from .errors import TunelabError
@@ -83,7 +83,11 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
 
         reward = load_reward(config.rl.reward)
     out = Path(config.output.dir) if config.output.dir else default_dir(config_path)
-    run = RunDir.start(out, config, resume=resume, overwrite=overwrite)
+    main = distributed.is_main()
+    if distributed.world_size() > 1 and config.method.name in ("features", "icl"):
+        raise TunelabError(f"method {config.method.name} takes no gradient steps; train it without --nproc")
+    # data parallel: rank 0 owns the run directory; the other ranks train and leave
+    run = RunDir.start(out, config, resume=resume, overwrite=overwrite) if main else RunDir(out)
     started = time.time()
     try:
         if config.task in PREFERENCE:
@@ -96,12 +100,16 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
             outcome = _train_generative(config, splits, model_dir, run, resume, callbacks)
         else:
             outcome = _train_with_trainer(config, splits, model_dir, run, resume, callbacks)
+        if not main:
+            return RunResult(out, config, {}, {})
         result = _finish(config, splits, run, started, *outcome, reward=reward)
     except KeyboardInterrupt:
-        run.set_state("interrupted", error="stopped by the user; continue with --resume")
+        if main:
+            run.set_state("interrupted", error="stopped by the user; continue with --resume")
         raise
     except BaseException as exc:
-        run.set_state("failed", error=f"{type(exc).__name__}: {exc}")
+        if main:
+            run.set_state("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     return result
 
@@ -200,7 +208,10 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
     if any(at_limit.values()):
         print(f"tunelab: examples cut at model.max_length={config.model.max_length} tokens: "
               + ", ".join(f"{n} {k}" for k, n in at_limit.items()) + " (raise model.max_length to keep them whole)")
-    args = _training_args(config, run, has_validation=val_ds is not None)
+    # The classification loss is a per-example mean. transformers would still multiply it by the number of
+    # processes (meant for token-summed LM losses), doubling the gradients under 2-process DDP
+    # (tests/unit/test_distributed.py caught it): average over examples per device, DDP averages the rest.
+    args = _training_args(config, run, has_validation=val_ds is not None, average_tokens_across_devices=False)
     collator = DataCollatorWithPadding(tokenizer)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                       data_collator=collator, processing_class=tokenizer,
@@ -316,6 +327,15 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer, before_s
     output = trainer.train(resume_from_checkpoint=checkpoint)
     if before_save:
         before_save()
+    stats = {"runtime_s": round(output.metrics["train_runtime"], 2),
+             "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
+             # the Trainer's own train_loss averages only the steps since a resume; the last logged loss
+             # (log history is restored from the checkpoint) means the same with or without one
+             "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
+             "steps": output.global_step, "epochs": output.metrics.get("epoch"), "lr": config.lr,
+             "bf16": bool(trainer.args.bf16), "epoch_s": epochs.seconds, "processes": trainer.args.world_size}
+    if not trainer.is_world_process_zero():
+        return stats
     save = getattr(METHODS[config.method.name], "save", None)
     if save:
         (run.path / "model").mkdir(exist_ok=True)
@@ -323,13 +343,7 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer, before_s
     else:
         trainer.model.save_pretrained(run.path / "model")
     tokenizer.save_pretrained(run.path / "model")
-    return {"runtime_s": round(output.metrics["train_runtime"], 2),
-            "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
-            # the Trainer's own train_loss averages only the steps since a resume; the last logged loss
-            # (log history is restored from the checkpoint) means the same with or without one
-            "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
-            "steps": output.global_step, "epochs": output.metrics.get("epoch"), "lr": config.lr,
-            "bf16": bool(trainer.args.bf16), "epoch_s": epochs.seconds}
+    return stats
 
 
 def loads_best(config: Config) -> bool:

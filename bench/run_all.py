@@ -1,0 +1,61 @@
+"""The whole benchmark suite in one command: the machine's matmul peak, then instruction tuning, classification
+and frozen-backbone runs, each against the articles' recipe in the same invocation; prints the targets of issue 7
+next to what was measured and writes bench/results/summary.json and summary.md (the README's table).
+
+    python bench/run_all.py            (or: make bench)   ~25 min on a 2-core CPU, most of it the recipe's
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, ROOT, machine  # noqa: E402
+
+
+def _run(script: str, *args: str) -> dict:
+    t0 = time.time()
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], check=True, cwd=ROOT)
+    print(f"[{script}: {time.time() - t0:.0f} s]", flush=True)
+    return json.loads((RESULTS / script.replace(".py", ".json")).read_text())
+
+
+def main() -> None:
+    mm = _run("matmul.py")["results"]
+    sft = _run("sft.py", "--batch", "4", "--steps", "12")
+    cls = _run("classify.py")
+    frozen = _run("frozen.py")["results"]
+    t, r = sft["results"]["tunelab"], sft["results"]["recipe"]
+    c = cls["results"]
+    rows = [
+        ("bf16 / fp32 matmul peak (2048²)", "≈6.5× on AMX", f"{mm['bf16_over_fp32']}× ({mm['bf16_gflops']} vs "
+         f"{mm['fp32_gflops']} GFLOP/s)"),
+        ("sft LoRA smollm2: real tokens/s vs recipe", "≥ 10×", f"{sft['speedup_tokens_per_s']}× ({t.get('tokens_per_s')} vs "
+         f"{r.get('tokens_per_s')})"),
+        ("sft LoRA smollm2: MFU of bf16 peak, seq 256", "≥ 35%", f"{100 * (t.get('mfu_bf16_peak') or 0):.1f}%"),
+        ("sft LoRA smollm2: peak RSS", "≤ 2 GB", f"{t.get('peak_rss_mb')} MB (recipe {r.get('peak_rss_mb')} MB)"),
+        ("classify full minilm: examples/s vs recipe", "≥ 5×, accuracy ≥ recipe",
+         f"{cls['speedup_examples_per_s'].get('full')}× ({c['tunelab-full'].get('examples_per_s')} vs "
+         f"{c['recipe-full'].get('examples_per_s')}); accuracy {c['tunelab-full'].get('accuracy')} vs "
+         f"{c['recipe-full'].get('accuracy')}"),
+        ("classify LoRA minilm: examples/s vs recipe", "—",
+         f"{cls['speedup_examples_per_s'].get('lora')}× ({c['tunelab-lora'].get('examples_per_s')} vs "
+         f"{c['recipe-lora'].get('examples_per_s')}); accuracy {c['tunelab-lora'].get('accuracy')} vs "
+         f"{c['recipe-lora'].get('accuracy')}"),
+        ("head: epoch 1 / later epochs", "≥ 10×", f"{frozen['head'].get('first_over_later')}× "
+         f"({frozen['head'].get('first_epoch_s')} s → {frozen['head'].get('later_epoch_s')} s)"),
+        ("last_layers 2: epoch 1 / later epochs", "≥ 10×", f"{frozen['last_layers'].get('first_over_later')}× "
+         f"({frozen['last_layers'].get('first_epoch_s')} s → {frozen['last_layers'].get('later_epoch_s')} s)"),
+        ("features: one pass + logistic regression", "—", f"{frozen['features'].get('train_s')} s"),
+    ]
+    md = ["| measure | target | measured |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c_} |" for a, b, c_ in rows]
+    (RESULTS / "summary.md").write_text("\n".join(md) + "\n")
+    (RESULTS / "summary.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    print("\n" + "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
