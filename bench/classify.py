@@ -8,7 +8,7 @@ own child process. Measured: examples/s over the timed steps (the first two are 
 accuracy after the same number of epochs. The recipe is slow (~1 example/s here), so both train on the first
 --train examples of tunelab's train split and are tested on the first --test of its test split.
 
-    python bench/classify.py [--train 256] [--test 200] [--epochs 1] [--batch 32]
+    python bench/classify.py [--train 256] [--test 200] [--epochs 1] [--batch 16]
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def _step_timer():
 
 
 def run_tunelab(args, method: str) -> dict:
-    from tunelab import train
+    from tunelab.train import train
 
     train_file, test_file = _data(args.train, args.test)
     config = {"model": {"name": "minilm", "max_length": 128},
@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=256)
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--methods", default="full,lora")
     ap.add_argument("--only")
     args = ap.parse_args()

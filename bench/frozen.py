@@ -23,7 +23,7 @@ RUNS = {"features": ("features", True), "head": ("head", True), "head-uncached":
 def run_one(name: str, epochs: int) -> dict:
     import yaml
 
-    from tunelab import train
+    from tunelab.train import train
 
     method, cached = RUNS[name]
     config = {"model": {"name": "minilm"},

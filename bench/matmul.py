@@ -10,7 +10,7 @@ import time
 import torch
 
 
-def peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 20) -> float:
+def peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 40) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b

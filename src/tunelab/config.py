@@ -216,12 +216,14 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop when `eval.metric` has not improved for this many evaluations (needs validation data)."""
-    group_by_length: bool = False
-    """Batch examples of similar length together (less padding; batches are shuffled, not their order within)."""
-    packing: bool = False
+    group_by_length: bool | None = None
+    """Batch examples of similar length together (less padding; batches are shuffled, not their order within).
+    Default: on for classify, seq2seq and unpacked sft/causal_lm; off for the preference tasks."""
+    packing: bool | None = None
     """sft, causal_lm: concatenate short examples into sequences of up to model.max_length tokens. Packed
     examples cannot attend to each other (position ids restart per example and the attention is
-    block-diagonal)."""
+    block-diagonal). Default: on for causal_lm (raw text), off for sft — there `train.batch_size` would count
+    packed rows of several examples each, so turning it on changes the steps per epoch (see the README)."""
     cache_frozen: bool = True
     """head, last_layers (classify): run the frozen embeddings and blocks once per example before training and
     reuse their output every epoch (the frozen part then sees no dropout). Off: every epoch runs the whole model."""
@@ -510,6 +512,22 @@ class Config(Section):
                 problems.append(f"train.batch_size × train.grad_accum ({effective}) must be a multiple of "
                                 f"rl.group_size ({self.rl.group_size}): each step trains whole groups of completions")
         return problems
+
+    @property
+    def packing(self) -> bool:
+        """train.packing, resolved: explicit, else on for causal_lm where the method allows it."""
+        if self.train.packing is not None:
+            return self.train.packing
+        return self.task == "causal_lm" and self.method.name not in ("prefix", "prompt")
+
+    @property
+    def group_by_length(self) -> bool:
+        """train.group_by_length, resolved: explicit, else on where the Trainer sees unpacked rows."""
+        if self.train.group_by_length is not None:
+            return self.train.group_by_length
+        if self.task in ("sft", "causal_lm"):
+            return not self.packing
+        return self.task in ("classify", "seq2seq")
 
     @property
     def metric(self) -> str:

@@ -334,6 +334,13 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer, before_s
              "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
              "steps": output.global_step, "epochs": output.metrics.get("epoch"), "lr": config.lr,
              "bf16": bool(trainer.args.bf16), "epoch_s": epochs.seconds, "processes": trainer.args.world_size}
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        # sharded weights: every rank takes part in gathering them; the Trainer writes on rank 0
+        # (accelerate launch with configs/accelerate/fsdp2.yaml or deepspeed-zero*.yaml; not testable here)
+        trainer.save_model(str(run.path / "model"))
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(run.path / "model")
+        return stats
     if not trainer.is_world_process_zero():
         return stats
     save = getattr(METHODS[config.method.name], "save", None)
@@ -397,7 +404,7 @@ def _training_args(config: Config, run: RunDir, has_validation: bool, cls=None, 
         run_name=run.path.name,
         dataloader_num_workers=0,
         disable_tqdm=False,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         **extra,
@@ -413,7 +420,7 @@ def encode_split(config: Config, frame, tokenizer):
     max_length, data = config.model.max_length, config.data
     if config.task == "causal_lm":
         return sft.encode_text(list(frame[data.text]), tokenizer, max_length, data.overflow,
-                               split_long=config.train.packing)
+                               split_long=config.packing)
     if config.task == "seq2seq":
         from .tasks import seq2seq
 
@@ -486,12 +493,12 @@ def build_generative_trainer(config: Config, splits: Splits, model_dir: str, run
         # mask from the position ids (tests/unit/test_packing.py checks the logits)
 
         args = _training_args(config, run, has_validation=val_ds is not None, cls=SFTConfig,
-                              max_length=max_length, completion_only_loss=True, packing=config.train.packing,
+                              max_length=max_length, completion_only_loss=True, packing=config.packing,
                               packing_strategy="bfd")
         trainer = SFTTrainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=val_ds,
                              processing_class=tokenizer,
                              callbacks=_callbacks(config, run, val_ds is not None) + list(callbacks))
-        if config.train.packing:  # TRL refuses a custom collator with packing, so it is swapped in after
+        if config.packing:  # TRL refuses a custom collator with packing, so it is swapped in after
             trainer.data_collator = PackedRows(tokenizer.pad_token_id)
     return trainer, tokenizer, params, encoded, sets
 

@@ -49,9 +49,11 @@ def test_two_processes_match_one_with_the_same_global_batch(make_config, no_drop
     common = dict(model={"name": str(no_dropout_bert), "max_length": 64},
                   split={"validation": 0, "test": 0.2, "seed": 1})
     one = make_config(method="full", name="one", model=common["model"], data={"split": common["split"]},
-                      train={"max_steps": 6, "batch_size": 8, "logging_steps": 1, "lr": 1e-3, "warmup": 0})
+                      train={"max_steps": 6, "batch_size": 8, "logging_steps": 1, "lr": 1e-3, "warmup": 0,
+                             "group_by_length": False})
     two = make_config(method="full", name="two", model=common["model"], data={"split": common["split"]},
-                      train={"max_steps": 6, "batch_size": 4, "logging_steps": 1, "lr": 1e-3, "warmup": 0})
+                      train={"max_steps": 6, "batch_size": 4, "logging_steps": 1, "lr": 1e-3, "warmup": 0,
+                             "group_by_length": False})
     single = train(one).path
     site = tmp_path / "site"
     site.mkdir()
