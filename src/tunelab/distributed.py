@@ -5,7 +5,8 @@ launcher's environment and trains with DistributedDataParallel through accelerat
 
 Only rank 0 writes the run directory (config, status, metrics, the saved model, evaluation); the other ranks
 train and leave. `accelerate launch --config_file configs/accelerate/...yaml -m tunelab train CONFIG` works the
-same way for multi-GPU DDP, FSDP and DeepSpeed (see the README; only CPU/gloo is tested here).
+same way for multi-GPU DDP, FSDP and DeepSpeed (see the README; only CPU/gloo is tested here). On CPU,
+accelerate launch runs one process unless it goes through mpirun, hence this launcher.
 """
 from __future__ import annotations
 
