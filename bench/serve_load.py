@@ -65,17 +65,12 @@ def start_server(runs: list[Path], port: int, max_batch: int) -> subprocess.Pope
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd + ["--log-level", "warning"], stdout=sink, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start in 300 s")
+    from tunelab.serve import wait_until_healthy
+
+    state = wait_until_healthy(proc, port, 300)
+    if state != "ready":
+        raise SystemExit(f"server {state} before it was ready:\n{log.read_text()}")
+    return proc
 
 
 def load(url: str, requests: list[tuple[str, dict]], concurrency: int) -> dict:

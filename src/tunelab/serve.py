@@ -712,3 +712,21 @@ def serve(runs: list, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     key = api_key or os.environ.get(API_KEY_ENV)
     print(f"  OpenAI-compatible API at http://{host}:{port}/v1" + (" (API key required)" if key else ""))
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def wait_until_healthy(proc, port: int, timeout: float) -> str:
+    """Poll a `tunelab serve` process's /health on 127.0.0.1:PORT: "ready", "exited" or "timeout" (then killed).
+    For scripts and tests that start the server as a subprocess."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return "exited"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return "ready"
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    return "timeout"

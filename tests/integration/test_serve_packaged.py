@@ -5,7 +5,6 @@ commands a user types, in their own processes."""
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -13,6 +12,7 @@ import yaml
 
 import tunelab
 from conftest import free_port
+from tunelab.serve import wait_until_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +34,9 @@ def _start_server(runs, log, port):
         proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", *map(str, runs), "--port", str(port),
                                  "--api-key", "k", "--max-tokens", "64", "--log-level", "warning"],
                                 stdout=sink, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise AssertionError(f"server did not start:\n{log.read_text()}")
+    state = wait_until_healthy(proc, port, 180)
+    assert state == "ready", f"server {state}:\n{log.read_text()}"
+    return proc
 
 
 def test_openai_client_against_two_smollm2_adapters_and_a_classifier(tmp_path):
