@@ -2,7 +2,8 @@
 and frozen-backbone runs, each against the articles' recipe in the same invocation; prints the targets of issue 7
 next to what was measured and writes bench/results/summary.json and summary.md (the README's table).
 
-    python bench/run_all.py            (or: make bench)   ~25 min on a 2-core CPU, most of it the recipe's
+    python bench/run_all.py            (or: make bench)   ~25 min on a 2-core CPU, most of it the recipe
+    python bench/run_all.py --summary-only                 summary.md from the results already in bench/results/'s
 """
 from __future__ import annotations
 
@@ -23,12 +24,18 @@ def _run(script: str, *args: str) -> dict:
     return json.loads((RESULTS / script.replace(".py", ".json")).read_text())
 
 
+def _saved(script: str) -> dict:
+    return json.loads((RESULTS / script.replace(".py", ".json")).read_text())
+
+
 def main() -> None:
-    mm = _run("matmul.py")["results"]
-    sft = _run("sft.py", "--batch", "4", "--steps", "12")
-    cls = _run("classify.py")
-    frozen = _run("frozen.py")["results"]
+    run = _saved if "--summary-only" in sys.argv else _run  # --summary-only: rebuild summary.md from results/
+    mm = run("matmul.py")["results"]
+    sft = run("sft.py", "--batch", "4", "--steps", "12") if run is _run else _saved("sft.py")
+    cls = run("classify.py")
+    frozen = run("frozen.py")["results"]
     t, r = sft["results"]["tunelab"], sft["results"]["recipe"]
+    tc = sft["results"].get("tunelab+compile", {})
     c = cls["results"]
     rows = [
         ("bf16 / fp32 matmul peak (2048²)", "≈6.5× on AMX", f"{mm['bf16_over_fp32']}× ({mm['bf16_gflops']} vs "
@@ -37,6 +44,9 @@ def main() -> None:
          f"{sft['speedup_tokens_per_s']}× ({t.get('tokens_per_s')} vs {r.get('tokens_per_s')})"),
         ("sft LoRA smollm2: MFU of bf16 peak, seq 256", "≥ 35%", f"{100 * (t.get('mfu_bf16_peak') or 0):.1f}%"),
         ("sft LoRA smollm2: peak RSS", "≤ 2 GB", f"{t.get('peak_rss_mb')} MB (recipe {r.get('peak_rss_mb')} MB)"),
+        ("sft LoRA smollm2 with train.compile: tokens/s, MFU, peak RSS", "—",
+         f"{sft.get('speedup_compiled_tokens_per_s')}× ({tc.get('tokens_per_s')} tok/s), "
+         f"{100 * (tc.get('mfu_bf16_peak') or 0):.1f}%, {tc.get('peak_rss_mb')} MB"),
         ("classify full minilm: examples/s vs recipe", "≥ 5×, accuracy ≥ recipe",
          f"{cls['speedup_examples_per_s'].get('full')}× ({c['tunelab-full'].get('examples_per_s')} vs "
          f"{c['recipe-full'].get('examples_per_s')}); accuracy {c['tunelab-full'].get('accuracy')} vs "

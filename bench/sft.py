@@ -95,7 +95,7 @@ def _config(args) -> dict:
 
     cfg = copy.deepcopy(CONFIG)
     cfg["model"]["max_length"] = args.seq
-    cfg["train"].update(batch_size=args.batch, max_steps=args.steps)
+    cfg["train"].update(batch_size=args.batch, max_steps=args.steps, compile=bool(getattr(args, "compile", False)))
     return cfg
 
 
@@ -123,7 +123,8 @@ def run_tunelab(args) -> dict:
     from matmul import peak_gflops
 
     peak = max(args.peak or 0, peak_gflops(torch.bfloat16))
-    return {"side": "tunelab", "bf16": bool(trainer.args.bf16), "packing": True, "seq": args.seq,
+    return {"side": "tunelab", "compile": args.compile, "bf16": bool(trainer.args.bf16), "packing": True,
+            "seq": args.seq,
             "bf16_peak_gflops": peak, **timer.result(*_param_split(trainer.model), peak)}
 
 
@@ -176,6 +177,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--peak", type=float, default=None, help="bf16 matmul GFLOP/s (default: bench/results/matmul.json)")
     ap.add_argument("--only", choices=["tunelab", "recipe"])
+    ap.add_argument("--compile", action="store_true", help="tunelab side with train.compile: true")
     args = ap.parse_args()
     if args.peak is None:
         import json
@@ -191,13 +193,18 @@ def main() -> None:
         args.peak = measure()["bf16_gflops"]
     common = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--peak", str(args.peak)]
     res = {side: run_child("sft.py", side, *common) for side in ("recipe", "tunelab")}
+    res["tunelab+compile"] = run_child("sft.py", "tunelab", *common, "--compile")
     rows = [[side, r.get("seq"), r.get("bf16"), r.get("tokens_per_s"), r.get("model_gflops_per_s"),
              r.get("mfu_bf16_peak"), r.get("peak_rss_mb"), r.get("error")] for side, r in res.items()]
     print("\n" + table(rows, ["sft smollm2 LoRA", "seq", "bf16", "real tok/s", "GFLOP/s", "MFU", "peak RSS MB",
                               "error"]))
     speedup = ratio(res["tunelab"].get("tokens_per_s"), res["recipe"].get("tokens_per_s"))
-    print(f"tunelab / recipe real tokens/s: {speedup}×  (bf16 matmul peak {args.peak} GFLOP/s)")
-    print(f"wrote {write('sft', {'settings': vars(args), 'results': res, 'speedup_tokens_per_s': speedup})}")
+    compiled = ratio(res["tunelab+compile"].get("tokens_per_s"), res["recipe"].get("tokens_per_s"))
+    print(f"tunelab / recipe real tokens/s: {speedup}× (train.compile: {compiled}×)  (bf16 matmul peak {args.peak} "
+          "GFLOP/s)")
+    payload = {"settings": vars(args), "results": res, "speedup_tokens_per_s": speedup,
+               "speedup_compiled_tokens_per_s": compiled}
+    print(f"wrote {write('sft', payload)}")
 
 
 if __name__ == "__main__":

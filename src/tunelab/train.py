@@ -465,6 +465,11 @@ def build_generative_trainer(config: Config, splits: Splits, model_dir: str, run
         tokenizer.pad_token = tokenizer.eos_token
     model, params = _prepare_method(config, model, new_modules, model_dir)
     _fp32_trainable(model)
+    if config.train.compile:  # in place: the state dict, checkpoints and the saved model keep their keys
+        from .methods.freezing import transformer_blocks
+
+        for block in transformer_blocks(model)[1]:
+            block.compile()
     encoded = _encode_generative(config, splits, tokenizer)
     max_length = config.model.max_length
     for name, e in encoded.items():

@@ -200,3 +200,36 @@ def test_sft_end_to_end_and_reload_generates_the_same(make_config, tiny_llama, t
     assert not any("lora" in n for n, _ in plain.named_parameters())
     merged_gen = Generator(result.config, Generator.load(result.path).tokenizer, plain)
     assert merged_gen.generate([s["prompt"] for s in saved], max_new_tokens=4) == [s["generated"] for s in saved]
+
+
+def test_compiled_blocks_train_the_same_adapter(make_config, tiny_llama, tmp_path):
+    """train.compile: the blocks run compiled and the result is the uncompiled run's (same adapter keys, same
+    losses to rounding) — compilation changes speed, not what is learned or saved."""
+    from safetensors.torch import load_file
+
+    rows = [{"prompt": f"say {w}", "response": w} for w in ["good", "bad", "great", "awful", "fine"] * 8]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    runs = {}
+    for compiled in (False, True):
+        path = make_config(method={"name": "lora", "r": 4, "dropout": 0.0}, name=f"c{compiled}",
+                           model={"name": str(tiny_llama)}, task="sft",
+                           data={"train": str(data), "split": {"validation": 0, "test": 0.2}, "leakage": "ignore"},
+                           train={"max_steps": 3, "logging_steps": 1, "compile": compiled}, eval={"max_new_tokens": 2})
+        runs[compiled] = tunelab.train(path).path
+    losses = {c: [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().split("\n") if '"loss"' in x]
+              for c, p in runs.items()}
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-3)
+    a, b = (load_file(runs[c] / "model" / "adapter_model.safetensors") for c in (False, True))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+    # and the compiled run really compiled every block
+    from tunelab.config import load_config
+    from tunelab.data import load_splits
+    from tunelab.methods.freezing import transformer_blocks
+    from tunelab.runs import RunDir
+    from tunelab.train import build_generative_trainer
+
+    config = load_config(runs[True] / "config.yaml")
+    trainer, *_ = build_generative_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "x"))
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(trainer.model)[1])
