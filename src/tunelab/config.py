@@ -231,7 +231,7 @@ class TrainConfig(Section):
     """Memory bound for that cache (estimated before it is built); over it, training runs uncached."""
     compile: bool = False
     """sft, causal_lm: torch.compile each transformer block for training (regional compilation). Measured on the
-    2-core CPU (bench/sft.py): 1.4× the tokens/s and −0.5 GB peak RSS for smollm2 LoRA, after ~40 s of
+    2-core CPU (bench/sft.py): 1.4× the tokens/s and −0.5 GB peak RSS for smollm2 LoRA, after tens of seconds of
     compiling. Off by default: the compile time dominates short runs."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower (always on for qlora)."""
