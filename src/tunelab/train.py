@@ -46,13 +46,11 @@ def fast_bf16() -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-# methods whose base weights stay frozen: with bf16 on, the base is loaded in bf16 (half the memory, no per-step
-# casts under autocast) and only the trainable parameters keep fp32 master copies (bench/sft.py)
-_FROZEN_BASE = {"lora", "dora", "ia3", "adapter", "prompt", "prefix"}
-
-
 def base_dtype(config: Config) -> torch.dtype:
-    return torch.bfloat16 if use_bf16(config) and config.method.name in _FROZEN_BASE else torch.float32
+    """bf16 for the base of a method that keeps it frozen (its module sets FROZEN_BASE) when bf16 is on: half the
+    memory, no per-step casts under autocast; the trainable parameters keep fp32 copies (bench/sft.py)."""
+    frozen = getattr(METHODS[config.method.name], "FROZEN_BASE", False)
+    return torch.bfloat16 if use_bf16(config) and frozen else torch.float32
 
 
 def _fp32_trainable(model) -> None:
@@ -219,10 +217,12 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
                       callbacks=_callbacks(config, run, val_ds is not None) + list(callbacks))
     cache, cache_stats = _frozen_cache(config, model, tokenizer, [d for d in (train_ds, val_ds) if d is not None],
                                        collator)
+    if cache:  # the modules get their own forward back when training ends, before the model is saved
+        trainer.add_callback(cache.callback())
     try:
-        stats = _fit(trainer, config, run, resume, tokenizer, before_save=cache.remove if cache else None)
+        stats = _fit(trainer, config, run, resume, tokenizer)
     finally:
-        if cache:
+        if cache:  # training failed: free the cache all the same
             cache.remove()
     return params, {**stats, "best_checkpoint": trainer.state.best_model_checkpoint, "truncated_examples": at_limit,
                     "frozen_cache": cache_stats}
@@ -311,7 +311,7 @@ def _callbacks(config: Config, run: RunDir, has_validation: bool) -> list:
     return callbacks
 
 
-def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer, before_save=None) -> dict:
+def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer) -> dict:
     """Train (resuming from the last checkpoint if asked), save model + tokenizer, return the common stats."""
     from transformers.trainer_callback import ProgressCallback
 
@@ -325,8 +325,6 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer, before_s
     if resume and checkpoint is None:
         print(f"tunelab: no checkpoint in {run.path}/checkpoints yet; starting from the beginning")
     output = trainer.train(resume_from_checkpoint=checkpoint)
-    if before_save:
-        before_save()
     stats = {"runtime_s": round(output.metrics["train_runtime"], 2),
              "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
              # the Trainer's own train_loss averages only the steps since a resume; the last logged loss

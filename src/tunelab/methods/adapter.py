@@ -22,6 +22,8 @@ from ..schema import Section
 from .freezing import freeze_all, transformer_blocks, unfreeze
 
 DEFAULT_LR = 1e-3
+# the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
+FROZEN_BASE = True
 CONFIG_FILE, WEIGHTS_FILE = "bottleneck.json", "bottleneck.safetensors"
 
 # Output projections of attention and FFN: Llama/Mistral/Qwen, BERT, GPT-2, T5, OPT/BART, GPT-NeoX.

@@ -128,6 +128,18 @@ class FrozenCache:
         for block in self._patched[1:]:
             block.forward = passthrough
 
+    def callback(self):
+        """A TrainerCallback that calls `remove` when training ends (before the run saves the model)."""
+        from transformers import TrainerCallback
+
+        cache = self
+
+        class _Remove(TrainerCallback):
+            def on_train_end(self, args, state, control, **kwargs):
+                cache.remove()
+
+        return _Remove()
+
     def remove(self) -> None:
         """Give the modules their own forward back (before saving); the cache is freed."""
         for module in getattr(self, "_patched", []):

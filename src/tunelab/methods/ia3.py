@@ -10,6 +10,8 @@ from ..schema import Section
 from .peft_common import wrap
 
 DEFAULT_LR = 3e-3
+# the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
+FROZEN_BASE = True
 
 
 class Options(Section):

@@ -14,6 +14,8 @@ from .freezing import transformer_blocks
 from .peft_common import wrap
 
 DEFAULT_LR = 5e-4
+# the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
+FROZEN_BASE = True
 
 # Linear layers inside the blocks that LoRA adapts by default: the attention projections.
 _ATTENTION_NAMES = {"query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "qkv_proj",

@@ -15,6 +15,8 @@ from .peft_common import wrap
 # raises after training): the final model is kept, and early stopping is refused.
 LOAD_BEST = False
 DEFAULT_LR = 3e-2
+# the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
+FROZEN_BASE = True
 
 
 class Options(Section):
