@@ -23,9 +23,10 @@ from . import serve as _serve_module  # noqa: E402, F401
 from . import train as _train_module  # noqa: E402
 
 
-def train(config, overrides=(), *, resume=False, overwrite=False):
-    """Train from a YAML path (or a Config); returns a RunResult with `.path` and `.metrics`."""
-    return _train_module.train(config, overrides, resume=resume, overwrite=overwrite)
+def train(config, overrides=(), *, resume=False, overwrite=False, allow_code=False):
+    """Train from a YAML path (or a Config); returns a RunResult with `.path` and `.metrics`. `allow_code`: let a
+    config's rl.reward.function import and run Python code."""
+    return _train_module.train(config, overrides, resume=resume, overwrite=overwrite, allow_code=allow_code)
 
 
 def load(run_path):
@@ -68,18 +69,18 @@ def merge(run_path, out=None):
     return _merge(run_path, out)
 
 
-def compare(config, overrides=(), *, methods=None, out=None, rerun=False):
+def compare(config, overrides=(), *, methods=None, out=None, rerun=False, allow_code=False):
     """Run several methods on the same data and split; returns rows and the paths of report.md / report.html."""
     from .compare import compare as _compare
 
-    return _compare(config, overrides, methods=methods, out=out, rerun=rerun)
+    return _compare(config, overrides, methods=methods, out=out, rerun=rerun, allow_code=allow_code)
 
 
-def search(config, overrides=(), *, trials=None, out=None):
+def search(config, overrides=(), *, trials=None, out=None, allow_code=False):
     """Optuna hyperparameter search over the config's search.space; returns the best params and output paths."""
     from .search import search as _search
 
-    return _search(config, overrides, trials=trials, out=out)
+    return _search(config, overrides, trials=trials, out=out, allow_code=allow_code)
 
 
 def check_data(config, overrides=()):

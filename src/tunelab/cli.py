@@ -15,9 +15,10 @@ def _train(args) -> int:
     if args.nproc > 1 and distributed.world_size() == 1:
         argv = ["train", args.config, *[a for kv in args.set for a in ("--set", kv)]]
         argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite + ["--debug"] * args.debug
+        argv += ["--allow-code"] * args.allow_code
         return distributed.launch(argv, args.nproc)
     distributed.quiet_other_ranks()
-    result = train(args.config, args.set, resume=args.resume, overwrite=args.overwrite)
+    result = train(args.config, args.set, resume=args.resume, overwrite=args.overwrite, allow_code=args.allow_code)
     if distributed.is_main():
         _print_result(result)
     return 0
@@ -28,7 +29,8 @@ def _print_result(result) -> None:
     params = m["params"]
     print(f"\nrun: {result.path}")
     print(f"trainable parameters: {params['trainable']:,} / {params['total']:,} ({params['percent']:.3g}%)")
-    print(f"training: {m['train']['runtime_s']} s, {m['train']['examples_per_s']} examples/s")
+    speed = m["train"].get("examples_per_s")
+    print(f"training: {m['train']['runtime_s']} s" + (f", {speed} examples/s" if speed is not None else ""))
     if m["train"].get("tokens_per_s"):
         print(f"throughput: {m['train']['tokens_per_s']} real tokens/s")
     if result.config.task in ("reward", "dpo", "rl"):
@@ -85,6 +87,7 @@ def _validate(args) -> int:
 
 
 def _eval(args) -> int:
+    from .errors import TunelabError
     from .evaluate import evaluate_base, evaluate_run
 
     if args.base:
@@ -93,7 +96,7 @@ def _eval(args) -> int:
               " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         return 0
     if not args.data:
-        raise SystemExit("tunelab eval: --data FILE is required (or --base CONFIG)")
+        raise TunelabError("tunelab eval: --data FILE is required (or --base CONFIG)")
     metrics = evaluate_run(args.run, args.data)
     if "accuracy" not in metrics:  # a generative run: loss/perplexity (+ generation metrics)
         print(f"{args.data}: " + " · ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
@@ -114,13 +117,14 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
+    from .errors import TunelabError
     from .tasks.classify import Classifier
 
     texts = list(args.text)
     if args.input:
-        texts += [line.rstrip("\n") for line in Path(args.input).read_text().splitlines() if line.strip()]
+        texts += [line for line in _read_lines(args.input) if line.strip()]
     if not texts:
-        raise SystemExit("tunelab predict: give TEXT arguments or --input FILE (one text per line)")
+        raise TunelabError("tunelab predict: give TEXT arguments or --input FILE (one text per line)")
     clf = Classifier.load(args.run)
     for text, probs in zip(texts, clf.predict_proba(texts)):
         label = max(probs, key=probs.get)
@@ -195,16 +199,23 @@ def _generate(args) -> int:
     return 0
 
 
-def _read_prompts(spec: str, field: str) -> list[str]:
-    """Prompts from a JSONL file (`field` of each row) or a text file (one per line), with clear errors."""
-    from pathlib import Path
-
+def _read_lines(spec: str) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark dropped); clear errors for a missing or non-UTF-8 file."""
+    from .data.readers import _text
     from .errors import DataError
 
     path = Path(spec)
     if not path.is_file():
-        raise DataError(f"{spec}: no such file")
-    lines = [x for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+        raise DataError(f"{spec}: no such file" if not path.exists() else f"{spec} is not a file")
+    return _text(path).splitlines()
+
+
+def _read_prompts(spec: str, field: str) -> list[str]:
+    """Prompts from a JSONL file (`field` of each row) or a text file (one per line), with clear errors."""
+    from .errors import DataError
+
+    path = Path(spec)
+    lines = [x for x in _read_lines(spec) if x.strip()]
     if path.suffix != ".jsonl":
         return lines
     out = []
@@ -232,7 +243,8 @@ def _compare(args) -> int:
     from .compare import compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    result = compare(args.config, args.set, methods=methods, out=args.out, rerun=args.rerun)
+    result = compare(args.config, args.set, methods=methods, out=args.out, rerun=args.rerun,
+                     allow_code=args.allow_code)
     print()
     for row in result["rows"]:
         if row["status"] == "failed":
@@ -249,7 +261,7 @@ def _compare(args) -> int:
 def _search(args) -> int:
     from .search import search
 
-    r = search(args.config, args.set, trials=args.trials, out=args.out)
+    r = search(args.config, args.set, trials=args.trials, out=args.out, allow_code=args.allow_code)
     print(f"\nsearch: {r['trials']} trial(s): {r['complete']} complete, {r['pruned']} pruned, {r['failed']} failed")
     print(f"trials: {r['trials_csv']} · history plot: {r['history']} · study: {r['dir'] / 'study.db'}")
     if "best_yaml" in r:
@@ -282,8 +294,12 @@ def _serve(args) -> int:
     from .serve import Limits, serve
 
     limits = Limits(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
-                    max_tokens=args.max_tokens)
-    serve(args.runs, host=args.host, port=args.port, api_key=args.api_key, limits=limits, log_level=args.log_level)
+                    max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * 2**20))
+    from .serve import read_api_key
+
+    key = read_api_key(args.api_key, args.api_key_file)
+    serve(args.runs, host=args.host, port=args.port, api_key=key, limits=limits, log_level=args.log_level,
+          allow_public=args.allow_public)
     return 0
 
 
@@ -304,11 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
 
+    def with_code(sp):
+        sp.add_argument("--allow-code", action="store_true",
+                        help="let the config's rl.reward.function import and run the Python code it names")
+
     t = sub.add_parser("train", help="train a run from a config file")
     t.add_argument("config")
     with_set(t)
     t.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    with_code(t)
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes (torch.distributed.run; gloo on CPU, NCCL on GPU); "
                         "train.batch_size is per process")
@@ -388,7 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("runs", nargs="+", help="run directories; each is served as model <directory name>")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: ${TUNELAB_API_KEY} if set)")
+    sv.add_argument("--api-key-file", metavar="FILE",
+                    help="require `Authorization: Bearer KEY`, KEY being the first line of FILE (or set "
+                         "TUNELAB_API_KEY); with a key, every route but /health needs it")
+    sv.add_argument("--api-key", help="the key itself (visible to other users in the process list: prefer "
+                                      "--api-key-file or TUNELAB_API_KEY)")
+    sv.add_argument("--allow-public", action="store_true",
+                    help="allow a non-loopback --host without an API key")
+    sv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (413 beyond it)")
     sv.add_argument("--max-batch", type=int, default=16, help="requests run together in one pass (1: no batching)")
     sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to collect a batch")
     sv.add_argument("--max-queue", type=int, default=256, help="waiting requests per model before 503")
@@ -404,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="folder for the runs and the report (default: compare.dir or runs/compare-NAME)")
     c.add_argument("--rerun", action="store_true", help="train every method again, even those already run")
     with_set(c)
+    with_code(c)
     c.set_defaults(fn=_compare)
 
     se = sub.add_parser("search", help="hyperparameter search (Optuna TPE + median pruning) over search.space")
@@ -411,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--trials", type=int, help="trials in total (default: search.trials)")
     se.add_argument("--out", help="folder (default: search.dir or runs/search-NAME)")
     with_set(se)
+    with_code(se)
     se.set_defaults(fn=_search)
 
     m = sub.add_parser("models", help="list the packaged model aliases")
@@ -418,11 +448,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plain_warnings() -> None:
+    """Library warnings reach the user as one plain line each (once), not as source paths and code lines."""
+    import warnings
+
+    seen = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip().split("\n")[0]
+        if text in seen:
+            return
+        seen.add(text)
+        print(f"tunelab: warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .errors import TunelabError
 
+    if not args.debug:
+        _plain_warnings()
     try:
         return args.fn(args)
     except TunelabError as exc:

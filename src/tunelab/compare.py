@@ -6,7 +6,10 @@ the same hash as the one it would get now is reused, so adding a method does not
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import json
 import subprocess
 import sys
 import threading
@@ -15,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ICL_ENTRIES, Config, load_config
-from .errors import ConfigError
-from .runs import read_status
+from .errors import ConfigError, RunError
+from .runs import read_status, replaceable
 
 
 @dataclass
@@ -86,10 +89,29 @@ def cached(entry: Entry) -> bool:
         return False
 
 
-def _run_process(entry: Entry) -> tuple[int, str]:
+def check_inputs(configs: list[Config]) -> None:
+    """The data (columns, types, labels, leakage) and models of the entries about to train, checked once here:
+    a problem they share stops compare with one message instead of failing every entry with it."""
+    from .data import load_splits
+    from .models import check_model, resolve
+
+    seen = set()
+    for cfg in configs:
+        key = json.dumps([cfg.task, cfg.to_dict()["data"]], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            with contextlib.redirect_stdout(io.StringIO()):  # each entry prints its own data notes
+                load_splits(cfg)
+        if cfg.model.name not in seen:
+            seen.add(cfg.model.name)
+            check_model(resolve(cfg.model.name), cfg.task, cfg.method.name)
+
+
+def _run_process(entry: Entry, allow_code: bool = False) -> tuple[int, str]:
     """`tunelab train` on the entry's config in a child process; its output is shown live, and the tail of its
     stderr is kept for the error message."""
-    cmd = [sys.executable, "-m", "tunelab", "train", str(entry.config_path), "--overwrite"]
+    cmd = [sys.executable, "-m", "tunelab", "train", str(entry.config_path), "--overwrite"] + \
+        ["--allow-code"] * allow_code
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     tail = bytearray()
 
@@ -119,7 +141,7 @@ def _failure(entry: Entry, stderr_tail: str) -> str:
 
 
 def compare(config_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, methods: list[str] | None = None,
-            out: str | Path | None = None, rerun: bool = False) -> dict:
+            out: str | Path | None = None, rerun: bool = False, allow_code: bool = False) -> dict:
     """Run (or reuse) every entry, then write report.md / report.html; returns {"dir", "entries", "rows"}."""
     from .report import compare_report, compare_rows
 
@@ -136,17 +158,25 @@ def compare(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     if config.train.lr is not None:
         print(f"tunelab compare: train.lr={config.train.lr} is set, so every method uses it; leave it unset for each "
               f"method's own default, or set it per method in compare.overrides", file=sys.stderr)
+    todo = [e for e in entries if rerun or not cached(e)]
+    check_inputs([e.config for e in todo])
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for entry in entries:
         entry.config.save(entry.config_path)
     for n, entry in enumerate(entries, 1):
-        if not rerun and cached(entry):
+        if entry not in todo:
             entry.status = "cached"
             print(f"\n── compare [{n}/{len(entries)}] {entry.name}: cached ({entry.run_dir})", flush=True)
             continue
         print(f"\n── compare [{n}/{len(entries)}] {entry.name}: training ({entry.config_path})", flush=True)
+        try:
+            replaceable(entry.run_dir, "tunelab compare")
+        except RunError as exc:
+            entry.status, entry.error = "failed", str(exc)
+            print(f"── compare: {entry.name} not run: {entry.error}", flush=True)
+            continue
         t0 = time.time()
-        code, tail = _run_process(entry)
+        code, tail = _run_process(entry, allow_code)
         entry.wall_s = round(time.time() - t0, 1)
         if code == 0 and (read_status(entry.run_dir) or {}).get("state") == "completed":
             entry.status = "trained"

@@ -120,8 +120,12 @@ class DataConfig(Section):
     """Column holding the label (string or integer)."""
     labels: list[str] | None = None
     """The label set in a fixed order; default: the sorted labels found in the train data."""
-    leakage: Literal["error", "warn", "ignore"] = "error"
-    """What to do when a validation/test text (normalised) also appears in train."""
+    leakage: Literal["error", "warn", "drop", "ignore"] = "error"
+    """What to do when a validation/test text (normalised) also appears in train: stop (`error`), go on with a
+    warning (`warn`), remove those rows from validation/test and say how many (`drop`), or say nothing."""
+    numbers_as_text: bool = False
+    """Accept numbers where text is expected (read as their decimal text). Off: a number in a text column is an
+    error naming the row — it usually means the wrong column was named."""
     max_train_examples: int | None = Field(None, ge=1)
     """Use only this many training examples (a fixed-seed sample), e.g. for a quick try."""
     # --- task: sft
@@ -585,9 +589,19 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, override and validate a config file; raise ConfigError listing every problem."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), ["no such file"])
+        raise ConfigError(str(path), ["no such file" if not path.exists() else "not a file"])
     try:
-        raw = yaml.load(path.read_text(), Loader=_StrictLoader)
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {exc.start}, line {line}); a config is a YAML text "
+                                      f"file"]) from None
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot be read ({exc.strerror})"]) from None
+    if "\x00" in text:
+        raise ConfigError(str(path), ["holds NUL bytes: it is a binary file, not a YAML config"])
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
     if not isinstance(raw, dict):
@@ -621,7 +635,11 @@ def apply_override(raw: dict, item: str) -> str | None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             return f"--set {key}: `{part}` is not a section"
-    node[parts[-1]] = yaml.safe_load(value) if value else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value else None
+    except yaml.YAMLError as exc:
+        why = str(getattr(exc, "problem", None) or exc).strip()
+        return f"--set {item}: the value is not valid YAML ({why}); quote text, e.g. --set {key}='\"...\"'"
     return None
 
 

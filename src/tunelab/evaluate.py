@@ -83,6 +83,27 @@ _PROBE_SKIP = {"features": "the encoder is frozen", "icl": "nothing is trained",
                "prefix": "prefix tuning changes the attention inputs, not the encoder's weights"}
 
 
+def earlier_task_table(config):
+    """The rows of eval.earlier_task (a seeded sample), checked like training data; train reads it before it
+    starts, so a problem in that file stops the run before any work."""
+    from .data.readers import read_table
+    from .data.types import check_labels, check_text_columns
+    from .errors import DataError
+
+    spec = config.eval.earlier_task
+    frame = read_table(spec.data)
+    missing = [c for c in (spec.text, spec.label) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{spec.data}: eval.earlier_task column(s) {', '.join(missing)} not found; columns: "
+                        f"{', '.join(c for c in frame.columns if not c.startswith('_'))}")
+    frame = frame.dropna(subset=[spec.text, spec.label])
+    frame = check_text_columns(frame, spec.data, [spec.text], config.data.numbers_as_text)
+    frame = frame.assign(**{spec.label: check_labels(frame, spec.data, spec.label)})
+    if frame[spec.label].nunique() < 2:
+        raise DataError(f"{spec.data}: eval.earlier_task needs at least two labels in `{spec.label}`")
+    return frame.sample(n=min(len(frame), spec.max_examples), random_state=config.data.split.seed)
+
+
 def earlier_task_probe(config, clf) -> dict:
     """Forgetting for classifiers: accuracy of a logistic-regression probe on mean-pooled last-layer features of
     an earlier task's data, with the base encoder and with the fine-tuned one (same rows, same split)."""
@@ -91,24 +112,14 @@ def earlier_task_probe(config, clf) -> dict:
     from sklearn.model_selection import train_test_split
     from transformers import AutoModel
 
-    from .data.readers import read_table
-    from .errors import DataError
     from .methods.features import embed
     from .models import resolve
 
     spec = config.eval.earlier_task
     if config.method.name in _PROBE_SKIP:
         return {"data": spec.data, "skipped": _PROBE_SKIP[config.method.name]}
-    frame = read_table(spec.data)
-    missing = [c for c in (spec.text, spec.label) if c not in frame.columns]
-    if missing:
-        raise DataError(f"{spec.data}: eval.earlier_task column(s) {', '.join(missing)} not found; columns: "
-                        f"{', '.join(c for c in frame.columns if not c.startswith('_'))}")
-    frame = frame.dropna(subset=[spec.text, spec.label])
-    if frame[spec.label].astype(str).nunique() < 2:
-        raise DataError(f"{spec.data}: eval.earlier_task needs at least two labels in `{spec.label}`")
-    frame = frame.sample(n=min(len(frame), spec.max_examples), random_state=config.data.split.seed)
-    texts, labels = frame[spec.text].astype(str).tolist(), frame[spec.label].astype(str).to_numpy()
+    frame = earlier_task_table(config)
+    texts, labels = frame[spec.text].tolist(), frame[spec.label].to_numpy()
     idx_fit, idx_score = train_test_split(range(len(texts)), test_size=0.5, random_state=config.data.split.seed,
                                           stratify=labels)
 

@@ -23,7 +23,7 @@ import torch
 from .errors import RunError, TunelabError
 from .merge import CAUSAL, MERGEABLE, _samples
 from .merge import merge as merge_run
-from .runs import open_finished
+from .runs import MARKER, check_target, open_finished, write_output_dir
 
 FORMATS = ("hf", "onnx")
 TOLERANCE = {"classify": 1e-4, "causal": 1e-3}  # logits of an LM are larger (|z| ~ 10-30): same relative error
@@ -40,6 +40,7 @@ def export(run_path, format: str = "hf", merge: bool = False, out=None, toleranc
                if method == "features" else "it trains nothing: its model is the base model plus stored prompts")
         raise RunError(f"{path} is a `{method}` run and cannot be exported: {why}")
     target = Path(out) if out else path / f"export-{format}"
+    check_target(target, MARKER, "export")  # before any model is loaded
     if format == "hf":
         if merge:
             if method not in MERGEABLE:
@@ -52,23 +53,12 @@ def export(run_path, format: str = "hf", merge: bool = False, out=None, toleranc
 
 
 def _copy_folder(path: Path, target: Path) -> Path:
-    tmp = _fresh(target)
-    shutil.copytree(path / "model", tmp)
-    shutil.copy2(path / "config.yaml", tmp / "tunelab_config.yaml")  # how it was trained (base model, prompts)
-    return _publish(tmp, target)
+    def fill(folder: Path) -> None:
+        shutil.copytree(path / "model", folder, dirs_exist_ok=True)
+        shutil.copy2(path / "config.yaml", folder / "tunelab_config.yaml")  # how it was trained (base, prompts)
+        (folder / MARKER).write_text(json.dumps({"format": "hf", "merged": False, "run": str(path)}, indent=2))
 
-
-def _fresh(target: Path) -> Path:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return tmp
-
-
-def _publish(tmp: Path, target: Path) -> Path:
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+    return write_output_dir(target, fill, "export", run=path)
 
 
 class _Logits(torch.nn.Module):
@@ -124,9 +114,9 @@ def _onnx(path: Path, config, target: Path, tolerance: float | None) -> dict:
     inputs = tuple(enc[n] for n in names)
     wrapper = _Logits(model, token_types, causal=kind == "causal").eval()
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    tmp = _fresh(target)
-    tmp.mkdir(parents=True)
-    try:
+    info = {}
+
+    def fill(tmp: Path) -> None:
         with torch.inference_mode(False), torch.no_grad():
             torch.onnx.export(wrapper, inputs, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
                               dynamic_shapes={n: {0: batch, 1: seq} for n in names}, dynamo=True,
@@ -148,15 +138,14 @@ def _onnx(path: Path, config, target: Path, tolerance: float | None) -> dict:
         tokenizer.save_pretrained(tmp)
         if labels is not None:
             (tmp / "labels.json").write_text(json.dumps(labels))
-        info = {"format": "onnx", "kind": kind, "inputs": names, "output": "logits",
-                "max_abs_diff": diff, "tolerance": tolerance, "examples": len(texts),
-                "batch_shape": list(enc["input_ids"].shape), "torch_eager_s": torch_s, "onnxruntime_s": ort_s,
-                "speedup": torch_s / ort_s, "labels": labels, "run": str(path)}
-        (tmp / "export.json").write_text(json.dumps(info, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {**info, "path": str(_publish(tmp, target))}
+        info.update({"format": "onnx", "kind": kind, "inputs": names, "output": "logits",
+                     "max_abs_diff": diff, "tolerance": tolerance, "examples": len(texts),
+                     "batch_shape": list(enc["input_ids"].shape), "torch_eager_s": torch_s, "onnxruntime_s": ort_s,
+                     "speedup": torch_s / ort_s, "labels": labels, "run": str(path)})
+        (tmp / MARKER).write_text(json.dumps(info, indent=2))
+
+    written = write_output_dir(target, fill, "export", run=path)  # fills `info`
+    return {**info, "path": str(written)}
 
 
 def _time(fn, repeats: int = 10) -> float:

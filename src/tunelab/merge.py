@@ -10,14 +10,13 @@ and the merge fails loudly beyond the tolerance.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import RunError, TunelabError
-from .runs import open_finished
+from .runs import MARKER, check_target, open_finished, write_output_dir
 
 TOLERANCE = 1e-4
 MERGEABLE = ("lora", "dora", "qlora", "ia3")
@@ -28,6 +27,7 @@ def merge(run_path, out: str | Path | None = None, tolerance: float = TOLERANCE)
     """Write `out` (default RUN/merged) and return {"path", "max_abs_diff", "examples"}."""
     path, config = open_finished(run_path)
     method = config.method.name
+    check_target(Path(out) if out else path / "merged", MARKER, "merge")  # refused before any model is loaded
     if method not in MERGEABLE:
         why = ("its model/ folder is already a full model" if method in ("full", "head", "last_layers")
                else "its virtual tokens / bottleneck modules cannot be folded into the weights; serve it as an "
@@ -56,14 +56,16 @@ def merge(run_path, out: str | Path | None = None, tolerance: float = TOLERANCE)
         raise TunelabError(f"merged model disagrees with the adapter: max |logit difference| {diff:.2e} > "
                            f"{tolerance:.0e} on {len(samples)} inputs; nothing was written")
     target = Path(out) if out else path / "merged"
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    if config.task == "classify":
-        (tmp / "labels.json").write_text(json.dumps(loaded.labels))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    info = {"format": "hf", "merged": True, "run": str(path), "max_abs_diff": diff, "examples": len(samples)}
+
+    def fill(folder: Path) -> None:
+        merged.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+        if config.task == "classify":
+            (folder / "labels.json").write_text(json.dumps(loaded.labels))
+        (folder / MARKER).write_text(json.dumps(info, indent=2))
+
+    write_output_dir(target, fill, "merge", run=path)
     return {"path": str(target), "max_abs_diff": diff, "examples": len(samples)}
 
 

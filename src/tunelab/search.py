@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .errors import ConfigError, TunelabError
-from .runs import RunDir
+from .runs import RunDir, replaceable
 
 
 def _sample(trial, key: str, spec):
@@ -60,7 +60,7 @@ def _reporter(trial, metric: str):
 
 
 def search(config_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, trials: int | None = None,
-           out: str | Path | None = None) -> dict:
+           out: str | Path | None = None, allow_code: bool = False) -> dict:
     import optuna
     from pydantic import ValidationError
 
@@ -110,8 +110,9 @@ def search(config_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
               + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
               flush=True)
         cfg = trial_config(base, params, run_dir)
+        replaceable(run_dir, "tunelab search")  # a trial folder left by an earlier study of this search only
         try:
-            result = train(cfg, overwrite=True, callbacks=(_reporter(trial, metric),))
+            result = train(cfg, overwrite=True, callbacks=(_reporter(trial, metric),), allow_code=allow_code)
         except optuna.TrialPruned:
             RunDir(run_dir).set_state("pruned", error="pruned by tunelab search (below the median)")
             print(f"── search trial {trial.number}: pruned", flush=True)

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hmac
+import ipaddress
 import json
+import logging
 import os
-import queue
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,11 @@ class Limits:
     """Most texts in one /v1/classify request."""
     max_input_chars: int = 100_000
     """Longest single text / prompt in characters (rejected before tokenizing)."""
+    max_body_bytes: int = 16 * 2**20
+    """Largest request body; a larger one is refused with 413 before it is read (by its Content-Length, or as soon
+    as that many bytes have arrived)."""
+    max_batch_tokens: int = 16_384
+    """Most prompt tokens in one generation batch (a long prompt runs with fewer others)."""
 
 
 class Busy(Exception):
@@ -119,43 +127,68 @@ class ClassifyRequest(_Request):
 
 
 class Worker:
-    """One thread per model: collects waiting jobs into batches and runs `run_batch(jobs)`."""
+    """One thread per model: runs the waiting work in batches. A request's work is a list of units (a prompt, or one
+    text to classify); each batch takes units round-robin across the waiting requests — at most `max_units` units
+    and `limits.max_batch_tokens` tokens — so one huge request cannot hold back the small ones behind it: they ride
+    in the next batch."""
 
-    def __init__(self, name: str, run_batch: Callable[[list], None], limits: Limits):
+    def __init__(self, name: str, run_batch: Callable[[list], None], limits: Limits, max_units: int | None = None):
         self.name, self.run_batch, self.limits = name, run_batch, limits
-        self.jobs: queue.Queue = queue.Queue()
-        self.pending = 0
-        self.lock = threading.Lock()
+        self.max_units = max(1, max_units or limits.max_batch)
+        self.requests: deque[deque] = deque()  # per request: its units not yet taken
+        self.cond = threading.Condition()
         self.batches = self.batched_jobs = 0
         self.thread = threading.Thread(target=self._loop, name=f"tunelab-serve-{name}", daemon=True)
         self.thread.start()
 
-    def submit(self, job) -> None:
-        with self.lock:
-            if self.pending >= self.limits.max_queue:
+    @property
+    def pending(self) -> int:
+        """Requests with work still waiting."""
+        return len(self.requests)
+
+    def submit(self, units: list) -> None:
+        """Queue one request's units; Busy when `max_queue` requests are already waiting."""
+        if not units:
+            return
+        with self.cond:
+            if len(self.requests) >= self.limits.max_queue:
                 raise Busy()
-            self.pending += 1
-        self.jobs.put(job)
+            self.requests.append(deque(units))
+            self.cond.notify()
+
+    def _waiting(self) -> int:
+        return sum(len(q) for q in self.requests)
+
+    def _collect(self) -> list:
+        with self.cond:
+            while not self.requests:
+                self.cond.wait()
+            deadline = time.monotonic() + self.limits.batch_wait_ms / 1000
+            while self._waiting() < self.max_units and (left := deadline - time.monotonic()) > 0:
+                self.cond.wait(left)
+            batch, tokens = [], 0
+            while self.requests and len(batch) < self.max_units:
+                q = self.requests.popleft()
+                cost = getattr(q[0], "cost", 0)
+                if batch and tokens + cost > self.limits.max_batch_tokens:
+                    self.requests.appendleft(q)
+                    break
+                batch.append(q.popleft())
+                tokens += cost
+                if q:
+                    self.requests.append(q)  # its next unit waits for the other requests' turn
+            return batch
 
     def _loop(self) -> None:
         while True:
-            batch = [self.jobs.get()]
-            deadline = time.monotonic() + self.limits.batch_wait_ms / 1000
-            while len(batch) < self.limits.max_batch:
-                left = deadline - time.monotonic()
-                try:
-                    batch.append(self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait())
-                except queue.Empty:
-                    break
-            with self.lock:
-                self.pending -= len(batch)
+            batch = self._collect()
             self.batches += 1
             self.batched_jobs += len(batch)
             try:
                 self.run_batch(batch)
             except BaseException as exc:  # a failed batch fails its requests, not the server
-                for job in batch:
-                    job.fail(exc)
+                for unit in batch:
+                    unit.fail(exc)
 
 
 class Job:
@@ -177,6 +210,7 @@ class GenerateJob(Job):
         self.prompt, self.adapter, self.max_tokens = prompt, adapter, max_tokens
         self.temperature, self.top_p, self.stop = temperature, top_p, stop
         self.stream_queue = stream_queue
+        self.cost = 0  # prompt tokens, for the batch token budget
         self.tokens: list[int] = []
         self.text = ""
         self.sent = 0
@@ -230,9 +264,38 @@ class GenerateJob(Job):
 
 
 class ClassifyJob(Job):
+    """One /v1/classify request; each of its texts is a unit of work of its own."""
+
     def __init__(self, texts: list[str]):
         super().__init__()
         self.texts = texts
+        self.results: list = [None] * len(texts)
+        self.left = len(texts)
+        self.lock = threading.Lock()
+
+    def units(self) -> list["ClassifyUnit"]:
+        return [ClassifyUnit(self, i) for i in range(len(self.texts))]
+
+    def done(self, index: int, probs: dict) -> None:
+        with self.lock:
+            self.results[index] = probs
+            self.left -= 1
+            finished = self.left == 0
+        if finished and not self.future.done():
+            self.future.set_result(self.results)
+
+
+@dataclass
+class ClassifyUnit:
+    job: ClassifyJob
+    index: int
+
+    @property
+    def text(self) -> str:
+        return self.job.texts[self.index]
+
+    def fail(self, exc: BaseException) -> None:
+        self.job.fail(exc)
 
 
 class _Streamer:
@@ -341,19 +404,13 @@ class Registry:
 
         engine = Classifier.from_saved(path, config)
         served = Served(path.name, path, config, "classify", engine)
-        limit = self.limits.max_batch
 
-        def run(jobs: list[ClassifyJob]) -> None:
-            texts = [t for j in jobs for t in j.texts]
-            probs = []
-            for i in range(0, len(texts), max(limit, 1) * 4):
-                probs += engine.predict_proba(texts[i:i + max(limit, 1) * 4])
-            at = 0
-            for j in jobs:
-                j.future.set_result(probs[at:at + len(j.texts)])
-                at += len(j.texts)
+        def run(units: list[ClassifyUnit]) -> None:
+            for unit, probs in zip(units, engine.predict_proba([u.text for u in units])):
+                unit.job.done(unit.index, probs)
 
-        served.worker = Worker(path.name, run, self.limits)
+        # texts are short work next to a generation: several per requested batch slot
+        served.worker = Worker(path.name, run, self.limits, max_units=self.limits.max_batch * 4)
         self.models[served.id] = served
         self.lines.append(f"{served.id}: classifier ({config.method.name} on {config.model.name}), "
                           f"{_param_bytes(engine.model) / 2**20:.1f} MB of weights")
@@ -456,6 +513,7 @@ def create_app(runs: list, limits: Limits | None = None, api_key: str | None = N
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     app = FastAPI(title="tunelab", version=_version())
     app.state.registry, app.state.limits = registry, limits
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     started = int(time.time())
 
     def error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):
@@ -492,13 +550,16 @@ def create_app(runs: list, limits: Limits | None = None, api_key: str | None = N
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc):
-        return error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return error(500, internal_error(exc, f"{request.method} {request.url.path}"), type="server_error")
+
+    expected = f"Bearer {api_key}".encode() if api_key else None
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_key}":
+        # with a key, every route but /health needs it — the API, and /docs and /openapi.json that describe it
+        if expected is not None and request.url.path != "/health":
+            header = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(header, expected):  # constant time: no timing hint of the key
                 return error(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
                              type="invalid_request_error", code="invalid_api_key")
         return await call_next(request)
@@ -543,12 +604,20 @@ def create_app(runs: list, limits: Limits | None = None, api_key: str | None = N
         for prompt in prompts:
             check_text(prompt, "prompt")
             n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            if n == 0:  # as OpenAI does: an empty prompt is generated from the start-of-text token
+                prompt = tokenizer.bos_token or tokenizer.eos_token or ""
+                n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+                if n == 0:
+                    raise ClientError("the prompt is empty and this model's tokenizer has no start-of-text token to "
+                                      "begin from", 400, "prompt", "empty_prompt")
             if n > budget:
                 raise ClientError(f"the prompt is {n} tokens; with max_tokens {max_tokens} the limit is {budget} "
                                   f"(context {served.context})", 400, "prompt", "context_length_exceeded")
             stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-            jobs.append(GenerateJob(prompt, served.adapter, max_tokens, body.temperature, body.top_p,
-                                    [x for x in stop if x], stream_queue, loop))
+            job = GenerateJob(prompt, served.adapter, max_tokens, body.temperature, body.top_p,
+                              [x for x in stop if x], stream_queue, loop)
+            job.cost = n
+            jobs.append(job)
         return jobs
 
     async def wait(jobs: list[Job]) -> list:
@@ -558,11 +627,8 @@ def create_app(runs: list, limits: Limits | None = None, api_key: str | None = N
         p, c = sum(j.prompt_tokens for j in jobs), sum(len(j.tokens) for j in jobs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def submit(served: Served, jobs: list[Job]) -> None:
-        if served.worker.pending + len(jobs) > limits.max_queue:
-            raise Busy()
-        for j in jobs:
-            served.worker.submit(j)
+    def submit(served: Served, units: list) -> None:
+        served.worker.submit(units)  # one request: its units share the round-robin turns
 
     def sse(events):
         async def body():
@@ -579,7 +645,7 @@ def create_app(runs: list, limits: Limits | None = None, api_key: str | None = N
             if item is None:
                 break
             if isinstance(item, BaseException):
-                yield {"error": {"message": f"generation failed: {item}", "type": "server_error"}}
+                yield {"error": {"message": internal_error(item, "streamed generation"), "type": "server_error"}}
                 return
             yield make_chunk(item, None, first)
             first = False
@@ -648,15 +714,92 @@ def create_app(runs: list, limits: Limits | None = None, api_key: str | None = N
         if len(texts) > limits.max_classify_inputs:
             raise ClientError(f"{len(texts)} inputs in one request; the limit is {limits.max_classify_inputs}", 400,
                               "input", "too_many_inputs")
-        for t in texts:
+        for i, t in enumerate(texts):
             check_text(t, "input")
+            if not isinstance(t, str) or not t.strip():
+                where = "input" if isinstance(body.input, str) else f"input[{i}]"
+                raise ClientError(f"{where} is empty: there is no text to classify", 400, "input", "empty_input")
         job = ClassifyJob(texts)
-        submit(served, [job])
+        submit(served, job.units())
         (probs,) = await wait([job])
         return {"object": "list", "model": served.id, "data": [
             {"index": i, "label": max(p, key=p.get), "probabilities": p} for i, p in enumerate(probs)]}
 
     return app
+
+
+log = logging.getLogger("tunelab.serve")
+
+
+def internal_error(exc: BaseException, where: str) -> str:
+    """Log an unexpected failure with its traceback under a fresh id; the client gets the id, never the text."""
+    eid = uuid.uuid4().hex[:12]
+    log.error("internal error %s in %s: %s: %s", eid, where, type(exc).__name__, exc,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return f"internal error (id {eid}); the server's log has the details"
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 before it is read — at once when its
+    Content-Length says so, else as soon as that many bytes have arrived."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    from starlette.exceptions import HTTPException
+
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than the limit of {self.limit:,} bytes"
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"error": {"message": self._message(), "type": "invalid_request_error", "param": None,
+                                     "code": "request_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_key(api_key: str | None = None, key_file: str | None = None) -> str | None:
+    """The API key: --api-key-file (first line), else TUNELAB_API_KEY, else --api-key (visible in the process list)."""
+    if key_file:
+        path = Path(key_file)
+        try:
+            key = path.read_text(encoding="utf-8").strip().split("\n")[0].strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TunelabError(f"--api-key-file {key_file}: cannot be read ({exc})") from None
+        if not key:
+            raise TunelabError(f"--api-key-file {key_file} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or api_key or None
 
 
 def _render_chat(served: Served, messages: list[dict]) -> str:
@@ -699,18 +842,25 @@ def _version() -> str:
 
 
 def serve(runs: list, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits | None = None, log_level: str = "info") -> None:
-    """Load `runs` and serve them until interrupted (blocking)."""
+          limits: Limits | None = None, log_level: str = "info", allow_public: bool = False) -> None:
+    """Load `runs` and serve them until interrupted (blocking). A host other than loopback needs an API key
+    (or `allow_public`)."""
     import uvicorn
 
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    if not is_loopback(host) and not key and not allow_public:
+        raise TunelabError(f"--host {host} makes the server reachable from other machines, and no API key is set: "
+                           f"anyone there could use it. Set a key (TUNELAB_API_KEY or --api-key-file), or pass "
+                           f"--allow-public if that is what you want")
     limits = limits or Limits()
     registry = Registry(runs, limits)
     print("tunelab serve:")
     for line in registry.lines:
         print(f"  {line}")
-    app = create_app(runs, limits, api_key, registry=registry)
-    key = api_key or os.environ.get(API_KEY_ENV)
+    app = create_app(runs, limits, key, registry=registry)
     print(f"  OpenAI-compatible API at http://{host}:{port}/v1" + (" (API key required)" if key else ""))
+    if not is_loopback(host) and not key:
+        print(f"  warning: no API key and --host {host}: open to every machine that reaches this one")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

@@ -23,9 +23,9 @@ from .data import Splits, load_splits
 from .errors import TunelabError
 from .methods import METHODS
 from .methods.freezing import count_parameters
-from .models import resolve
+from .models import check_model, resolve
 from .report import plot_loss, read_jsonl
-from .runs import RunDir, default_dir
+from .runs import RunDir, check_output, default_dir
 from .tasks import classify
 
 
@@ -66,22 +66,31 @@ def use_bf16(config: Config) -> bool:
 
 
 def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = (), *, resume: bool = False,
-          overwrite: bool = False, config_path: str | Path | None = None, callbacks: tuple = ()) -> RunResult:
+          overwrite: bool = False, config_path: str | Path | None = None, callbacks: tuple = (),
+          allow_code: bool = False) -> RunResult:
     """Run the config end to end; return the run path and its final metrics. `callbacks`: extra Trainer callbacks
-    (tunelab search reports evaluations to Optuna through one)."""
+    (tunelab search reports evaluations to Optuna through one). `allow_code`: let rl.reward.function import and
+    run the Python code the config names."""
     if not isinstance(config, Config):
         config_path = config
         config = load_config(config, overrides)
+    out = Path(config.output.dir) if config.output.dir else default_dir(config_path)
+    main = distributed.is_main()
+    if main:  # an output folder that cannot be used is found before any model or data is read
+        check_output(out, config, resume=resume, overwrite=overwrite)
     model_dir = resolve(config.model.name)
+    check_model(model_dir, config.task, config.method.name)
     _check_method(config, model_dir)
     splits = load_splits(config)
+    if config.eval.earlier_task is not None:  # read after training; checked now
+        from .evaluate import earlier_task_table
+
+        earlier_task_table(config)
     reward = None
     if config.task == "rl":  # a bad reward spec is a user mistake: found before the run directory exists
         from .tasks.rl import load_reward
 
-        reward = load_reward(config.rl.reward)
-    out = Path(config.output.dir) if config.output.dir else default_dir(config_path)
-    main = distributed.is_main()
+        reward = load_reward(config.rl.reward, allow_code)
     if distributed.world_size() > 1 and config.method.name in ("features", "icl"):
         raise TunelabError(f"method {config.method.name} takes no gradient steps; train it without --nproc")
     # data parallel: rank 0 owns the run directory; the other ranks train and leave
@@ -109,6 +118,8 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
         if main:
             run.set_state("failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        run.release()
     return result
 
 
@@ -129,10 +140,13 @@ def _train_features(config: Config, splits: Splits, model_dir: str, run: RunDir)
     y = splits.train[data.label].map({n: i for i, n in enumerate(splits.labels)}).to_numpy()
     head = features.fit(x, y, opts, config.train.seed)
     train_time = time.time() - t0
-    save_dir = run.path / "model"
-    save_dir.mkdir(exist_ok=True)
-    features.save(head, save_dir)
-    tokenizer.save_pretrained(save_dir)
+
+    def fill(folder: Path) -> None:
+        features.save(head, folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "labels.json").write_text(json.dumps(splits.labels))
+
+    run.write_dir("model", fill)
     params = count_parameters(model)
     head_params = sum(t.numel() for t in head.values())
     params = {"trainable": head_params, "total": params["total"] + head_params,
@@ -178,11 +192,12 @@ def _train_icl(config: Config, splits: Splits, model_dir: str, run: RunDir):
         metric = config.metric if config.metric != "loss" else "f1_macro"
         learner.template = max(templates, key=lambda t: templates[t][metric])
     # zero-shot needs no demonstration pool: nothing of the training data is stored
-    icl.save(run.path / "model", opts, splits.labels, pool if opts.shots else [], learner.template, retriever)
+    run.write_dir("model", lambda folder: icl.save(folder, opts, splits.labels, pool if opts.shots else [],
+                                                   learner.template, retriever))
     elapsed = time.time() - t0
     total = sum(p.numel() for p in model.parameters())
     params = {"trainable": 0, "total": total, "percent": 0.0}
-    stats = {"runtime_s": round(elapsed, 2), "examples_per_s": None, "template": learner.template,
+    stats = {"runtime_s": round(elapsed, 2), "template": learner.template,
              "templates": templates, "shots": opts.shots, "demos": opts.demos if opts.shots else None}
     return params, stats
 
@@ -220,7 +235,7 @@ def _train_with_trainer(config: Config, splits: Splits, model_dir: str, run: Run
     if cache:  # the modules get their own forward back when training ends, before the model is saved
         trainer.add_callback(cache.callback())
     try:
-        stats = _fit(trainer, config, run, resume, tokenizer)
+        stats = _fit(trainer, config, run, resume, tokenizer, files={"labels.json": json.dumps(splits.labels)})
     finally:
         if cache:  # training failed: free the cache all the same
             cache.remove()
@@ -311,11 +326,12 @@ def _callbacks(config: Config, run: RunDir, has_validation: bool) -> list:
     return callbacks
 
 
-def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer) -> dict:
-    """Train (resuming from the last checkpoint if asked), save model + tokenizer, return the common stats."""
+def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer, files: dict[str, str] | None = None) -> dict:
+    """Train (resuming from the last checkpoint if asked), save model + tokenizer (+ `files`, name → text) as one
+    folder swapped into place, return the common stats. Times and speeds cover every part of a resumed run."""
     from transformers.trainer_callback import ProgressCallback
 
-    from .trainer_callbacks import EpochTimer, LossProgress
+    from .trainer_callbacks import EpochTimer, LossProgress, TrainClock
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgress(metric=config.metric))
@@ -324,9 +340,14 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer) -> dict:
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         print(f"tunelab: no checkpoint in {run.path}/checkpoints yet; starting from the beginning")
+    clock = TrainClock(checkpoint)
+    trainer.add_callback(clock)
     output = trainer.train(resume_from_checkpoint=checkpoint)
-    stats = {"runtime_s": round(output.metrics["train_runtime"], 2),
-             "examples_per_s": round(output.metrics["train_samples_per_second"], 2),
+    part = output.metrics["train_runtime"]
+    total = part + clock.before  # the parts before a resume, up to the checkpoint it restarted from
+    stats = {"runtime_s": round(total, 2),
+             # the Trainer divides the whole run's examples by this part's time only
+             "examples_per_s": round(output.metrics["train_samples_per_second"] * part / total, 2),
              # the Trainer's own train_loss averages only the steps since a resume; the last logged loss
              # (log history is restored from the checkpoint) means the same with or without one
              "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
@@ -338,16 +359,23 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer) -> dict:
         trainer.save_model(str(run.path / "model"))
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(run.path / "model")
+            for name, text in (files or {}).items():
+                (run.path / "model" / name).write_text(text)
         return stats
     if not trainer.is_world_process_zero():
         return stats
     save = getattr(METHODS[config.method.name], "save", None)
-    if save:
-        (run.path / "model").mkdir(exist_ok=True)
-        save(trainer.model, run.path / "model")
-    else:
-        trainer.model.save_pretrained(run.path / "model")
-    tokenizer.save_pretrained(run.path / "model")
+
+    def fill(folder: Path) -> None:
+        if save:
+            save(trainer.model, folder)
+        else:
+            trainer.model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        for name, text in (files or {}).items():
+            (folder / name).write_text(text)
+
+    run.write_dir("model", fill)
     return stats
 
 
@@ -677,7 +705,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _evaluate_classifier(config: Config, splits: Splits, run: RunDir) -> dict:
     """Metrics of the saved classifier, reloaded (fp32), on validation and test; per-row predictions."""
-    (run.path / "model" / "labels.json").write_text(json.dumps(splits.labels))
     clf = classify.Classifier.from_saved(run.path, config)
     metrics = {}
     for name in ("validation", "test"):

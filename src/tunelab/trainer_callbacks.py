@@ -15,15 +15,22 @@ class JsonlLogger(TrainerCallback):
         self.path = path
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # On resume, drop lines logged after the checkpoint we restart from; they will be logged again.
-        if self.path.exists() and state.is_world_process_zero:
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+        # On resume, the file becomes exactly what was logged up to the checkpoint we restart from (the Trainer
+        # restored that log history with it): lines logged after it — or after the last step, such as the
+        # end-of-training summary of a run killed while saving its model — would otherwise appear twice.
+        if state.is_world_process_zero and (self.path.exists() or state.log_history):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(self._record(h["step"], h.get("epoch"), h)) + "\n"
+                                   for h in state.log_history))
+            tmp.replace(self.path)
+
+    @staticmethod
+    def _record(step, epoch, logs: dict) -> dict:
+        return {"step": step, "epoch": round(epoch or 0, 4), **{k: v for k, v in logs.items() if k != "step"}}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+            record = self._record(state.global_step, state.epoch, logs)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -67,3 +74,31 @@ class EpochTimer(TrainerCallback):
 
         if hasattr(self, "_t0"):
             self.seconds.append(round(time.perf_counter() - self._t0, 3))
+
+
+class TrainClock(TrainerCallback):
+    """Training time across the parts of a resumed run: each checkpoint records the training seconds up to it
+    (`tunelab_clock.json`), and a resumed run starts its count from the checkpoint it restarts from. Time spent
+    after the last checkpoint of a killed part is work that was lost and is redone, so it is not counted."""
+
+    FILE = "tunelab_clock.json"
+
+    def __init__(self, resume_from: str | None):
+        self.before = 0.0
+        if resume_from:
+            try:
+                self.before = float(json.loads((Path(resume_from) / self.FILE).read_text())["train_s"])
+            except (OSError, ValueError, KeyError):
+                self.before = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import time
+
+        self._t0 = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        import time
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / self.FILE).write_text(json.dumps({"train_s": self.before + time.perf_counter() - self._t0}))

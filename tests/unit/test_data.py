@@ -95,15 +95,19 @@ def test_empty_text_names_rows(tmp_path, rows):
         load_splits(config(write_jsonl(tmp_path / "t.jsonl", rows)))
 
 
-def test_leakage_between_given_files_is_refused_or_warned(tmp_path, rows):
+def test_leakage_between_given_files_is_refused_warned_or_dropped(tmp_path, rows, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     dup = dict(rows[0], text=rows[0]["text"].upper() + "  !")  # same text after normalisation
     test = write_jsonl(tmp_path / "test.jsonl", [dup] + sample_rows()[-10:])
     with pytest.raises(DataError, match=r"leakage: 1 test example\(s\) also appear in train"):
         load_splits(config(train, test=str(test)))
-    with pytest.warns(UserWarning, match="leakage"):
-        s = load_splits(config(train, test=str(test), leakage="warn"))
-    assert s.leaks["test"] == 1
+    s = load_splits(config(train, test=str(test), leakage="warn"))
+    assert s.leaks["test"] == 1 and len(s.test) == 11
+    # one plain line, not a Python UserWarning with a source path
+    assert "tunelab: warning: leakage: 1 test example(s)" in capsys.readouterr().out
+    s = load_splits(config(train, test=str(test), leakage="drop"))
+    assert len(s.test) == 10 and dup["text"] not in set(s.test["text"])
+    assert "dropped 1 of 11 test example(s)" in capsys.readouterr().out
 
 
 def test_integer_labels_and_explicit_label_order(tmp_path, rows):

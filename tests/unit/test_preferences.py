@@ -186,7 +186,7 @@ def test_rl_against_a_function_logs_reward_kl_and_plots(tmp_path, tiny_llama):
                          train={"max_steps": 6, "batch_size": 8, "lr": 1e-2, "logging_steps": 1},
                          rl={"reward": {"function": f"{tmp_path / 'my_reward.py'}:short_words"}, "group_size": 4,
                              "max_new_tokens": 8, "eval_prompts": 8, "kl": 0.1})
-    result = train(config)
+    result = train(config, allow_code=True)
     held = result.metrics["held_out"]
     assert held["prompts"] == 8 and held["samples_per_prompt"] == 2
     assert np.isfinite(held["kl"]) and held["kl"] > 0  # the policy moved away from the base
@@ -206,8 +206,15 @@ def test_rl_reward_errors_before_the_run_exists(tmp_path, tiny_llama):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"p {i}"} for i in range(20)])
     config = pref_config(tmp_path, tiny_llama, prompts, task="rl", name="r1", rl={"reward": {"function": "x.py:f"}})
     with pytest.raises(TunelabError, match="file x.py does not exist"):
-        train(config)
+        train(config, allow_code=True)
     assert not (tmp_path / "runs" / "r1").exists()
+    # a config that names code runs it only when the user allows it (here the file would not even be looked at)
+    (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\ndef f(**kw): return []\n")
+    config = pref_config(tmp_path, tiny_llama, prompts, task="rl", name="r3",
+                         rl={"reward": {"function": f"{tmp_path / 'evil.py'}:f"}})
+    with pytest.raises(TunelabError, match="--allow-code"):
+        train(config)
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "runs" / "r3").exists()
     config = pref_config(tmp_path, tiny_llama, prompts, task="rl", name="r2", rl={"reward": {"run": str(tmp_path)}})
     with pytest.raises(TunelabError, match="not a tunelab run directory"):
         train(config)

@@ -6,7 +6,6 @@ grouping and leakage checks) and `label` as a string from the run's label set.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -15,6 +14,7 @@ from ..errors import DataError
 from .leakage import find_leaks
 from .readers import ROW, read_table, resolve_path
 from .splits import add_text_key, split_table
+from .types import check_labels, check_text_columns
 
 __all__ = ["Splits", "load_splits", "load_eval_table", "load_eval_generative", "text_table", "file_hash"]
 
@@ -44,12 +44,6 @@ def file_hash(spec: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _label_text(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
-
-
 def _check_columns(frame: pd.DataFrame, spec: str, data) -> pd.DataFrame:
     columns = [c for c in frame.columns if not c.startswith("_")]
     wanted = [("data.text", data.text), ("data.label", data.label)]
@@ -67,7 +61,9 @@ def _check_columns(frame: pd.DataFrame, spec: str, data) -> pd.DataFrame:
             problems.append(f"... and {blank.sum() - 5} more rows with an empty `{col}`")
     if problems:
         raise DataError(f"{spec}: " + "; ".join(problems))
-    frame = frame.assign(**{data.label: frame[data.label].map(_label_text)})
+    frame = check_text_columns(frame, spec, [col for key, col in wanted if key != "data.label"],
+                               data.numbers_as_text)
+    frame = frame.assign(**{data.label: check_labels(frame, spec, data.label)})
     return add_text_key(frame, data.text, data.text_pair)
 
 
@@ -127,6 +123,17 @@ def load_splits(config) -> Splits:
     _check_leakage(splits, data)
     if len(splits.train) == 0:
         raise DataError(f"{data.train}: no training examples are left after the split")
+    present = set(splits.train[data.label])
+    absent = [lbl for lbl in labels if lbl not in present]
+    if absent:
+        held = {name: int(getattr(splits, name)[data.label].isin(absent).sum()) for name in ("validation", "test")}
+        where = ", ".join(f"{n} in {k}" for k, n in held.items() if n)
+        raise DataError(f"{data.train}: label(s) {', '.join(repr(a) for a in absent)} have no training example"
+                        f"{' (after the split)' if not data.labels else ''}"
+                        f"{f'; evaluation rows with them: {where}' if where else ''}. A classifier cannot learn a "
+                        f"class it never sees (it would only be an empty output); add training examples of "
+                        f"{'it' if len(absent) == 1 else 'them'} or leave {'it' if len(absent) == 1 else 'them'} "
+                        f"out of data.labels")
     return splits
 
 
@@ -199,30 +206,32 @@ def _load_sft_splits(config) -> Splits:
     splits = Splits(merged["train"], merged["validation"], merged["test"], [], files)
     _check_leakage(splits, data)
     if data.replay is not None:
-        replay = text_table(data.replay.train, data.replay.text)
+        replay = text_table(data.replay.train, data.replay.text, data.numbers_as_text)
         splits.files[data.replay.train] = file_hash(data.replay.train)
         n = min(len(replay), max(1, round(data.replay.fraction * len(splits.train))))
         splits.replay = replay.sample(n=n, random_state=data.split.seed).reset_index(drop=True)
     return splits
 
 
-def text_table(spec: str, column: str) -> pd.DataFrame:
-    """Raw text rows (causal_lm, replay): the column must exist; empty rows are errors naming the row."""
+def text_table(spec: str, column: str, numbers_as_text: bool = False) -> pd.DataFrame:
+    """Raw text rows (causal_lm, replay): the column must exist and hold text; empty rows are errors naming the
+    row."""
     frame = read_table(spec)
     if column not in frame.columns:
         raise DataError(f"{spec}: column `{column}` not found; its columns are: "
                         f"{', '.join(c for c in frame.columns if not c.startswith('_'))}")
+    frame = check_text_columns(frame, spec, [column], numbers_as_text)
     blank = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
     if blank.any():
         rows = ", ".join(str(r) for r in frame.loc[blank, ROW].head(5))
         raise DataError(f"{spec}: {int(blank.sum())} row(s) with an empty `{column}` (rows {rows})")
-    return add_text_key(frame.assign(**{column: frame[column].astype(str)}), column, None)
+    return add_text_key(frame, column, None)
 
 
 def _load_text_splits(config) -> Splits:
     data = config.data
     split, files = _split_source(data.train, data.validation, data.test, config,
-                                 lambda s: text_table(s, data.text))
+                                 lambda s: text_table(s, data.text, data.numbers_as_text))
     if data.max_train_examples and len(split["train"]) > data.max_train_examples:
         split["train"] = split["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
     splits = Splits(split["train"], split["validation"], split["test"], [], files)
@@ -251,17 +260,23 @@ def _load_preference_splits(config) -> Splits:
 def _check_leakage(splits: Splits, data) -> None:
     messages = []
     for name in ("validation", "test"):
-        leaks = find_leaks(splits.train, getattr(splits, name))
+        frame = getattr(splits, name)
+        leaks = find_leaks(splits.train, frame)
         splits.leaks[name] = len(leaks)
         if len(leaks):
             examples = "; ".join(f"row {r[ROW]}: {r['_text_key'][:60]!r}" for _, r in leaks.head(3).iterrows())
             messages.append(f"{len(leaks)} {name} example(s) also appear in train (e.g. {examples})")
+            if data.leakage == "drop":
+                setattr(splits, name, frame[~frame["_text_key"].isin(set(leaks["_text_key"]))])
+                print(f"tunelab: leakage: dropped {len(frame) - len(getattr(splits, name))} of {len(frame)} {name} "
+                      f"example(s) whose text also appears in train (data.leakage: drop)")
     if messages and data.leakage == "error":
         raise DataError("train/eval leakage: " + "; ".join(messages) +
-                        ". Remove the duplicates, or set data.leakage: warn to go on anyway")
+                        ". Remove the duplicates, or set data.leakage: drop to remove them from the evaluation "
+                        "splits (or warn to go on anyway)")
     if messages and data.leakage == "warn":
         for m in messages:
-            warnings.warn("leakage: " + m, stacklevel=2)
+            print(f"tunelab: warning: leakage: {m}; the evaluation overstates how the model does on new data")
 
 
 def load_eval_table(spec: str, config, labels: list[str]) -> pd.DataFrame:
@@ -276,5 +291,5 @@ def load_eval_generative(spec: str, config) -> pd.DataFrame:
     """An extra evaluation file for a generative run, read with the run's data settings (raw text for
     causal_lm, conversations otherwise)."""
     if config.task == "causal_lm":
-        return text_table(spec, config.data.text)
+        return text_table(spec, config.data.text, config.data.numbers_as_text)
     return _sft_table(spec, config.data).assign(_task="")

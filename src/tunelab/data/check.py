@@ -19,6 +19,9 @@ def check(config) -> dict:
     quiet = config.model_copy(update={"data": config.data.model_copy(update={"leakage": "ignore"})})
     splits = load_splits(quiet)
     tokenizer = AutoTokenizer.from_pretrained(resolve(config.model.name))
+    # lengths are counted before truncation on purpose; without this, transformers warns that a text is longer
+    # than the model takes (the report counts those: over_max_length)
+    tokenizer.model_max_length = int(1e9)
     report = {"task": config.task, "max_length": config.model.max_length, "splits": {}, "leakage": {}}
     for name in ("train", "validation", "test"):
         frame = getattr(splits, name)

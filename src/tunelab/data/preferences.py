@@ -11,6 +11,7 @@ pairs of one ranking never straddle two splits. Bad rows are dropped and counted
 from __future__ import annotations
 
 import json
+import numbers
 from collections import Counter
 
 import pandas as pd
@@ -18,6 +19,7 @@ import pandas as pd
 from ..errors import DataError
 from .leakage import normalise
 from .readers import ROW, read_table
+from .types import as_list, kind
 
 
 def _blank(value) -> bool:
@@ -32,6 +34,7 @@ def parse_prompt(value):
             value = json.loads(value)
         except json.JSONDecodeError:
             pass  # a prompt that merely starts with "[{" is text
+    value = as_list(value)
     if isinstance(value, list):
         if not value:
             raise ValueError("the prompt is an empty list of messages")
@@ -45,17 +48,22 @@ def parse_prompt(value):
         return [{"role": m["role"], "content": m["content"]} for m in value]
     if _blank(value):
         raise ValueError("the prompt is missing or empty")
-    return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"the prompt holds {kind(value)}, not text or a list of chat messages")
+    return value
 
 
 def _response(value, what: str) -> str:
+    value = as_list(value)
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         value = value[0].get("content")  # TRL's conversational layout: one assistant message
     if isinstance(value, dict):
         value = value.get("content")
     if _blank(value):
         raise ValueError(f"{what} is missing or empty")
-    return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{what} holds {kind(value)}, not text")
+    return value
 
 
 def prompt_text(prompt) -> str:
@@ -86,7 +94,7 @@ def _parse_row(record: dict, data, layout: str) -> tuple[object, list[tuple[str,
         if normalise(chosen) == normalise(rejected):
             raise ValueError("chosen and rejected are the same text")
         return prompt, [(chosen, rejected)]
-    responses = record.get(data.responses)
+    responses = as_list(record.get(data.responses))
     if isinstance(responses, str):
         try:
             responses = json.loads(responses)
@@ -99,22 +107,25 @@ def _parse_row(record: dict, data, layout: str) -> tuple[object, list[tuple[str,
         raise ValueError("two responses of the ranking are the same text")
     scores = None
     if data.scores:
-        scores = record.get(data.scores)
+        scores = as_list(record.get(data.scores))
         if isinstance(scores, str):
-            scores = json.loads(scores)
+            try:
+                scores = json.loads(scores)
+            except json.JSONDecodeError:
+                raise ValueError(f"`{data.scores}` is text, not a list of numbers") from None
         if not isinstance(scores, list) or len(scores) != len(texts):
             raise ValueError(f"`{data.scores}` must hold one number per response ({len(texts)})")
-        try:
-            scores = [float(s) for s in scores]
-        except (TypeError, ValueError):
-            raise ValueError(f"`{data.scores}` holds a value that is not a number") from None
+        if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in scores):
+            raise ValueError(f"`{data.scores}` holds a value that is not a number")
+        scores = [float(x) for x in scores]
     pairs = _ranking_pairs(texts, scores, data.ranking_pairs)
     if not pairs:
         raise ValueError("every response has the same score: the ranking makes no pair")
     return prompt, pairs
 
 
-def _report(spec: str, problems: list[str], data, total: int) -> None:
+def _report(spec: str, problems: list[str], data, total: int, kept: int, what: str) -> None:
+    """Refuse (bad_rows: error) or count the dropped rows; when none is left, say why in the error."""
     if not problems:
         return
     if (data.bad_rows or "drop") == "error":
@@ -123,6 +134,9 @@ def _report(spec: str, problems: list[str], data, total: int) -> None:
                         ". Fix the rows, or set data.bad_rows: drop to skip them (they are counted)")
     reasons = Counter(p.split(": ", 1)[1] for p in problems)
     summary = "; ".join(f"{n} × {reason}" for reason, n in reasons.most_common(4))
+    if not kept:
+        raise DataError(f"{spec}: no usable {what} is left: all {total} row(s) were dropped as bad — {summary} "
+                        f"(first: {problems[0].split(':', 1)[0]})")
     print(f"tunelab: dropped {len(problems)} of {total} row(s) of {spec} (data.bad_rows: drop): {summary} "
           f"(first: {problems[0].split(':', 1)[0]})")
 
@@ -157,9 +171,7 @@ def preference_table(spec: str, data) -> pd.DataFrame:
         prompts.append(prompt)
         pairs.append(row_pairs)
         keys.append(normalise(prompt_text(prompt) + " " + " ".join(c + " " + r for c, r in row_pairs)))
-    _report(spec, problems, data, len(frame))
-    if not keep:
-        raise DataError(f"{spec}: no usable preference row is left")
+    _report(spec, problems, data, len(frame), len(keep), "preference row")
     return frame.iloc[keep].assign(_prompt=prompts, _pairs=pairs, _text_key=keys).reset_index(drop=True)
 
 
@@ -176,9 +188,7 @@ def prompt_table(spec: str, data) -> pd.DataFrame:
             keep.append(i)
         except ValueError as exc:
             problems.append(f"row {record[ROW]}: {exc}")
-    _report(spec, problems, data, len(frame))
-    if not keep:
-        raise DataError(f"{spec}: no usable prompt is left")
+    _report(spec, problems, data, len(frame), len(keep), "prompt")
     return frame.iloc[keep].assign(_prompt=prompts, _text_key=[normalise(prompt_text(p)) for p in prompts]) \
         .reset_index(drop=True)
 

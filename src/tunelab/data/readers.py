@@ -53,20 +53,36 @@ def read_table(spec: str) -> pd.DataFrame:
     return frame
 
 
+def _text(path: Path) -> str:
+    """The file as text: UTF-8 (gzip-compressed if it ends in .gz), a leading byte-order mark dropped as in every
+    format; a byte that is not UTF-8 is reported by line."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        import gzip
+
+        raw = gzip.decompress(raw)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        at = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path}, line {line}: byte {raw[exc.start]:#04x} (byte {at} of the line) is not UTF-8; save "
+                        f"the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            lines.append(number)
+    for number, line in enumerate(_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        lines.append(number)
     frame = pd.DataFrame(rows)
     frame.insert(0, ROW, lines)
     return frame
@@ -74,7 +90,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 
 def _read_json(path: Path) -> pd.DataFrame:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -85,8 +101,10 @@ def _read_json(path: Path) -> pd.DataFrame:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    import io
+
     sep = "\t" if ".tsv" in path.suffixes else ","
-    frame = pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""], dtype=str)
+    frame = pd.read_csv(io.StringIO(_text(path)), sep=sep, keep_default_na=False, na_values=[""], dtype=str)
     frame.insert(0, ROW, range(2, len(frame) + 2))  # row 1 is the header
     return frame
 

@@ -57,7 +57,10 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, options: Options, seed: int) -
     if coef.shape[0] == 1:  # sklearn stores one row for two classes; expand to one logit per class
         coef = np.concatenate([-coef / 2, coef / 2])
         intercept = np.concatenate([-intercept / 2, intercept / 2])
-    return {"coef": torch.tensor(coef, dtype=torch.float32), "intercept": torch.tensor(intercept, dtype=torch.float32)}
+    # sklearn's multinomial coef_ is Fortran-ordered, and torch.tensor keeps those strides; safetensors stores only
+    # contiguous tensors (three or more labels failed to save)
+    return {"coef": torch.tensor(np.ascontiguousarray(coef), dtype=torch.float32).contiguous(),
+            "intercept": torch.tensor(np.ascontiguousarray(intercept), dtype=torch.float32).contiguous()}
 
 
 def logits(x: np.ndarray, weights: dict[str, torch.Tensor]) -> np.ndarray:

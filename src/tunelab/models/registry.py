@@ -159,3 +159,54 @@ def resolve(name: str) -> str:
         f"Hugging Face cache, and cannot be downloaded: {reason}.{hint} Use a packaged alias or a local folder, "
         f"or run once with internet access to cache it."
     )
+
+
+# The transformers auto-class mapping a task's model is built from (model_type → class); seq2seq also builds a
+# bert2bert model from an encoder checkpoint, so it is not checked here.
+_TASK_HEADS = {"classify": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+               "reward": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+               "sft": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+               "dpo": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "rl": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"}
+
+
+def check_model(model_dir: str, task: str, method: str | None = None) -> None:
+    """Read the model's config.json now, so a corrupt file or an architecture transformers does not know is one
+    clear message before any run directory exists (not a traceback in the middle of a run)."""
+    import json
+
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    path = Path(model_dir) / "config.json"
+    where = f"model folder {model_dir}" if path.parent.is_dir() else f"model `{model_dir}`"
+    if path.parent.is_dir():
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ModelError(f"{where}: config.json is not UTF-8 text; the folder is damaged — save the model again "
+                             f"with save_pretrained") from None
+        except ValueError as exc:
+            raise ModelError(f"{where}: config.json is not valid JSON ({exc}); the folder is damaged — save the "
+                             f"model again with save_pretrained") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+            raise ModelError(f"{where}: config.json has no `model_type`; point model.name at a folder written by "
+                             f"save_pretrained")
+        model_type = raw["model_type"]
+    else:
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(model_dir).model_type
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{where}: its config cannot be read ({str(exc).splitlines()[0]})") from None
+    if model_type not in configuration_auto.CONFIG_MAPPING_NAMES:
+        import transformers
+
+        raise ModelError(f"{where}: model_type `{model_type}` is an architecture transformers "
+                         f"{transformers.__version__} does not know; upgrade transformers or use another model")
+    mapping = _TASK_HEADS.get(task)
+    if method in ("features", "icl") or mapping is None:
+        return
+    if model_type not in getattr(modeling_auto, mapping):
+        kind = "sequence-classification head" if "SEQUENCE" in mapping else "causal language-model head"
+        raise ModelError(f"{where}: a `{model_type}` model has no {kind} in transformers, which task {task} needs; "
+                         f"use another model for this task")

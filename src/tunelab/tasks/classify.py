@@ -63,6 +63,22 @@ def load_model(directory: str, labels: list[str], **load_kwargs):
     return tokenizer, model, new_modules
 
 
+def clip_texts(tokenizer, texts: list[str], max_length: int, chars_per_token: int = 32) -> list[str]:
+    """Texts far longer than `max_length` tokens cut to a prefix before tokenizing, with the same result: only their
+    first max_length tokens are used, and tokenizing 100,000 characters to keep 128 tokens is the slow part of
+    classifying such a text. A prefix is used only when it still holds well over max_length tokens, so the tokens
+    that are kept do not change."""
+    limit = max_length * chars_per_token
+    out = []
+    for text in texts:
+        if len(text) > limit:
+            prefix = text[:limit]
+            if len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) > max_length + 16:
+                text = prefix
+        out.append(text)
+    return out
+
+
 class Classifier:
     """A finished classification run, loaded for prediction: `predict`, `predict_proba`, `evaluate`."""
 
@@ -127,6 +143,8 @@ class Classifier:
             x = features_method.embed(self.model, self.tokenizer, texts, pairs, pooling, max_length, batch_size,
                                       progress=len(texts) > 256)
             return features_method.logits(x, self.head)
+        texts = clip_texts(self.tokenizer, texts, max_length)
+        pairs = clip_texts(self.tokenizer, pairs, max_length) if pairs is not None else None
         out = []
         for i in range(0, len(texts), batch_size):
             second = pairs[i:i + batch_size] if pairs is not None else None

@@ -39,9 +39,14 @@ def _completion_text(c) -> str:
     return str(c)
 
 
-def load_reward(spec) -> Reward:
-    """The configured reward, loaded once; errors name what is wrong with the spec."""
+def load_reward(spec, allow_code: bool = False) -> Reward:
+    """The configured reward, loaded once; errors name what is wrong with the spec. A `function:` reward imports
+    and runs the Python code a config names, so it needs `allow_code` (`--allow-code`)."""
     if spec.function:
+        if not allow_code:
+            raise TunelabError(f"rl.reward.function names Python code ({spec.function}) that tunelab would import and "
+                               f"run; pass --allow-code (Python: allow_code=True) if you trust this config and that "
+                               f"code")
         fn = _import_function(spec.function)
 
         def score(prompts, completions, columns):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from ..data.types import as_list, is_missing, kind, text_value
 from ..errors import DataError
 
 ALPACA = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
@@ -79,35 +80,46 @@ def conversations(frame: pd.DataFrame, spec: str, data) -> tuple[list[Conversati
     return out, problems
 
 
-def _text(record: dict, column: str, required: bool = True) -> str | None:
+def _text(record: dict, column: str, required: bool = True, numbers_ok: bool = False) -> str | None:
     value = record.get(column)
-    if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
+    if is_missing(value) or (isinstance(value, str) and not value.strip()):
         if required:
             raise ValueError(f"`{column}` is missing or empty")
         return None
-    return str(value)
+    return text_value(value, column, numbers_ok)
 
 
 def _conversation(record: dict, layout: str, data) -> Conversation:
+    n = data.numbers_as_text
     if data.prompt_format == "template":
-        return Conversation([{"instruction": "", "input": None, "response": _text(record, data.response)}],
-                            row=record)
+        for name in _template_fields(data.template):  # every placeholder must be text
+            if name != data.response:
+                _text(record, name, required=False, numbers_ok=n)
+        return Conversation([{"instruction": "", "input": None, "response": _text(record, data.response,
+                                                                                 numbers_ok=n)}], row=record)
     if layout == "alpaca":
-        return Conversation([{"instruction": _text(record, "instruction"), "input": _text(record, "input", False),
-                              "response": _text(record, "output")}], row=record)
+        return Conversation([{"instruction": _text(record, "instruction", numbers_ok=n),
+                              "input": _text(record, "input", False, numbers_ok=n),
+                              "response": _text(record, "output", numbers_ok=n)}], row=record)
     if layout == "prompt_response":
-        prompt = _text(record, data.prompt)
+        prompt = _text(record, data.prompt, numbers_ok=n)
         turn = ({"instruction": data.instruction, "input": prompt} if data.instruction
                 else {"instruction": prompt, "input": None})
-        return Conversation([{**turn, "response": _text(record, data.response)}], row=record)
+        return Conversation([{**turn, "response": _text(record, data.response, numbers_ok=n)}], row=record)
     return _from_messages(record[data.messages], record)
 
 
 def _from_messages(messages, record: dict) -> Conversation:
+    messages = as_list(messages)
     if isinstance(messages, str):
-        messages = json.loads(messages)
+        try:  # a CSV cell can only hold the list as JSON text
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise ValueError("`messages` is text, not a list of {role, content} messages (nor such a list written "
+                             "as JSON)") from None
     if not isinstance(messages, list) or not messages:
-        raise ValueError("`messages` must be a non-empty list of {role, content}")
+        what = "an empty list" if isinstance(messages, list) else kind(messages)
+        raise ValueError(f"`messages` must be a non-empty list of {{role, content}} messages; it is {what}")
     system, turns, pending = None, [], None
     for i, m in enumerate(messages):
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
