@@ -331,28 +331,25 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer, files: d
     folder swapped into place, return the common stats. Times and speeds cover every part of a resumed run."""
     from transformers.trainer_callback import ProgressCallback
 
-    from .trainer_callbacks import EpochTimer, LossProgress, TrainClock
+    from .trainer_callbacks import LossProgress, TrainClock
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgress(metric=config.metric))
-    epochs = EpochTimer()
-    trainer.add_callback(epochs)
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         print(f"tunelab: no checkpoint in {run.path}/checkpoints yet; starting from the beginning")
     clock = TrainClock(checkpoint)
     trainer.add_callback(clock)
     output = trainer.train(resume_from_checkpoint=checkpoint)
-    part = output.metrics["train_runtime"]
-    total = part + clock.before  # the parts before a resume, up to the checkpoint it restarted from
-    stats = {"runtime_s": round(total, 2),
-             # the Trainer divides the whole run's examples by this part's time only
-             "examples_per_s": round(output.metrics["train_samples_per_second"] * part / total, 2),
+    total = output.metrics["train_runtime"] + clock.before  # + the parts before a resume, up to its checkpoint
+    # the whole run's examples over the whole run's time (the Trainer's own figure covers this part only)
+    examples = _examples_per_step(trainer) * output.global_step
+    stats = {"runtime_s": round(total, 2), "examples_per_s": round(examples / total, 2) if total else None,
              # the Trainer's own train_loss averages only the steps since a resume; the last logged loss
              # (log history is restored from the checkpoint) means the same with or without one
              "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
              "steps": output.global_step, "epochs": output.metrics.get("epoch"), "lr": config.lr,
-             "bf16": bool(trainer.args.bf16), "epoch_s": epochs.seconds, "processes": trainer.args.world_size}
+             "bf16": bool(trainer.args.bf16), "epoch_s": clock.epoch_s, "processes": trainer.args.world_size}
     if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
         # sharded weights: every rank takes part in gathering them; the Trainer writes on rank 0
         # (accelerate launch with configs/accelerate/fsdp2.yaml or deepspeed-zero*.yaml; not testable here)
@@ -377,6 +374,14 @@ def _fit(trainer, config: Config, run: RunDir, resume: bool, tokenizer, files: d
 
     run.write_dir("model", fill)
     return stats
+
+
+def _examples_per_step(trainer) -> float:
+    """Training examples per optimizer step, counted as the Trainer counts them for its examples/s."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return len(trainer.train_dataset) * args.num_train_epochs / max(trainer.state.max_steps, 1)
 
 
 def loads_best(config: Config) -> bool:

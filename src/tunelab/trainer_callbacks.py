@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -57,48 +58,40 @@ class LossProgress(ProgressCallback):
             self.training_bar.write(shown)
 
 
-class EpochTimer(TrainerCallback):
-    """Wall seconds of each epoch's training steps (for metrics.json and bench/). With evaluation per epoch the
-    Trainer evaluates after on_epoch_end, so evaluation is not counted; with evaluation every N steps it is."""
-
-    def __init__(self):
-        self.seconds: list[float] = []
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        import time
-
-        self._t0 = time.perf_counter()
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        import time
-
-        if hasattr(self, "_t0"):
-            self.seconds.append(round(time.perf_counter() - self._t0, 3))
-
-
 class TrainClock(TrainerCallback):
-    """Training time across the parts of a resumed run: each checkpoint records the training seconds up to it
-    (`tunelab_clock.json`), and a resumed run starts its count from the checkpoint it restarts from. Time spent
-    after the last checkpoint of a killed part is work that was lost and is redone, so it is not counted."""
+    """Training time, in total and per epoch, across the parts of a resumed run. Each checkpoint records the time up
+    to it (`tunelab_clock.json`) and a resumed run counts on from the checkpoint it restarts from; time spent after
+    the last checkpoint of a killed part is work that is redone, so it is not counted. With evaluation per epoch
+    the Trainer evaluates after on_epoch_end, so an epoch's time leaves evaluation out; with evaluation every N
+    steps it is included."""
 
     FILE = "tunelab_clock.json"
 
     def __init__(self, resume_from: str | None):
-        self.before = 0.0
+        saved = {}
         if resume_from:
             try:
-                self.before = float(json.loads((Path(resume_from) / self.FILE).read_text())["train_s"])
-            except (OSError, ValueError, KeyError):
-                self.before = 0.0
+                saved = json.loads((Path(resume_from) / self.FILE).read_text())
+            except (OSError, ValueError):
+                saved = {}
+        self.before = float(saved.get("train_s", 0.0))
+        self.epoch_s: list[float] = list(saved.get("epoch_s", []))
+        self._carry = float(saved.get("epoch_partial_s", 0.0))  # the resumed epoch's time before the checkpoint
 
     def on_train_begin(self, args, state, control, **kwargs):
-        import time
+        self._t0 = self._e0 = time.perf_counter()
 
-        self._t0 = time.perf_counter()
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._e0 = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.epoch_s.append(round(self._carry + time.perf_counter() - self._e0, 3))
+        self._carry = 0.0
 
     def on_save(self, args, state, control, **kwargs):
-        import time
-
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            (folder / self.FILE).write_text(json.dumps({"train_s": self.before + time.perf_counter() - self._t0}))
+            now = time.perf_counter()
+            (folder / self.FILE).write_text(json.dumps({
+                "train_s": self.before + now - self._t0, "epoch_s": self.epoch_s,
+                "epoch_partial_s": self._carry + now - self._e0}))

@@ -183,3 +183,100 @@ def test_serving_refuses_runs_it_cannot_serve(runs, tmp_path):
         Registry([tmp_path], Limits())
     with pytest.raises(TunelabError, match="at least one"):
         Registry([], Limits())
+
+
+def test_empty_prompt_and_empty_classify_input(runs):
+    """OpenAI completes an empty prompt from the start of text; an empty text has nothing to classify (400)."""
+    app = _app(runs)
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        r = http.post("/v1/completions", json={"model": "says-good", "prompt": "", "max_tokens": 3,
+                                               "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == 1 and r.json()["choices"][0]["finish_reason"] in ("stop",
+                                                                                                       "length")
+        for bad in ("", "   ", ["fine", " "]):
+            r = http.post("/v1/classify", json={"model": "sentiment", "input": bad})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "empty_input", r.text
+
+
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(runs):
+    app = _app(runs, max_body_bytes=2**20)
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        big = json.dumps({"model": "sentiment", "input": "x" * (50 * 2**20)}).encode()
+        r = http.post("/v1/classify", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"model": "sentiment", "input": "'
+            for _ in range(40):
+                yield b"y" * 65536
+            yield b'"}'
+        r = http.post("/v1/classify", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert http.post("/v1/classify", json={"model": "sentiment", "input": "fine"}).status_code == 200
+
+
+def test_internal_errors_reach_the_client_as_an_id_never_their_text(runs, caplog):
+    app = _app(runs)
+    engine = app.state.registry.models["sentiment"].engine
+
+    def broken(texts, pairs=None):
+        raise RuntimeError("secret detail of /home/someone/model")
+
+    engine.predict_proba = broken
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http, caplog.at_level("ERROR"):
+        r = http.post("/v1/classify", json={"model": "sentiment", "input": "great"})
+        assert r.status_code == 500
+        message = r.json()["error"]["message"]
+        assert "secret" not in r.text and "RuntimeError" not in r.text and "internal error (id " in message
+        eid = message.split("(id ")[1].split(")")[0]
+        assert any(eid in rec.getMessage() and "secret detail" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_small_request_is_not_starved_by_large_ones(runs):
+    """Units are taken round-robin across requests: a one-text request behind three that hold 256 texts each is
+    answered within one batch's compute, not after all of theirs (FIFO would take ~4 s here)."""
+    import threading
+    import time
+
+    app = create_app([runs["sentiment"]], Limits(max_batch=4, batch_wait_ms=5))
+    engine = app.state.registry.models["sentiment"].engine
+    real = engine.predict_proba
+
+    def slow(texts, pairs=None):  # 5 ms per text: the compute of a bigger model
+        time.sleep(0.005 * len(texts))
+        return real(texts, pairs)
+
+    engine.predict_proba = slow
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        big = {"model": "sentiment", "input": ["a long review of a film " * 50] * 256}
+        threads = [threading.Thread(target=http.post, args=("/v1/classify",), kwargs={"json": big})
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # the three are queued and running
+        t0 = time.perf_counter()
+        r = http.post("/v1/classify", json={"model": "sentiment", "input": "short"})
+        small = time.perf_counter() - t0
+        for t in threads:
+            t.join()
+    assert r.status_code == 200
+    # one batch is at most 16 texts (80 ms); FIFO would wait for the remaining ~600 texts (3 s)
+    assert small < 1.0, f"small request took {small:.2f} s behind the large ones"
+
+
+def test_with_a_key_docs_need_it_too_and_a_public_host_needs_a_key(runs, monkeypatch, tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.serve import read_api_key, serve
+
+    monkeypatch.delenv("TUNELAB_API_KEY", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_text("k3y-from-file\n")
+    assert read_api_key("on-the-command-line", str(key_file)) == "k3y-from-file"
+    app = create_app([runs["sentiment"]], api_key="k3y-from-file")
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        assert http.get("/docs").status_code == 401 and http.get("/openapi.json").status_code == 401
+        ok = {"Authorization": "Bearer k3y-from-file"}
+        assert http.get("/openapi.json", headers=ok).status_code == 200
+    with pytest.raises(TunelabError, match="--allow-public"):
+        serve([runs["sentiment"]], host="0.0.0.0")  # refused before anything is loaded
