@@ -93,6 +93,50 @@ def load(url: str, requests: list[tuple[str, dict]], concurrency: int) -> dict:
             "errors_5xx": sum(c >= 500 for c in codes)}
 
 
+def fairness(url: str, model: str, texts: list[str], big_requests: int = 3) -> dict:
+    """A one-text classify request sent while `big_requests` of the largest allowed size are running: its latency
+    next to its latency on an idle server; and how fast a 50 MB body is refused."""
+    import threading
+
+    chars = 100_000  # the longest text a request may hold (Limits.max_input_chars)
+    per_request = (16 * 2**20 - 1024) // (chars + 4)  # as many as fit in the default 16 MiB body limit
+    long_text = (" ".join(texts) * (chars // 1000 + 2))[:chars]
+    big = {"model": model, "input": [long_text] * per_request}
+    small = {"model": model, "input": texts[0]}
+    with httpx.Client(base_url=url, timeout=600) as http:
+        alone = []
+        for _ in range(5):
+            t = time.perf_counter()
+            http.post("/v1/classify", json=small).raise_for_status()
+            alone.append(time.perf_counter() - t)
+        big_s = []
+
+        def send_big():
+            t = time.perf_counter()
+            with httpx.Client(base_url=url, timeout=600) as own:
+                own.post("/v1/classify", json=big).raise_for_status()
+            big_s.append(time.perf_counter() - t)
+
+        threads = [threading.Thread(target=send_big) for _ in range(big_requests)]
+        for th in threads:
+            th.start()
+        time.sleep(2.0)  # the three bodies (16 MB each) are uploaded and their texts queued
+        t = time.perf_counter()
+        http.post("/v1/classify", json=small).raise_for_status()
+        behind = time.perf_counter() - t
+        for th in threads:
+            th.join()
+        body = b'{"model": "' + model.encode() + b'", "input": "' + b"x" * (50 * 2**20) + b'"}'
+        t = time.perf_counter()
+        status = http.post("/v1/classify", content=body, headers={"content-type": "application/json"}).status_code
+        refused_s = time.perf_counter() - t
+    own = statistics.median(alone)
+    return {"texts_per_big_request": per_request, "chars_per_text": chars, "big_requests": big_requests,
+            "big_request_s": [round(x, 2) for x in sorted(big_s)], "small_alone_s": round(own, 3),
+            "small_behind_big_s": round(behind, 3), "small_wait_beyond_own_s": round(behind - own, 3),
+            "body_50mb_status": status, "body_50mb_s": round(refused_s, 3)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", nargs="*", help="generative run directories (default: train two small ones)")
@@ -126,6 +170,8 @@ def main() -> int:
             results[mode] = {"completions": load(url, generate, args.concurrency)}
             if classify:
                 results[mode]["classify"] = load(url, classify, args.concurrency)
+                if mode == "batched":
+                    fair = fairness(url, classifier.name, reviews)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -140,12 +186,18 @@ def main() -> int:
                   f"{r['errors_5xx']:>4}")
     for kind, x in ratio.items():
         print(f"batching / one-at-a-time throughput, {kind}: {x:.2f}×")
+    if classify:
+        print(f"a one-text classify request behind {fair['big_requests']} of {fair['texts_per_big_request']} texts × "
+              f"{fair['chars_per_text']:,} characters: {fair['small_behind_big_s']:.2f} s (alone "
+              f"{fair['small_alone_s']:.2f} s; the large ones took {fair['big_request_s']} s); a 50 MB body: "
+              f"{fair['body_50mb_status']} in {fair['body_50mb_s']:.2f} s")
     out = ROOT / "bench" / "results" / "serve_load.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": vars(args) | {"runs": [str(r) for r in runs],
                                                          "classifier": str(classifier) if classifier else None},
                                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                               "results": results, "throughput_ratio": ratio}, indent=2))
+                               "results": results, "throughput_ratio": ratio,
+                               "fairness": fair if classify else None}, indent=2))
     print(f"written: {out.relative_to(ROOT)}")
     return 1 if any(r["errors_5xx"] for kinds in results.values() for r in kinds.values()) else 0
 

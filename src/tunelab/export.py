@@ -95,7 +95,8 @@ def _load(path: Path, config):
     elif method in ("prefix", "prompt"):
         raise RunError(f"{path} is a `{method}` run: its virtual tokens are not part of the network's weights, "
                        f"so there is no single graph to export; serve it with `tunelab serve`")
-    return model.float().eval(), loaded.tokenizer, getattr(loaded, "labels", None), kind
+    # ONNX is exported and checked against PyTorch on the CPU (onnxruntime's CPU provider)
+    return model.float().cpu().eval(), loaded.tokenizer, getattr(loaded, "labels", None), kind
 
 
 def _onnx(path: Path, config, target: Path, tolerance: float | None) -> dict:

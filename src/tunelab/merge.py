@@ -76,7 +76,8 @@ def _class_logits(clf, texts: list[str]) -> np.ndarray:
 @torch.inference_mode()
 def _next_token_logits(generator, prompts: list[str]) -> np.ndarray:
     enc = generator.tokenizer(prompts, return_tensors="pt", padding=True)  # left-padded: last column is real
-    return generator.model(**enc).logits[:, -1].float().numpy()
+    enc.pop("token_type_ids", None)
+    return generator.model(**enc.to(generator.model.device)).logits[:, -1].float().cpu().numpy()
 
 
 def _samples(path: Path, column: str, n: int = 16) -> list[str]:

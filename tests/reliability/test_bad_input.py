@@ -201,7 +201,7 @@ def test_icl_prints_no_none_and_warnings_are_one_plain_line(make_config, tiny_ll
     try:
         _plain_warnings()
         for _ in range(2):
-            warnings.warn("something a library says\nwith a second line", UserWarning)
+            warnings.warn("something a library says\nwith a second line", UserWarning, stacklevel=1)
         err = capsys.readouterr().err
         assert err == "tunelab: warning: something a library says\n"  # once, no source path
     finally:

@@ -19,3 +19,13 @@ def load_saved(model_dir: Path, auto_class, load_base: Callable[[], object]):
     if (Path(model_dir) / adapter.CONFIG_FILE).exists():
         return adapter.load(load_base(), model_dir)
     return auto_class.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def place(model):
+    """A loaded model on the device inference runs on: the GPU when there is one (a run trained on a GPU is
+    evaluated, served and exported from there too), else the CPU. A quantized model stays where it was loaded."""
+    import torch
+
+    if torch.cuda.is_available() and not getattr(model, "is_quantized", False) and model.device.type != "cuda":
+        model = model.to("cuda")
+    return model

@@ -86,7 +86,9 @@ class Classifier:
         self.config, self.labels, self.tokenizer, self.model, self.head, self.path = \
             config, labels, tokenizer, model, head, path
         self.icl = None  # method icl: prompts + label-word scoring instead of a classification head
-        self.model.eval()
+        from ..models.saved import place
+
+        self.model = place(self.model).eval()
 
     @classmethod
     def load(cls, run_path) -> "Classifier":

@@ -37,7 +37,9 @@ class Generator:
     """A generative model ready to generate: `generate(prompts)`, `evaluate(conversations)`."""
 
     def __init__(self, config, tokenizer, model, path=None):
-        self.config, self.tokenizer, self.model, self.path = config, tokenizer, model.eval(), path
+        from ..models.saved import place
+
+        self.config, self.tokenizer, self.model, self.path = config, tokenizer, place(model).eval(), path
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         # decoder-only: pad on the left so every prompt ends at the edge; encoder-decoder: the encoder reads it all
         self.tokenizer.padding_side = "right" if self.encoder_decoder else "left"
@@ -97,14 +99,17 @@ class Generator:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             width = max(len(r["input_ids"]) for r in chunk)
-            ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in chunk])
-            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in chunk])
+            device = self.model.device
+            ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in chunk], device=device)
+            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in chunk],
+                                device=device)
             if self.encoder_decoder:
                 lw = max(len(r["labels"]) for r in chunk)
-                target = torch.tensor([r["labels"] + [-100] * (lw - len(r["labels"])) for r in chunk])
+                target = torch.tensor([r["labels"] + [-100] * (lw - len(r["labels"])) for r in chunk], device=device)
                 logits = self.model(input_ids=ids, attention_mask=mask, labels=target).logits
             else:
-                trained = torch.tensor([r["completion_mask"] + [0] * (width - len(r["input_ids"])) for r in chunk])
+                trained = torch.tensor([r["completion_mask"] + [0] * (width - len(r["input_ids"])) for r in chunk],
+                                       device=device)
                 logits = self.model(input_ids=ids, attention_mask=mask).logits
                 logits = logits[:, logits.shape[1] - width:-1]  # prompt tuning prepends its virtual tokens
                 target = torch.where(trained.bool(), ids, -100)[:, 1:]

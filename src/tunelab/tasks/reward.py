@@ -50,7 +50,9 @@ class RewardModel:
     """A finished reward run, loaded for scoring: `score(prompts, responses)` → one float each (fp32)."""
 
     def __init__(self, config, tokenizer, model, path=None):
-        self.config, self.tokenizer, self.model, self.path = config, tokenizer, model.eval(), path
+        from ..models.saved import place
+
+        self.config, self.tokenizer, self.model, self.path = config, tokenizer, place(model).eval(), path
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
@@ -82,9 +84,10 @@ class RewardModel:
         for i in range(0, len(responses), batch_size):
             ids = [self.encoder(p, r)[0] for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
             width = max(len(x) for x in ids)
-            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-            out.append(self.model(input_ids=input_ids, attention_mask=mask).logits.float()[:, 0])
+            device = self.model.device
+            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+            out.append(self.model(input_ids=input_ids, attention_mask=mask).logits.float()[:, 0].cpu())
         return torch.cat(out).numpy() if out else np.zeros(0)
 
     def evaluate(self, frame) -> tuple[dict, "object"]:
