@@ -456,7 +456,8 @@ def _plain_warnings() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         text = str(message).strip().split("\n")[0]
-        if text in seen:
+        # a library's deprecation notes are for its callers (tunelab), not for the user: --debug shows them
+        if text in seen or issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
             return
         seen.add(text)
         print(f"tunelab: warning: {text}", file=sys.stderr)

@@ -61,6 +61,9 @@ class Limits:
     as that many bytes have arrived)."""
     max_batch_tokens: int = 16_384
     """Most prompt tokens in one generation batch (a long prompt runs with fewer others)."""
+    max_classify_tokens: int = 2_048
+    """Most tokens (estimated from the characters, at most model.max_length a text) in one classify batch: it
+    bounds how long a batch takes, so a small request behind large ones waits one short batch."""
 
 
 class Busy(Exception):
@@ -129,12 +132,14 @@ class ClassifyRequest(_Request):
 class Worker:
     """One thread per model: runs the waiting work in batches. A request's work is a list of units (a prompt, or one
     text to classify); each batch takes units round-robin across the waiting requests — at most `max_units` units
-    and `limits.max_batch_tokens` tokens — so one huge request cannot hold back the small ones behind it: they ride
-    in the next batch."""
+    and `max_tokens` tokens — so one huge request cannot hold back the small ones behind it: they ride in the next
+    batch, which is short."""
 
-    def __init__(self, name: str, run_batch: Callable[[list], None], limits: Limits, max_units: int | None = None):
+    def __init__(self, name: str, run_batch: Callable[[list], None], limits: Limits, max_units: int | None = None,
+                 max_tokens: int | None = None):
         self.name, self.run_batch, self.limits = name, run_batch, limits
         self.max_units = max(1, max_units or limits.max_batch)
+        self.max_tokens = max_tokens or limits.max_batch_tokens
         self.requests: deque[deque] = deque()  # per request: its units not yet taken
         self.cond = threading.Condition()
         self.batches = self.batched_jobs = 0
@@ -170,7 +175,7 @@ class Worker:
             while self.requests and len(batch) < self.max_units:
                 q = self.requests.popleft()
                 cost = getattr(q[0], "cost", 0)
-                if batch and tokens + cost > self.limits.max_batch_tokens:
+                if batch and tokens + cost > self.max_tokens:
                     self.requests.appendleft(q)
                     break
                 batch.append(q.popleft())
@@ -273,8 +278,8 @@ class ClassifyJob(Job):
         self.left = len(texts)
         self.lock = threading.Lock()
 
-    def units(self) -> list["ClassifyUnit"]:
-        return [ClassifyUnit(self, i) for i in range(len(self.texts))]
+    def units(self, max_length: int) -> list["ClassifyUnit"]:
+        return [ClassifyUnit(self, i, min(max_length, len(t) // 3 + 2)) for i, t in enumerate(self.texts)]
 
     def done(self, index: int, probs: dict) -> None:
         with self.lock:
@@ -289,6 +294,8 @@ class ClassifyJob(Job):
 class ClassifyUnit:
     job: ClassifyJob
     index: int
+    cost: int = 0
+    """Estimated tokens (characters / 3, at most the model's max_length), for the batch token budget."""
 
     @property
     def text(self) -> str:
@@ -406,11 +413,13 @@ class Registry:
         served = Served(path.name, path, config, "classify", engine)
 
         def run(units: list[ClassifyUnit]) -> None:
+            units = sorted(units, key=lambda u: u.cost)  # similar lengths side by side: less padding
             for unit, probs in zip(units, engine.predict_proba([u.text for u in units])):
                 unit.job.done(unit.index, probs)
 
-        # texts are short work next to a generation: several per requested batch slot
-        served.worker = Worker(path.name, run, self.limits, max_units=self.limits.max_batch * 4)
+        # texts are short work next to a generation: several per requested batch slot, within a token budget
+        served.worker = Worker(path.name, run, self.limits, max_units=self.limits.max_batch * 4,
+                               max_tokens=self.limits.max_classify_tokens)
         self.models[served.id] = served
         self.lines.append(f"{served.id}: classifier ({config.method.name} on {config.model.name}), "
                           f"{_param_bytes(engine.model) / 2**20:.1f} MB of weights")
@@ -720,7 +729,7 @@ def create_app(runs: list, limits: Limits | None = None, api_key: str | None = N
                 where = "input" if isinstance(body.input, str) else f"input[{i}]"
                 raise ClientError(f"{where} is empty: there is no text to classify", 400, "input", "empty_input")
         job = ClassifyJob(texts)
-        submit(served, job.units())
+        submit(served, job.units(served.config.model.max_length))
         (probs,) = await wait([job])
         return {"object": "list", "model": served.id, "data": [
             {"index": i, "label": max(p, key=p.get), "probabilities": p} for i, p in enumerate(probs)]}

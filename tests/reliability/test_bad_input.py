@@ -202,8 +202,9 @@ def test_icl_prints_no_none_and_warnings_are_one_plain_line(make_config, tiny_ll
         _plain_warnings()
         for _ in range(2):
             warnings.warn("something a library says\nwith a second line", UserWarning, stacklevel=1)
+        warnings.warn("`old_name` is deprecated, use `new_name`", FutureWarning, stacklevel=1)
         err = capsys.readouterr().err
-        assert err == "tunelab: warning: something a library says\n"  # once, no source path
+        assert err == "tunelab: warning: something a library says\n"  # once, no source path, no deprecation
     finally:
         warnings.showwarning = saved
 

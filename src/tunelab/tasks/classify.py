@@ -73,7 +73,7 @@ def clip_texts(tokenizer, texts: list[str], max_length: int, chars_per_token: in
     for text in texts:
         if len(text) > limit:
             prefix = text[:limit]
-            if len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) > max_length + 16:
+            if len(tokenizer(prefix, add_special_tokens=False, verbose=False)["input_ids"]) > max_length + 16:
                 text = prefix
         out.append(text)
     return out
