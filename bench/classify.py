@@ -33,7 +33,7 @@ def _peak() -> float | None:
 def _data(n_train: int, n_test: int) -> tuple[Path, Path]:
     """The same examples for both sides: a prefix of tunelab's own train / test split of the shipped data."""
     from tunelab.config import Config
-    from tunelab.data import load_splits
+    from tunelab.tasks import load_splits
 
     config = Config.model_validate({"model": {"name": "minilm"}, "data": {"train": "sample:sentiment_uci",
                                     "split": {"validation": 0.1, "test": 0.2, "seed": 42}}, "method": "full"})

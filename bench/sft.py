@@ -101,16 +101,15 @@ def _config(args) -> dict:
 
 def run_tunelab(args) -> dict:
     from tunelab.config import Config
-    from tunelab.data import load_splits
     from tunelab.models import resolve
     from tunelab.runs import RunDir
-    from tunelab.train import build_generative_trainer
+    from tunelab.tasks import TASKS, load_splits
 
     config = Config.model_validate(_config(args))
     WORK.mkdir(parents=True, exist_ok=True)
     run = RunDir(WORK / "sft-tunelab")
     run.path.mkdir(parents=True, exist_ok=True)
-    trainer, *_ = build_generative_trainer(config, load_splits(config), resolve(config.model.name), run)
+    trainer, *_ = TASKS[config.task].build_trainer(config, load_splits(config), resolve(config.model.name), run)
     timer = Timer(trainer.data_collator)
     trainer.data_collator = timer
     trainer.add_callback(timer.callback)
@@ -135,15 +134,14 @@ def run_recipe(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from tunelab.config import Config
-    from tunelab.data import load_splits
     from tunelab.models import resolve
-    from tunelab.tasks import sft
+    from tunelab.tasks import load_splits, sft
 
     config = Config.model_validate(_config(args))
     path = resolve(config.model.name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     splits = load_splits(config)
-    rows = sft.encode(list(splits.train["_conv"]), tokenizer, config.data, 512).rows
+    rows = sft.encode_conversations(list(splits.train["_conv"]), tokenizer, config.data, 512).rows
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def padded(r):  # the recipe: every example padded to 512, loss on the response only

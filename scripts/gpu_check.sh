@@ -20,7 +20,7 @@ python3 - <<'PY' 2>&1 | tee -a "$OUT/gpu.txt"
 import time, torch, transformers, peft, trl, bitsandbytes
 print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft",
       peft.__version__, "trl", trl.__version__, "bitsandbytes", bitsandbytes.__version__)
-from tunelab.train import fast_bf16
+from tunelab.precision import fast_bf16
 print("fast_bf16:", fast_bf16(), "bf16 supported:", torch.cuda.is_bf16_supported())
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 for _ in range(3):

@@ -2,7 +2,7 @@
 import sys
 from pathlib import Path
 
-from tunelab.report import screenshot
+from tunelab.plots import screenshot
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):

@@ -7,45 +7,45 @@
 __version__ = "0.1.0"
 
 import logging as _logging
+import sys as _sys
+import types as _types
 
 # bitsandbytes (imported by peft) tries to fetch a faster CPU 4-bit kernel from the Hugging Face hub at import
 # and logs a warning when it cannot; tunelab works offline and bitsandbytes falls back to its own kernel.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
-# Import the `train` submodule before defining the function of the same name: importing a submodule sets
-# the package attribute, and doing it first means the function below is what `tunelab.train` stays bound to.
-# The same for every submodule named like a function below: imported lazily, it would replace the function.
-from . import compare as _compare_module  # noqa: E402, F401
-from . import export as _export_module  # noqa: E402, F401
-from . import merge as _merge_module  # noqa: E402, F401
-from . import search as _search_module  # noqa: E402, F401
-from . import serve as _serve_module  # noqa: E402, F401
-from . import train as _train_module  # noqa: E402
+_API = ("train", "load", "validate", "evaluate", "merge", "compare", "search", "check_data", "export", "serve",
+        "serve_app")
+
+
+class _Package(_types.ModuleType):
+    """Importing a submodule binds its name on the package (`tunelab.train`...). The API functions below share
+    those names and import their submodule only when called (so `import tunelab` and the command line stay
+    quick), so the package keeps the functions: the modules are in sys.modules (`from tunelab.train import x`)."""
+
+    def __setattr__(self, name, value):
+        if name in _API and isinstance(value, _types.ModuleType) and name in self.__dict__:
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 def train(config, overrides=(), *, resume=False, overwrite=False, allow_code=False):
     """Train from a YAML path (or a Config); returns a RunResult with `.path` and `.metrics`. `allow_code`: let a
     config's rl.reward.function import and run Python code."""
-    return _train_module.train(config, overrides, resume=resume, overwrite=overwrite, allow_code=allow_code)
+    from .train import train as _train
+
+    return _train(config, overrides, resume=resume, overwrite=overwrite, allow_code=allow_code)
 
 
 def load(run_path):
     """Load a finished run: a classifier (`.predict`, `.predict_proba`, `.evaluate`), a reward model (`.score`), or
     a generative / dpo / rl policy (`.generate`, `.render`)."""
-    from .runs import open_finished
+    from .runs import load_run
 
-    path, config = open_finished(run_path)
-    if config.task == "classify":
-        from .tasks.classify import Classifier
-
-        return Classifier.from_saved(path, config)
-    if config.task == "reward":
-        from .tasks.reward import RewardModel
-
-        return RewardModel.from_saved(path, config)
-    from .tasks.generate import Generator
-
-    return Generator.from_saved(path, config)
+    return load_run(run_path)
 
 
 def validate(config_path, overrides=()):
@@ -55,11 +55,12 @@ def validate(config_path, overrides=()):
     return load_config(config_path, overrides)
 
 
-def evaluate(run_path, data):
-    """Metrics of a finished run on a data file (same columns as its training data)."""
+def evaluate(run_path, data, *, allow_code=False):
+    """Metrics of a finished run on a data file (same columns as its training data); an rl run is scored by its
+    reward (`allow_code` for a function reward)."""
     from .evaluate import evaluate_run
 
-    return evaluate_run(run_path, data)
+    return evaluate_run(run_path, data, allow_code=allow_code)
 
 
 def merge(run_path, out=None):
@@ -114,5 +115,4 @@ def serve_app(runs, *, api_key=None, limits=None):
     return create_app(list(runs), limits, api_key)
 
 
-__all__ = ["train", "load", "validate", "evaluate", "merge", "compare", "search", "check_data", "export", "serve",
-           "serve_app", "__version__"]
+__all__ = [*_API, "__version__"]

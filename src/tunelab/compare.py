@@ -92,8 +92,9 @@ def cached(entry: Entry) -> bool:
 def check_inputs(configs: list[Config]) -> None:
     """The data (columns, types, labels, leakage) and models of the entries about to train, checked once here:
     a problem they share stops compare with one message instead of failing every entry with it."""
-    from .data import load_splits
+    from .methods import trait
     from .models import check_model, resolve
+    from .tasks import TASKS, load_splits
 
     seen = set()
     for cfg in configs:
@@ -104,7 +105,8 @@ def check_inputs(configs: list[Config]) -> None:
                 load_splits(cfg)
         if cfg.model.name not in seen:
             seen.add(cfg.model.name)
-            check_model(resolve(cfg.model.name), cfg.task, cfg.method.name)
+            head = None if trait(cfg.method.name, "GRADIENT_FREE") else TASKS[cfg.task].AUTO_HEAD
+            check_model(resolve(cfg.model.name), head, cfg.task)
 
 
 def _run_process(entry: Entry, allow_code: bool = False) -> tuple[int, str]:

@@ -21,9 +21,13 @@ import numpy as np
 import torch
 
 from .errors import RunError, TunelabError
-from .merge import CAUSAL, MERGEABLE, _samples
+from .folders import MARKER, check_target, write_output_dir
+from .merge import _samples
 from .merge import merge as merge_run
-from .runs import MARKER, check_target, open_finished, write_output_dir
+from .methods import trait, with_trait
+from .runs import open_finished
+from .tasks import TASKS
+from .tasks import with_trait as tasks_with_trait
 
 FORMATS = ("hf", "onnx")
 TOLERANCE = {"classify": 1e-4, "causal": 1e-3}  # logits of an LM are larger (|z| ~ 10-30): same relative error
@@ -35,18 +39,16 @@ def export(run_path, format: str = "hf", merge: bool = False, out=None, toleranc
         raise TunelabError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     path, config = open_finished(run_path)
     method = config.method.name
-    if method in ("features", "icl"):
-        why = ("its classifier is a scikit-learn head on frozen embeddings (model/head.*), not a network layer"
-               if method == "features" else "it trains nothing: its model is the base model plus stored prompts")
-        raise RunError(f"{path} is a `{method}` run and cannot be exported: {why}")
+    if trait(method, "GRADIENT_FREE"):
+        raise RunError(f"{path} is a `{method}` run and cannot be exported: {trait(method, 'NOT_EXPORTABLE')}")
     target = Path(out) if out else path / f"export-{format}"
     check_target(target, MARKER, "export")  # before any model is loaded
     if format == "hf":
         if merge:
-            if method not in MERGEABLE:
-                raise RunError(f"--merge folds {', '.join(MERGEABLE)} adapters into the base model; {path} is a "
-                               f"`{method}` run" + (" whose model/ folder is already a full model: export without "
-                                                    "--merge" if method in ("full", "head", "last_layers") else ""))
+            if not trait(method, "MERGEABLE"):
+                full = " whose model/ folder is already a full model: export without --merge"
+                raise RunError(f"--merge folds {', '.join(with_trait('MERGEABLE'))} adapters into the base model; "
+                               f"{path} is a `{method}` run" + (full if trait(method, "FULL_MODEL") else ""))
             return {"format": "hf", "merged": True, **merge_run(path, target)}
         return {"format": "hf", "merged": False, "path": str(_copy_folder(path, target))}
     return _onnx(path, config, target, tolerance)
@@ -77,24 +79,20 @@ class _Logits(torch.nn.Module):
 
 def _load(path: Path, config):
     """(model in fp32 with any adapter merged, tokenizer, labels or None, kind)."""
-    if config.task == "classify":
-        from .tasks.classify import Classifier
-
-        loaded, kind = Classifier.from_saved(path, config), "classify"
-    elif config.task in CAUSAL:
-        from .tasks.generate import Generator
-
-        loaded, kind = Generator.from_saved(path, config), "causal"
+    task, method = TASKS[config.task], config.method.name
+    if trait(method, "NOT_EXPORTABLE"):
+        raise RunError(f"{path} is a `{method}` run: {trait(method, 'NOT_EXPORTABLE')}")
+    if task.CAUSAL_LM:
+        kind = "causal"
+    elif task.SERVES == "classify":
+        kind = "classify"
     else:
-        raise RunError(f"{path} is a `{config.task}` run; ONNX export handles classify and decoder-only "
-                       f"generative runs ({', '.join(CAUSAL)})")
+        raise RunError(f"{path} is a `{config.task}` run; ONNX export handles classifiers and decoder-only "
+                       f"generative runs ({', '.join(tasks_with_trait('CAUSAL_LM'))})")
+    loaded = task.load(path, config)
     model = loaded.model
-    method = config.method.name
-    if method in MERGEABLE:
+    if trait(method, "MERGEABLE"):
         model = model.merge_and_unload()
-    elif method in ("prefix", "prompt"):
-        raise RunError(f"{path} is a `{method}` run: its virtual tokens are not part of the network's weights, "
-                       f"so there is no single graph to export; serve it with `tunelab serve`")
     # ONNX is exported and checked against PyTorch on the CPU (onnxruntime's CPU provider)
     return model.float().cpu().eval(), loaded.tokenizer, getattr(loaded, "labels", None), kind
 

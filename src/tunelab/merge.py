@@ -16,37 +16,32 @@ import numpy as np
 import torch
 
 from .errors import RunError, TunelabError
-from .runs import MARKER, check_target, open_finished, write_output_dir
+from .folders import MARKER, check_target, write_output_dir
+from .methods import trait, with_trait
+from .runs import open_finished
+from .tasks import TASKS
+from .tasks import with_trait as tasks_with_trait
 
 TOLERANCE = 1e-4
-MERGEABLE = ("lora", "dora", "qlora", "ia3")
-CAUSAL = ("sft", "causal_lm", "dpo", "rl")  # decoder-only generative runs
 
 
 def merge(run_path, out: str | Path | None = None, tolerance: float = TOLERANCE) -> dict:
     """Write `out` (default RUN/merged) and return {"path", "max_abs_diff", "examples"}."""
     path, config = open_finished(run_path)
-    method = config.method.name
+    method, task = config.method.name, TASKS[config.task]
     check_target(Path(out) if out else path / "merged", MARKER, "merge")  # refused before any model is loaded
-    if method not in MERGEABLE:
-        why = ("its model/ folder is already a full model" if method in ("full", "head", "last_layers")
-               else "its virtual tokens / bottleneck modules cannot be folded into the weights; serve it as an "
-                    "adapter on the base model" if method in ("prefix", "prompt", "adapter")
-               else "there is nothing to merge")
-        raise RunError(f"{path} holds a `{method}` run; merge folds {', '.join(MERGEABLE)} adapters into the "
-                       f"base weights, and {why}")
-    if config.task not in CAUSAL + ("classify",):
-        raise RunError(f"{path} is a `{config.task}` run; merge handles classify and causal-LM runs "
-                       f"({', '.join(CAUSAL)})")
-    if config.task in CAUSAL:
-        from .tasks.generate import Generator
-
-        loaded = Generator.from_saved(path, config)
+    if not trait(method, "MERGEABLE"):
+        why = ("its model/ folder is already a full model" if trait(method, "FULL_MODEL")
+               else trait(method, "MERGE_NOTE") or "there is nothing to merge")
+        raise RunError(f"{path} holds a `{method}` run; merge folds {', '.join(with_trait('MERGEABLE'))} adapters "
+                       f"into the base weights, and {why}")
+    if not task.CAUSAL_LM and task.SERVES != "classify":
+        raise RunError(f"{path} is a `{config.task}` run; merge handles classifiers and causal-LM runs "
+                       f"({', '.join(tasks_with_trait('CAUSAL_LM'))})")
+    loaded = task.load(path, config)
+    if task.CAUSAL_LM:
         samples, outputs = _samples(path, "prompt"), _next_token_logits
     else:
-        from .tasks.classify import Classifier
-
-        loaded = Classifier.from_saved(path, config)
         samples, outputs = _samples(path, "text"), _class_logits
     before = outputs(loaded, samples)
     merged = loaded.model.merge_and_unload().eval()
@@ -61,7 +56,7 @@ def merge(run_path, out: str | Path | None = None, tolerance: float = TOLERANCE)
     def fill(folder: Path) -> None:
         merged.save_pretrained(folder)
         loaded.tokenizer.save_pretrained(folder)
-        if config.task == "classify":
+        if getattr(loaded, "labels", None) is not None:
             (folder / "labels.json").write_text(json.dumps(loaded.labels))
         (folder / MARKER).write_text(json.dumps(info, indent=2))
 

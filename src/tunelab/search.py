@@ -133,7 +133,7 @@ def search(config_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
 def _write_results(study, base: dict, out: Path, metric: str, direction: str, config_path) -> dict:
     import optuna
 
-    from .report import plot_search_history
+    from .plots import plot_search_history
 
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
     frame.to_csv(out / "trials.csv", index=False)

@@ -85,7 +85,6 @@ def test_smollm2_classifies_with_lora_and_reloads_identically(tmp_path):
 def test_smollm2_translation_methods_train_and_reload(tmp_path, method):
     """Each generative method on the real Llama-architecture model (grouped-query attention, tied embeddings):
     a few steps, then the saved adapter, reloaded, generates what the run recorded."""
-    from tunelab.tasks.generate import Generator
 
     cfg = {"model": {"name": "smollm2-135m", "max_length": 96}, "task": "sft",
            "data": {"train": "sample:translate_en_fr", "prompt": "en", "response": "fr",
@@ -99,5 +98,5 @@ def test_smollm2_translation_methods_train_and_reload(tmp_path, method):
     result = tunelab.train(path)
     assert result.metrics["test"]["loss"] > 0 and result.metrics["params"]["trainable"] > 0  # prefix starts far off
     saved = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
-    again = Generator.load(result.path).generate([s["prompt"] for s in saved], max_new_tokens=8)
+    again = tunelab.load(result.path).generate([s["prompt"] for s in saved], max_new_tokens=8)
     assert again == [s["generated"] for s in saved]

@@ -19,10 +19,8 @@ from tunelab.runs import read_status, run_status
 DRIVER = '''
 import os, signal, sys, time
 from transformers import TrainerCallback
-import tunelab
 import tunelab.runs as R
-
-T = sys.modules["tunelab.train"]  # the module (tunelab.train is the function of the Python API)
+import tunelab.trainer as T
 
 mode, at, sleep = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 
@@ -34,8 +32,8 @@ class Hooks(TrainerCallback):
         if mode == "after-checkpoint" and state.global_step == at:  # checkpoint `at` is complete on disk
             os.kill(os.getpid(), signal.SIGKILL)
 
-callbacks = T._callbacks
-T._callbacks = lambda *a, **k: callbacks(*a, **k) + [Hooks()]
+callbacks = T.callbacks
+T.callbacks = lambda *a, **k: callbacks(*a, **k) + [Hooks()]
 publish = R.publish_dir
 
 def publish_or_die(tmp, target):

@@ -110,7 +110,7 @@ def _full_row(name, f1, trainable, train_s, stored, records, **extra):
             "records": records, **extra}
 
 
-@pytest.mark.skipif(__import__("tunelab.report", fromlist=["find_browser"]).find_browser() is None,
+@pytest.mark.skipif(__import__("tunelab.plots", fromlist=["find_browser"]).find_browser() is None,
                     reason="no headless Chromium (apt-get install chromium-headless-shell; CI installs it)")
 def test_report_renders_with_its_plots_in_headless_chromium(tmp_path):
     """Open report.html in a real browser: the screenshot must show the plots (matplotlib's blue and orange),
@@ -119,7 +119,8 @@ def test_report_renders_with_its_plots_in_headless_chromium(tmp_path):
     from PIL import Image
 
     from tunelab.config import Config
-    from tunelab.report import compare_report, screenshot
+    from tunelab.plots import screenshot
+    from tunelab.report import compare_report
 
     curve = _records([(1, 0.30), (2, 0.28), (3, 0.35)], [(0.5, 0.6), (1, 0.35), (2, 0.2), (3, 0.1)])
     rows = [_full_row("full", 0.935, 22_700_000, 91, 91e6, curve),

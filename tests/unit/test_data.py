@@ -6,10 +6,11 @@ import pytest
 
 from conftest import sample_rows, write_jsonl
 from tunelab.config import Config
-from tunelab.data import load_eval_table, load_splits
+from tunelab.data import load_eval_table
 from tunelab.data.leakage import normalise
 from tunelab.data.readers import read_table
 from tunelab.errors import DataError
+from tunelab.tasks import load_splits
 
 
 def config(train, **data) -> Config:

@@ -6,7 +6,7 @@ import tunelab
 from tunelab.methods import METHODS
 from tunelab.methods.freezing import modules_after_blocks, transformer_blocks
 from tunelab.methods.lora import auto_targets
-from tunelab.tasks.classify import load_model
+from tunelab.tasks.classifier import load_model
 
 LABELS = ["negative", "positive"]
 

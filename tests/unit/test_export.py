@@ -20,7 +20,6 @@ def _ort(path):
 
 
 def test_classifier_to_onnx_matches_pytorch_on_new_inputs(make_config, capsys):
-    from tunelab.tasks.classify import Classifier
 
     run = tunelab.train(make_config(method={"name": "lora", "r": 4}, name="onnxclf", train={"max_steps": 6})).path
     assert main(["export", str(run), "--format", "onnx"]) == 0
@@ -30,7 +29,7 @@ def test_classifier_to_onnx_matches_pytorch_on_new_inputs(make_config, capsys):
     info = json.loads((folder / "export.json").read_text())
     assert info["max_abs_diff"] < 1e-4 and info["labels"] == json.loads((folder / "labels.json").read_text())
     # shapes the export never saw: another batch size and length
-    clf = Classifier.load(run)
+    clf = tunelab.load(run)
     texts = [r["text"] for r in sample_rows(40)[-7:]]
     enc = clf.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="np")
     got = _ort(folder).run(None, {k: enc[k] for k in info["inputs"]})[0]
@@ -40,7 +39,6 @@ def test_classifier_to_onnx_matches_pytorch_on_new_inputs(make_config, capsys):
 def test_causal_lm_to_onnx_and_hf_with_and_without_merge(make_config, tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tunelab.tasks.generate import Generator
 
     rows = [{"prompt": f"say {w}", "response": w} for w in ["good", "bad", "great", "awful", "fine"] * 12]
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
@@ -49,7 +47,7 @@ def test_causal_lm_to_onnx_and_hf_with_and_without_merge(make_config, tiny_llama
                                     train={"max_steps": 5}, eval={"max_new_tokens": 4})).path
     info = tunelab.export(run, "onnx", out=tmp_path / "lm-onnx")
     assert info["kind"] == "causal" and info["max_abs_diff"] < 1e-3
-    gen = Generator.load(run)
+    gen = tunelab.load(run)
     prompts = [gen.render("say great"), gen.render("say something longer than the others")]
     enc = gen.tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():

@@ -10,7 +10,7 @@ from conftest import sample_rows
 from tunelab import load, train
 from tunelab.methods import METHODS
 from tunelab.methods.frozen_cache import FrozenCache
-from tunelab.tasks.classify import load_model
+from tunelab.tasks.classifier import load_model
 
 LABELS = ["negative", "positive"]
 

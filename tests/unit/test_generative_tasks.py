@@ -6,9 +6,8 @@ import pytest
 import tunelab
 from conftest import write_jsonl
 from tunelab.config import load_config
-from tunelab.data import load_splits
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.tasks.generate import Generator
+from tunelab.tasks import load_splits
 
 WORDS = ["good", "bad", "great", "awful", "fine", "dull", "sharp", "slow"]
 
@@ -29,7 +28,7 @@ def test_causal_lm_end_to_end(make_config, tiny_llama, tmp_path, capsys):
     # long documents are cut into max_length pieces when packing, none lost
     assert m["train"]["encoded"]["train"]["examples"] > len(load_splits(result.config).train)
     assert result.manifest["tokens_per_s"] > 0
-    gen = Generator.load(result.path)
+    gen = tunelab.load(result.path)
     assert gen.render("good bad") == "good bad"  # raw continuation, no template
     # any other text file: perplexity of the run on it (what fine-tuning did to general text)
     other = write_jsonl(tmp_path / "other.jsonl", [{"text": "good bad great"}, {"text": "slow sharp dull fine"}])
@@ -65,14 +64,14 @@ def test_seq2seq_bert2bert_end_to_end(make_config, tiny_bert, tmp_path):
     model = AutoModelForSeq2SeqLM.from_pretrained(result.path / "model")
     assert model.config.is_encoder_decoder
     saved = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
-    again = Generator.load(result.path).generate([s["prompt"] for s in saved], max_new_tokens=4)
+    again = tunelab.load(result.path).generate([s["prompt"] for s in saved], max_new_tokens=4)
     assert again == [s["generated"] for s in saved]
 
 
 def test_seq2seq_has_no_chat_format(make_config, tiny_bert, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"p{i}", "response": "r"} for i in range(20)])
     path = make_config(name="s2s", task="seq2seq", data={"train": str(data), "prompt_format": "chat"})
-    with pytest.raises(TunelabError, match="task seq2seq has no chat template"):
+    with pytest.raises(TunelabError, match="prompt_format chat does not apply to task seq2seq"):
         tunelab.train(path)
 
 
@@ -161,7 +160,7 @@ def test_adapter_sft_run_saves_only_what_trained(make_config, tiny_llama, tmp_pa
     assert saved and all(".bottleneck." in k for k in saved)
     assert not (result.path / "model" / "model.safetensors").exists()
     rows = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
-    assert Generator.load(result.path).generate([r["prompt"] for r in rows], max_new_tokens=3) == \
+    assert tunelab.load(result.path).generate([r["prompt"] for r in rows], max_new_tokens=3) == \
         [r["generated"] for r in rows]
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import tunelab
 from conftest import write_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -24,14 +25,12 @@ def _sft(make_config, tiny_llama, tmp_path, method, name):
 
 
 def test_lora_trains_in_bf16_on_the_gpu_and_evaluates_there(make_config, tiny_llama, tmp_path):
-    import tunelab
-    from tunelab.tasks.generate import Generator
 
     result = tunelab.train(_sft(make_config, tiny_llama, tmp_path, {"name": "lora", "r": 4}, "gpu-lora"))
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert manifest["bf16"] is True and manifest["peak_gpu_mb"] > 0
     assert torch.cuda.get_device_name() in manifest["device"]
-    gen = Generator.load(result.path)
+    gen = tunelab.load(result.path)
     assert gen.model.device.type == "cuda"
     assert result.metrics["test"]["exact_match"] > 0.5  # it learned the words on the GPU
     assert gen.generate([gen.render("say good 0")], max_new_tokens=2)[0].strip()
@@ -40,16 +39,15 @@ def test_lora_trains_in_bf16_on_the_gpu_and_evaluates_there(make_config, tiny_ll
 def test_qlora_4bit_nf4_trains_with_the_gpu_kernels(make_config, tiny_llama, tmp_path):
     import bitsandbytes as bnb
 
-    import tunelab
-    from tunelab.train import build_generative_trainer
+    from tunelab.tasks import TASKS
 
     cfg = _sft(make_config, tiny_llama, tmp_path, {"name": "qlora", "bits": 4, "r": 4}, "gpu-qlora")
     from tunelab.config import load_config
-    from tunelab.data import load_splits
     from tunelab.runs import RunDir
+    from tunelab.tasks import load_splits
 
     config = load_config(cfg)
-    trainer, *_ = build_generative_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "x"))
+    trainer, *_ = TASKS[config.task].build_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "x"))
     quantized = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(m.weight.device.type == "cuda" for m in quantized)
     result = tunelab.train(cfg)

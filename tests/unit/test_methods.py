@@ -8,7 +8,7 @@ from tunelab.methods.freezing import (
     modules_after_blocks,
     transformer_blocks,
 )
-from tunelab.tasks.classify import load_model
+from tunelab.tasks.classifier import load_model
 
 LABELS = ["negative", "positive"]
 

@@ -4,9 +4,8 @@ import torch
 
 from conftest import write_jsonl
 from tunelab.config import load_config
-from tunelab.data import load_splits
 from tunelab.runs import RunDir
-from tunelab.train import build_generative_trainer
+from tunelab.tasks import TASKS, load_splits
 
 
 @pytest.fixture
@@ -21,7 +20,7 @@ def packed_trainer(make_config, tiny_llama, tmp_path):
                                              "leakage": "ignore"},
                            train={"batch_size": 8, "packing": packing, "precision": "fp32"})
         config = load_config(path)
-        return build_generative_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "run"))
+        return TASKS[config.task].build_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "run"))
 
     return build
 
@@ -107,7 +106,8 @@ def test_group_by_length_batches_similar_lengths(make_config, tiny_llama, tmp_pa
                                              "leakage": "ignore"},
                            train={"batch_size": 8, "group_by_length": group, "precision": "fp32"})
         config = load_config(path)
-        trainer, *_ = build_generative_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "r"))
+        trainer, *_ = TASKS[config.task].build_trainer(config, load_splits(config), str(tiny_llama),
+                                                       RunDir(tmp_path / "r"))
         lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
         order = list(trainer._get_train_sampler(trainer.train_dataset))
         batches = [[lengths[i] for i in order[k:k + 8]] for k in range(0, len(order), 8)]

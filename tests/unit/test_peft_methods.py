@@ -37,7 +37,7 @@ def test_reloaded_generative_adapter_generates_what_the_trained_model_did(name, 
 
     torch.manual_seed(0)
     options = METHODS[name].Options(name=name, **GENERATIVE[name])
-    model = METHODS[name].prepare(base(), options, [], task="sft", model_dir=str(tiny_llama))
+    model = METHODS[name].prepare(base(), options, [], task_type="CAUSAL_LM", model_dir=str(tiny_llama))
     counts = count_parameters(model)
     assert 0 < counts["trainable"] < 0.2 * counts["total"], counts
     _train_a_little(model)
@@ -59,14 +59,14 @@ def test_reloaded_generative_adapter_generates_what_the_trained_model_did(name, 
 def test_reloaded_classifier_adapter_gives_the_same_logits(name, tiny_bert, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunelab.tasks.classify import load_model
+    from tunelab.tasks.classifier import load_model
 
     labels = ["neg", "pos"]
     torch.manual_seed(0)
     _, model, new = load_model(str(tiny_bert), labels)
     extra = {"ia3": {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]},
              "prefix": {"virtual_tokens": 4}, "prompt": {"virtual_tokens": 4}}.get(name, {})
-    model = METHODS[name].prepare(model, METHODS[name].Options(name=name, **extra), new, task="classify")
+    model = METHODS[name].prepare(model, METHODS[name].Options(name=name, **extra), new, task_type="SEQ_CLS")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("classifier" in n for n in trainable), "the new head must train with the adapter"
     _train_a_little(model)
@@ -103,7 +103,7 @@ def test_ia3_list_without_feedforward_modules_is_explained(tiny_llama):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     with pytest.raises(ValueError, match="feedforward_modules must name"):
-        METHODS["ia3"].prepare(model, METHODS["ia3"].Options(target_modules=["k_proj"]), [], task="sft")
+        METHODS["ia3"].prepare(model, METHODS["ia3"].Options(target_modules=["k_proj"]), [], task_type="CAUSAL_LM")
 
 
 def test_per_method_default_learning_rates():
@@ -125,7 +125,7 @@ def test_generator_loss_matches_the_models_own_loss(name, tiny_llama):
 
     torch.manual_seed(0)
     model = METHODS[name].prepare(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
-                                  METHODS[name].Options(name=name, **GENERATIVE[name]), [], task="sft")
+                                  METHODS[name].Options(name=name, **GENERATIVE[name]), [], task_type="CAUSAL_LM")
     _train_a_little(model)
     config = Config.model_validate({"model": {"name": "x"}, "task": "sft", "method": name,
                                     "data": {"train": "a.jsonl"}})

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
+import tunelab
 from conftest import ROOT, sample_rows, write_jsonl
+from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.errors import ConfigError, DataError
 
@@ -37,7 +39,7 @@ def pref_config(tmp_path, model, data_file, task="reward", method="full", name="
 # ------------------------------------------------------------------------------------------------------ data
 
 def test_rankings_become_pairs_and_bad_rows_are_counted(tmp_path, tiny_bert, capsys):
-    from tunelab.data import load_splits
+    from tunelab.tasks import load_splits
 
     rows = [{"prompt": f"question {i}", "responses": [f"best answer {i}", f"middle answer {i}", f"worst answer {i}"]}
             for i in range(40)]
@@ -106,7 +108,6 @@ def test_preference_config_checks(tmp_path, tiny_bert, tiny_llama):
 # ---------------------------------------------------------------------------------------------------- reward
 
 def test_reward_model_learns_pairs_and_reloads(tmp_path, tiny_bert):
-    from tunelab.tasks.reward import RewardModel
     from tunelab.train import train
 
     path = write_jsonl(tmp_path / "pairs.jsonl", review_pairs(400))
@@ -115,22 +116,26 @@ def test_reward_model_learns_pairs_and_reloads(tmp_path, tiny_bert):
     assert m["test"]["pairs"] + m["validation"]["pairs"] + result.metrics["train"]["pairs"]["train"] == 400
     # positive vs negative sentences under "write a positive review": learnable from words even by a tiny model
     assert m["test"]["accuracy"] > 0.6, m["test"]
-    model = RewardModel.load(result.path)
-    from tunelab.data import load_splits
+    model = tunelab.load(result.path)
+    from tunelab.tasks import load_splits
 
     again, rows = model.evaluate(load_splits(result.config).test)
     assert again["accuracy"] == m["test"]["accuracy"] and abs(again["margin"] - m["test"]["margin"]) < 1e-5
     assert (result.path / "predictions_test.jsonl").exists()
     log = [json.loads(x) for x in (result.path / "metrics.jsonl").read_text().split("\n") if x.strip()]
     assert any("eval_accuracy" in r for r in log)
+    # `tunelab eval` on a reward run: pairwise accuracy on a file (here the held-out pairs, the same numbers)
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(
+        load_splits(result.config).test["_prompt"], rows["chosen"], rows["rejected"])])
+    file_metrics = tunelab.evaluate(result.path, str(held))
+    assert file_metrics["accuracy"] == m["test"]["accuracy"] and file_metrics["pairs"] == m["test"]["pairs"]
+    assert (result.path / "evaluations" / "held.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------------- dpo
 
 def test_dpo_raises_held_out_margin_and_reload_reproduces_it(tmp_path, tiny_llama):
-    from tunelab.data import load_splits
-    from tunelab.tasks import dpo
-    from tunelab.tasks.generate import Generator
+    from tunelab.tasks import dpo, load_splits
     from tunelab.train import train
 
     path = write_jsonl(tmp_path / "pairs.jsonl", review_pairs(300))
@@ -140,11 +145,18 @@ def test_dpo_raises_held_out_margin_and_reload_reproduces_it(tmp_path, tiny_llam
     assert test["base_logp_margin"] < test["logp_margin"], test  # the policy now prefers chosen more than the base
     assert test["reward_margin"] > 0 and test["reward_accuracy"] > 0.5
     assert (result.path / "model" / "adapter_config.json").exists()  # an adapter, the base is the reference
-    gen = Generator.load(result.path)
+    gen = tunelab.load(result.path)
     again = dpo.preference_metrics(gen.model, gen.tokenizer, load_splits(result.config).test, result.config.data,
                                    0.1, 64, lambda: None)
     for key in ("logp_margin", "base_logp_margin", "reward_margin"):
         assert again[key] == pytest.approx(test[key], abs=1e-4)
+    # `tunelab eval` on a dpo run: the margins against the base on the pairs of a file (the test pairs here)
+    frame = load_splits(result.config).test
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(
+        frame["_prompt"], frame["_chosen"], frame["_rejected"])])
+    assert main(["eval", str(result.path), "--data", str(held)]) == 0
+    saved = json.loads((result.path / "evaluations" / "held.json").read_text())
+    assert saved["logp_margin"] == pytest.approx(test["logp_margin"], abs=1e-4) and saved["pairs"] == test["pairs"]
 
 
 def test_response_logps_match_a_single_sequence(tiny_llama):
@@ -197,6 +209,12 @@ def test_rl_against_a_function_logs_reward_kl_and_plots(tmp_path, tiny_llama):
     assert (result.path / "rewards.png").stat().st_size > 10_000
     samples = [json.loads(x) for x in (result.path / "samples.jsonl").read_text().split("\n") if x.strip()]
     assert len(samples) == 16 and {"prompt", "base", "tuned", "base_reward", "tuned_reward"} <= set(samples[0])
+    # `tunelab eval` on an rl run: its reward on the prompts of a file, base vs tuned (a function reward runs code:
+    # refused without --allow-code, as in training)
+    few = write_jsonl(tmp_path / "few.jsonl", [{"prompt": "the film was"}, {"prompt": "a story of"}])
+    assert main(["eval", str(result.path), "--data", str(few)]) == 2
+    again = tunelab.evaluate(result.path, str(few), allow_code=True)
+    assert again["prompts"] == 2 and {"base_reward", "tuned_reward", "kl"} <= set(again)
 
 
 def test_rl_reward_errors_before_the_run_exists(tmp_path, tiny_llama):

@@ -46,8 +46,6 @@ def _app(runs, **limits):
 
 
 def test_two_adapters_share_one_base_and_answer_as_generate_does(runs):
-    from tunelab.tasks.classify import Classifier
-    from tunelab.tasks.generate import Generator
 
     app = _app(runs)
     registry: Registry = app.state.registry
@@ -65,7 +63,7 @@ def test_two_adapters_share_one_base_and_answer_as_generate_does(runs):
 
         answers = {}
         for name in ("says-good", "says-bad"):
-            gen = Generator.load(runs[name])
+            gen = tunelab.load(runs[name])
             rendered = gen.render(prompt_text)
             expected_raw = gen.generate([rendered], max_new_tokens=6, strip=False)[0]
             r = http.post("/v1/completions", json={"model": name, "prompt": rendered, "max_tokens": 6,
@@ -109,7 +107,7 @@ def test_two_adapters_share_one_base_and_answer_as_generate_does(runs):
 
         texts = [r["text"] for r in sample_rows(10)]
         got = http.post("/v1/classify", json={"model": "sentiment", "input": texts}).json()["data"]
-        expected = Classifier.load(runs["sentiment"]).predict_proba(texts)
+        expected = tunelab.load(runs["sentiment"]).predict_proba(texts)
         assert [g["label"] for g in got] == [max(p, key=p.get) for p in expected]
         for g, p in zip(got, expected):
             assert g["probabilities"] == pytest.approx(p, abs=1e-5)

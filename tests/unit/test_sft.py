@@ -7,9 +7,8 @@ import torch
 import tunelab
 from conftest import write_jsonl
 from tunelab.config import Config, load_config
-from tunelab.data import load_splits
 from tunelab.errors import ConfigError, DataError
-from tunelab.tasks import sft
+from tunelab.tasks import load_splits, sft
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"
                  "{% if add_generation_prompt %}<assistant> {% endif %}")
@@ -125,9 +124,10 @@ def test_loss_on_all_tokens(tok):
 
 def test_overflow_truncate_and_drop_are_counted(tok):
     long = [conv(response=" ".join(["chat"] * 80)), conv()]
-    cut = sft.encode(long, tok, cfg("x.jsonl", prompt_format="alpaca").data, max_length=60)
+    cut = sft.encode_conversations(long, tok, cfg("x.jsonl", prompt_format="alpaca").data, max_length=60)
     assert cut.truncated == 1 and cut.dropped == 0 and max(len(r["input_ids"]) for r in cut.rows) == 60
-    dropped = sft.encode(long, tok, cfg("x.jsonl", prompt_format="alpaca", overflow="drop").data, max_length=60)
+    dropped = sft.encode_conversations(long, tok, cfg("x.jsonl", prompt_format="alpaca", overflow="drop").data,
+                                       max_length=60)
     assert dropped.dropped == 1 and len(dropped.rows) == 1
 
 
@@ -175,11 +175,11 @@ def test_sft_end_to_end_and_reload_generates_the_same(make_config, tiny_llama, t
     assert m["validation"]["loss"] > 0 and m["test"]["examples"] > 0 and "chrf" in m["test"]
     assert (result.path / "model" / "adapter_model.safetensors").exists()
     saved = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
-    again = Generator.load(result.path).generate([s["prompt"] for s in saved], max_new_tokens=4)
+    again = tunelab.load(result.path).generate([s["prompt"] for s in saved], max_new_tokens=4)
     assert again == [s["generated"] for s in saved]
     assert main(["generate", str(result.path), "--prompt", "say good", "--max-new-tokens", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().split("\n")[-1])
-    gen = Generator.load(result.path)
+    gen = tunelab.load(result.path)
     assert out["generated"] == gen.generate([gen.render("say good")], max_new_tokens=4)[0]
     capsys.readouterr()
     batch = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "say good"}, {"prompt": "say bad"}])
@@ -191,14 +191,14 @@ def test_sft_end_to_end_and_reload_generates_the_same(make_config, tiny_llama, t
     assert main(["generate", str(result.path), "--input", str(bad)]) == 2
     assert "bad.jsonl, row 1: no `prompt` text (use --field" in capsys.readouterr().err
     assert main(["predict", str(result.path), "hello"]) == 2
-    assert "is a `sft` run, not `classify`; use it with `tunelab generate`" in capsys.readouterr().err
+    assert "is a `sft` run (generator), not a classifier; use it with `tunelab generate`" in capsys.readouterr().err
     # merged: a plain causal LM that generates what the adapter generated
     from transformers import AutoModelForCausalLM
 
     assert main(["merge", str(result.path)]) == 0
     plain = AutoModelForCausalLM.from_pretrained(result.path / "merged", dtype=torch.float32)
     assert not any("lora" in n for n, _ in plain.named_parameters())
-    merged_gen = Generator(result.config, Generator.load(result.path).tokenizer, plain)
+    merged_gen = Generator(result.config, tunelab.load(result.path).tokenizer, plain)
     assert merged_gen.generate([s["prompt"] for s in saved], max_new_tokens=4) == [s["generated"] for s in saved]
 
 
@@ -225,11 +225,32 @@ def test_compiled_blocks_train_the_same_adapter(make_config, tiny_llama, tmp_pat
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
     # and the compiled run really compiled every block
     from tunelab.config import load_config
-    from tunelab.data import load_splits
     from tunelab.methods.freezing import transformer_blocks
     from tunelab.runs import RunDir
-    from tunelab.train import build_generative_trainer
+    from tunelab.tasks import TASKS, load_splits
 
     config = load_config(runs[True] / "config.yaml")
-    trainer, *_ = build_generative_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "x"))
+    trainer, *_ = TASKS[config.task].build_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "x"))
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(trainer.model)[1])
+
+
+def test_trl_keeps_its_metrics_where_tunelab_writes_them(make_config, tiny_llama, tmp_path):
+    """tasks/sft_trainer.record_metrics writes TRL's private metric store (the CPU loss path replaces TRL's);
+    this fails if TRL renames it, and checks the values reach TRL's logs."""
+    from tunelab.config import load_config
+    from tunelab.runs import RunDir
+    from tunelab.tasks import TASKS, load_splits
+
+    rows = [{"prompt": f"say {w}", "response": w} for w in ["good", "bad", "great", "awful", "fine"] * 8]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    path = make_config(method={"name": "lora", "r": 4}, name="m", model={"name": str(tiny_llama)}, task="sft",
+                       data={"train": str(data), "split": {"validation": 0, "test": 0}, "leakage": "ignore"},
+                       train={"max_steps": 2, "logging_steps": 1})
+    config = load_config(path)
+    trainer, *_ = TASKS[config.task].build_trainer(config, load_splits(config), str(tiny_llama),
+                                                   RunDir(tmp_path / "x"))
+    assert set(trainer._metrics) >= {"train", "eval"} and isinstance(trainer._total_train_tokens, int)
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    assert logged and all(0 <= r["mean_token_accuracy"] <= 1 and r["entropy"] > 0 for r in logged)
+    assert logged[-1]["num_tokens"] == trainer._total_train_tokens > 0

@@ -3,21 +3,20 @@ label balance, lengths in the model's tokens (and how many exceed model.max_leng
 appear both in train and in validation/test (leakage)."""
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
-
 from .leakage import find_leaks
 
 
 def check(config) -> dict:
     """The report as a dict (printed by `format_report`, or as JSON)."""
+    import numpy as np
     from transformers import AutoTokenizer
 
     from ..models import resolve
-    from . import load_splits
+    from ..tasks import TASKS
 
+    task = TASKS[config.task]
     quiet = config.model_copy(update={"data": config.data.model_copy(update={"leakage": "ignore"})})
-    splits = load_splits(quiet)
+    splits = task.load_splits(quiet)
     tokenizer = AutoTokenizer.from_pretrained(resolve(config.model.name))
     # lengths are counted before truncation on purpose; without this, transformers warns that a text is longer
     # than the model takes (the report counts those: over_max_length)
@@ -28,10 +27,10 @@ def check(config) -> dict:
         if not len(frame):
             continue
         info = {"examples": len(frame)}
-        if config.task == "classify":
+        if splits.labels:
             counts = frame[config.data.label].astype(str).value_counts()
             info["labels"] = {label: int(counts.get(label, 0)) for label in splits.labels}
-        lengths = _token_lengths(config, frame, tokenizer)
+        lengths = task.token_lengths(config, frame, tokenizer)
         info["tokens"] = {"min": int(lengths.min()), "median": int(np.median(lengths)),
                           "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max()),
                           "over_max_length": int((lengths > config.model.max_length).sum())}
@@ -40,7 +39,7 @@ def check(config) -> dict:
         if "_text_key" in frame:
             dup = frame[frame["_text_key"].duplicated(keep=False)]
             info["duplicates"] = int(frame["_text_key"].duplicated().sum())
-            if config.task == "classify" and len(dup):
+            if splits.labels and len(dup):
                 labels = dup.groupby("_text_key")[config.data.label].nunique()
                 info["conflicting_duplicates"] = int((labels > 1).sum())
         report["splits"][name] = info
@@ -50,31 +49,6 @@ def check(config) -> dict:
                                        "rows": [int(r) for r in leaks["_row"].head(5)] if "_row" in leaks else [],
                                        "texts": [t[:80] for t in leaks["_text_key"].head(3)]}
     return report
-
-
-def _token_lengths(config, frame: pd.DataFrame, tokenizer) -> np.ndarray:
-    """Tokens per example as the model sees it, before truncation: text (+ pair) for classify; the rendered
-    prompt and response for sft/seq2seq; the raw text for causal_lm."""
-    data = config.data
-    if config.task == "classify":
-        pairs = frame[data.text_pair].astype(str).tolist() if data.text_pair else None
-        enc = tokenizer(frame[data.text].astype(str).tolist(), pairs)
-        return np.array([len(x) for x in enc["input_ids"]])
-    if config.task == "causal_lm":
-        return np.array([len(x) for x in tokenizer(frame[data.text].astype(str).tolist())["input_ids"]])
-    from ..tasks import sft
-
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # the same rendering training uses, with room for any length (nothing cut), so lengths are the real ones
-    wide = config.model_copy(update={"model": config.model.model_copy(update={"max_length": 10 ** 6})})
-    if config.task == "seq2seq":
-        from ..tasks import seq2seq
-
-        rows = seq2seq.encode(list(frame["_conv"]), tokenizer, data, wide.model.max_length).rows
-        return np.array([len(r["input_ids"]) + len(r["labels"]) for r in rows])
-    rows = sft.encode(list(frame["_conv"]), tokenizer, data, wide.model.max_length).rows
-    return np.array([len(r["input_ids"]) for r in rows])
 
 
 def format_report(report: dict, source: str) -> str:

@@ -17,6 +17,7 @@ from collections import Counter
 import pandas as pd
 
 from ..errors import DataError
+from .conversations import prompt_text
 from .leakage import normalise
 from .readers import ROW, read_table
 from .types import as_list, kind
@@ -66,11 +67,6 @@ def _response(value, what: str) -> str:
     return value
 
 
-def prompt_text(prompt) -> str:
-    """The prompt as plain text (a chat prompt: its messages' contents, one per line)."""
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-
-
 def _ranking_pairs(responses: list[str], scores: list[float] | None, mode: str) -> list[tuple[str, str]]:
     """Better/worse pairs of one ranking (best first, or by score; equal scores make no pair)."""
     if scores is None:
@@ -86,6 +82,17 @@ def _ranking_pairs(responses: list[str], scores: list[float] | None, mode: str) 
     return pairs
 
 
+def _listed(value, problem: str):
+    """A list cell as a list: a JSON list, an Arrow array, or (CSV) the list written as JSON text."""
+    value = as_list(value)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(problem) from None
+    return value
+
+
 def _parse_row(record: dict, data, layout: str) -> tuple[object, list[tuple[str, str]]]:
     prompt = parse_prompt(record.get(data.prompt))
     if layout == "pairs":
@@ -94,12 +101,7 @@ def _parse_row(record: dict, data, layout: str) -> tuple[object, list[tuple[str,
         if normalise(chosen) == normalise(rejected):
             raise ValueError("chosen and rejected are the same text")
         return prompt, [(chosen, rejected)]
-    responses = as_list(record.get(data.responses))
-    if isinstance(responses, str):
-        try:
-            responses = json.loads(responses)
-        except json.JSONDecodeError:
-            raise ValueError(f"`{data.responses}` is not a list of responses") from None
+    responses = _listed(record.get(data.responses), f"`{data.responses}` is not a list of responses")
     if not isinstance(responses, list) or len(responses) < 2:
         raise ValueError(f"`{data.responses}` must list at least two responses")
     texts = [_response(r, f"response {i}") for i, r in enumerate(responses, 1)]
@@ -107,12 +109,7 @@ def _parse_row(record: dict, data, layout: str) -> tuple[object, list[tuple[str,
         raise ValueError("two responses of the ranking are the same text")
     scores = None
     if data.scores:
-        scores = as_list(record.get(data.scores))
-        if isinstance(scores, str):
-            try:
-                scores = json.loads(scores)
-            except json.JSONDecodeError:
-                raise ValueError(f"`{data.scores}` is text, not a list of numbers") from None
+        scores = _listed(record.get(data.scores), f"`{data.scores}` is text, not a list of numbers")
         if not isinstance(scores, list) or len(scores) != len(texts):
             raise ValueError(f"`{data.scores}` must hold one number per response ({len(texts)})")
         if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in scores):

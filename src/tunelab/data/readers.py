@@ -7,10 +7,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import DataError
+from .types import ROW
 
 SAMPLES = Path(__file__).parent / "samples"
-ROW = "_row"
-"""Column added to every table: the 1-based row (for JSON Lines, the line number) used in error messages."""
 
 
 def resolve_path(spec: str) -> Path:

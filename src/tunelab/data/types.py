@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
-import pandas as pd
-
 from ..errors import DataError
-from .readers import ROW
+
+ROW = "_row"
+"""Column added to every table: the 1-based row (for JSON Lines, the line number) used in error messages."""
 
 
 def kind(value) -> str:
     """What a value is, in words a user recognises from their file."""
+    import numpy as np
     if isinstance(value, (bool, np.bool_)):
         return "true/false"
     if isinstance(value, numbers.Integral):
@@ -33,6 +33,9 @@ def kind(value) -> str:
 
 
 def is_missing(value) -> bool:
+    import numpy as np
+    import pandas as pd
+
     if value is None:
         return True
     try:
@@ -43,6 +46,8 @@ def is_missing(value) -> bool:
 
 def as_list(value):
     """A list-like cell (JSON list, or a Parquet/Arrow array) as a Python list; anything else unchanged."""
+    import numpy as np
+
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, tuple):
@@ -52,6 +57,8 @@ def as_list(value):
 
 def text_value(value, column: str, numbers_ok: bool = False) -> str:
     """`value` as text for `column`, or ValueError saying what it is instead."""
+    import numpy as np
+
     if isinstance(value, str):
         return value
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and numbers_ok:
@@ -73,8 +80,10 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_text_columns(frame: pd.DataFrame, spec: str, columns: list[str], numbers_ok: bool) -> pd.DataFrame:
+def check_text_columns(frame, spec: str, columns: list[str], numbers_ok: bool):
     """Refuse (DataError) a non-missing cell of `columns` that is not text; numbers become text when allowed."""
+    import pandas as pd
+
     out = {}
     for col in columns:
         values = frame[col]
@@ -100,6 +109,8 @@ def check_text_columns(frame: pd.DataFrame, spec: str, columns: list[str], numbe
 def label_value(value) -> str:
     """A class label as text: strings as they are, integers (and integer-valued numbers, e.g. 1.0) as digits;
     ValueError for a fraction, true/false, a list or a mapping."""
+    import numpy as np
+
     if isinstance(value, str):
         return value
     if isinstance(value, (bool, np.bool_)):
@@ -115,8 +126,10 @@ def label_value(value) -> str:
     raise ValueError(f"holds {kind(value)} ({_short(value)}), not a class name or integer")
 
 
-def check_labels(frame: pd.DataFrame, spec: str, column: str) -> pd.Series:
-    """The label column as text; DataError naming the first bad row."""
+def check_labels(frame, spec: str, column: str):
+    """The label column as text (a pandas Series); DataError naming the first bad row."""
+    import pandas as pd
+
     labels, problems = [], []
     for row, value in zip(frame[ROW], frame[column]):
         try:

@@ -10,13 +10,12 @@ A run saves only what trained (adapters + any new head) as `model/bottleneck.saf
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from ..schema import Section
 from .freezing import freeze_all, transformer_blocks, unfreeze
@@ -25,6 +24,9 @@ DEFAULT_LR = 1e-3
 # the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
 FROZEN_BASE = True
 CONFIG_FILE, WEIGHTS_FILE = "bottleneck.json", "bottleneck.safetensors"
+SAVED_FILE = CONFIG_FILE  # a model/ folder holding it is loaded with `load` below
+MERGE_NOTE = "its bottleneck modules are layers of their own and cannot be folded into the weights; serve it as an " \
+    "adapter on the base model"
 
 # Output projections of attention and FFN: Llama/Mistral/Qwen, BERT, GPT-2, T5, OPT/BART, GPT-NeoX.
 _OUTPUT_SUFFIXES = ("o_proj", "down_proj", "attention.output.dense", ".output.dense", "c_proj", "wo", "out_proj",
@@ -40,23 +42,32 @@ class Options(Section):
     """Linear layers (name suffixes) after which adapters go; `auto`: the attention and FFN output projections."""
 
 
-class Bottleneck(nn.Module):
-    def __init__(self, dim: int, size: int, dropout: float):
-        super().__init__()
-        self.down, self.up = nn.Linear(dim, size), nn.Linear(size, dim)
-        self.act, self.drop = nn.GELU(), nn.Dropout(dropout)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+@functools.cache
+def _bottleneck_class():
+    """The adapter module (defined on first use: importing this module does not import torch)."""
+    from torch import nn
 
-    def forward(self, x):
-        return x + self.up(self.drop(self.act(self.down(x))))
+    class Bottleneck(nn.Module):
+        def __init__(self, dim: int, size: int, dropout: float):
+            super().__init__()
+            self.down, self.up = nn.Linear(dim, size), nn.Linear(size, dim)
+            self.act, self.drop = nn.GELU(), nn.Dropout(dropout)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+        def forward(self, x):
+            return x + self.up(self.drop(self.act(self.down(x))))
+
+    return Bottleneck
 
 
 def _hook(module, args, output):
     return module.bottleneck(output)
 
 
-def find_targets(model: nn.Module, target_modules) -> list[str]:
+def find_targets(model, target_modules) -> list[str]:
+    from torch import nn
+
     blocks_name, _ = transformer_blocks(model)
     suffixes = _OUTPUT_SUFFIXES if target_modules == "auto" else tuple(target_modules)
     found = [name for name, m in model.named_modules()
@@ -68,8 +79,9 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
     return found
 
 
-def inject(model: nn.Module, targets: list[str], size: int, dropout: float) -> None:
+def inject(model, targets: list[str], size: int, dropout: float) -> None:
     modules = dict(model.named_modules())
+    Bottleneck = _bottleneck_class()
     for name in targets:
         linear = modules[name]
         linear.add_module("bottleneck", Bottleneck(linear.out_features, size, dropout).to(linear.weight.device))
@@ -97,6 +109,7 @@ def save(model, directory: Path) -> None:
 
 def load(base, directory: Path):
     """The base model with the saved adapters (and new head) of `directory`."""
+    import torch
     from safetensors.torch import load_file
 
     info = json.loads((Path(directory) / CONFIG_FILE).read_text())

@@ -5,6 +5,7 @@ from typing import Literal
 from . import lora
 
 DEFAULT_LR = lora.DEFAULT_LR
+MERGEABLE = True
 # the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
 FROZEN_BASE = True
 

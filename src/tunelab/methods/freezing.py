@@ -1,26 +1,26 @@
 """Shared helpers for methods that train part of a model: freeze, unfreeze, find the transformer blocks."""
 from __future__ import annotations
 
-from torch import nn
 
-
-def freeze_all(model: nn.Module) -> None:
+def freeze_all(model) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
 
 
-def unfreeze(model: nn.Module, prefixes: list[str]) -> None:
+def unfreeze(model, prefixes: list[str]) -> None:
     """Make every parameter under one of the module names in `prefixes` trainable."""
     for name, p in model.named_parameters():
         if any(name == pre or name.startswith(pre + ".") for pre in prefixes):
             p.requires_grad_(True)
 
 
-def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def transformer_blocks(model) -> tuple[str, object]:
     """The stack of transformer blocks: the ModuleList holding the most parameters.
 
     Works across architectures without a table (BERT `encoder.layer`, Llama `model.layers`, GPT-2 `h`).
     """
+    from torch import nn
+
     best, best_size = None, 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
@@ -32,7 +32,7 @@ def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def modules_after_blocks(model: nn.Module, blocks_name: str) -> list[str]:
+def modules_after_blocks(model, blocks_name: str) -> list[str]:
     """Top-level parameter owners registered after the blocks (pooler, final norm, head), in model order.
 
     These sit between the last block and the loss, so a method training the last N blocks must train them too.
@@ -46,7 +46,7 @@ def modules_after_blocks(model: nn.Module, blocks_name: str) -> list[str]:
     return names
 
 
-def count_parameters(model: nn.Module) -> dict:
+def count_parameters(model) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total, "percent": round(100.0 * trainable / max(total, 1), 4)}

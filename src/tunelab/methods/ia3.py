@@ -10,6 +10,7 @@ from ..schema import Section
 from .peft_common import wrap
 
 DEFAULT_LR = 3e-3
+MERGEABLE = True  # `tunelab merge` folds the rescaling vectors into the weights
 # the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
 FROZEN_BASE = True
 
@@ -22,7 +23,7 @@ class Options(Section):
     """Which of `target_modules` are feed-forward layers (rescaled on their input); needed with a list."""
 
 
-def prepare(model, options: Options, new_modules: list[str], *, task: str = "classify", **_):
+def prepare(model, options: Options, new_modules: list[str], *, task_type: str = "SEQ_CLS", **_):
     from peft import IA3Config
 
     if options.target_modules == "auto":
@@ -32,4 +33,4 @@ def prepare(model, options: Options, new_modules: list[str], *, task: str = "cla
             raise ValueError("method.feedforward_modules must name which target_modules are feed-forward layers "
                              "(e.g. [down_proj]) when target_modules is a list")
         kwargs = {"target_modules": options.target_modules, "feedforward_modules": options.feedforward_modules}
-    return wrap(model, IA3Config, task, new_modules, **kwargs)
+    return wrap(model, IA3Config, task_type, new_modules, **kwargs)

@@ -18,14 +18,17 @@ import zlib
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
 from pydantic import Field, field_validator
-from tqdm.auto import tqdm
 
 from ..schema import Section
 
 DEFAULT_LR = None  # no training
+GRADIENT_FREE = True  # nothing trains: no gradient steps, no data parallelism, nothing to merge or export
+TASKS = ("classify",)
+TASKS_HINT = "for generative tasks `tunelab eval --base CONFIG` gives the untrained model's numbers"
+PROBE_SKIP = "nothing is trained"
+NOT_EXPORTABLE = "it trains nothing: its model is the base model plus stored prompts"
+MERGE_NOTE = "there is nothing to merge"
 
 DEFAULT_TEMPLATES = [
     "Text: {text}\nLabel: {label}",
@@ -78,11 +81,14 @@ def split_template(template: str) -> tuple[str, str]:
     return stripped, head[len(stripped):]
 
 
-@torch.inference_mode()
 def label_logprobs(model, tokenizer, contexts: list[str], continuations: list[str], *, max_length: int,
-                   batch_size: int = 16, progress: bool = False) -> np.ndarray:
+                   batch_size: int = 16, progress: bool = False):
     """log P(continuation | context) for every context × continuation, as a (contexts, continuations) array:
     the sum of the continuation tokens' log-probabilities. Contexts are cut from the left to fit `max_length`."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
     cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
     if any(not ids for ids in cont_ids):
         raise ValueError(f"a label word tokenizes to nothing: {continuations}")
@@ -100,34 +106,35 @@ def label_logprobs(model, tokenizer, contexts: list[str], continuations: list[st
     device = next(model.parameters()).device
     keep = 1 if single else longest + 1  # only the last positions' logits are computed (not the whole vocab at
     # every position, which costs more than the model itself on a small LM)
-    for start in tqdm(range(0, len(jobs), batch_size), desc="scoring", disable=not progress, leave=False):
-        batch = jobs[start:start + batch_size]
-        seqs = [ctx_ids[i] + (cont_ids[j] if j is not None else []) for i, j in batch]
-        # left padding, so every sequence ends at the last position; position ids count real tokens only,
-        # so each sequence is scored exactly as it would be alone
-        width = max(len(s) for s in seqs) + (0 if single else longest - min(len(cont_ids[j]) for _, j in batch))
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, (seq, (_, j)) in enumerate(zip(seqs, batch)):
-            tail = 0 if single else longest - len(cont_ids[j])  # pad after short continuations so they line up
-            end = width - tail
-            ids[r, end - len(seq):end] = torch.tensor(seq)
-            mask[r, end - len(seq):end] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=keep).logits.float()
-        logp = torch.log_softmax(logits, dim=-1).cpu()  # (batch, keep, vocab)
-        for r, (i, j) in enumerate(batch):
-            if j is None:
-                out[i] = logp[r, -1, [ids_[0] for ids_ in cont_ids]].numpy()
-            else:
-                targets = torch.tensor(cont_ids[j])
-                tail = longest - len(targets)
-                # logits at position p predict token p+1: the continuation's tokens sit at the last
-                # len(targets) real positions, predicted from the positions just before them
-                last = keep - 1 - tail
-                rows = torch.arange(last - len(targets), last)
-                out[i, j] = float(logp[r, rows, targets].sum())
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(jobs), batch_size), desc="scoring", disable=not progress, leave=False):
+            batch = jobs[start:start + batch_size]
+            seqs = [ctx_ids[i] + (cont_ids[j] if j is not None else []) for i, j in batch]
+            # left padding, so every sequence ends at the last position; position ids count real tokens only,
+            # so each sequence is scored exactly as it would be alone
+            width = max(len(s) for s in seqs) + (0 if single else longest - min(len(cont_ids[j]) for _, j in batch))
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, (seq, (_, j)) in enumerate(zip(seqs, batch)):
+                tail = 0 if single else longest - len(cont_ids[j])  # pad after short continuations so they line up
+                end = width - tail
+                ids[r, end - len(seq):end] = torch.tensor(seq)
+                mask[r, end - len(seq):end] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                           logits_to_keep=keep).logits.float()
+            logp = torch.log_softmax(logits, dim=-1).cpu()  # (batch, keep, vocab)
+            for r, (i, j) in enumerate(batch):
+                if j is None:
+                    out[i] = logp[r, -1, [ids_[0] for ids_ in cont_ids]].numpy()
+                else:
+                    targets = torch.tensor(cont_ids[j])
+                    tail = longest - len(targets)
+                    # logits at position p predict token p+1: the continuation's tokens sit at the last
+                    # len(targets) real positions, predicted from the positions just before them
+                    last = keep - 1 - tail
+                    rows = torch.arange(last - len(targets), last)
+                    out[i, j] = float(logp[r, rows, targets].sum())
     return out
 
 
@@ -137,6 +144,7 @@ class Retriever:
     """Training texts embedded by an encoder (mean pooling, unit length) in a FAISS inner-product index."""
 
     def __init__(self, encoder: str, index=None):
+        import torch
         from transformers import AutoModel, AutoTokenizer
 
         from ..models import resolve
@@ -147,7 +155,9 @@ class Retriever:
         self.model = AutoModel.from_pretrained(directory, dtype=torch.float32).eval()
         self.index = index
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str]):
+        import numpy as np
+
         from .features import embed
 
         x = embed(self.model, self.tokenizer, texts, None, "mean", 256, 64, progress=len(texts) > 256)
@@ -160,7 +170,7 @@ class Retriever:
         self.index = faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(vectors)
 
-    def search(self, texts: list[str], k: int) -> np.ndarray:
+    def search(self, texts: list[str], k: int):
         return self.index.search(self.embed(texts), min(k, self.index.ntotal))[1]
 
     def save(self, path: Path) -> None:
@@ -208,6 +218,8 @@ class ICL:
                 picked = [self.pool[i] for i in row if i >= 0 and normalise(self.pool[i]["text"]) != normalise(text)]
                 out.append(picked[:k][::-1])  # the nearest example right before the query
             return out
+        import numpy as np
+
         out = []
         for text in texts:
             rng = np.random.default_rng([self.options.seed, zlib.crc32(text.encode("utf-8"))])
@@ -225,7 +237,9 @@ class ICL:
         return out
 
     def scores(self, texts: list[str], pairs: list[str] | None = None, template: str | None = None,
-               progress: bool = False) -> np.ndarray:
+               progress: bool = False):
+        import torch
+
         template = template or self.template
         joiner = split_template(template)[1]
         # bf16 where the hardware is fast at it (as in training): ~3x faster on an AMX CPU; label rankings
@@ -273,3 +287,50 @@ def load(directory: Path, model, tokenizer, max_length: int, batch_size: int = 1
     retriever = Retriever.load(options.retriever, directory / "demos.faiss") if (directory / "demos.faiss").exists() \
         else None
     return ICL(options, labels, pool, model, tokenizer, max_length, retriever, saved["template"], batch_size, bf16)
+
+
+def train_run(ctx) -> tuple[dict, dict]:
+    """Nothing trains: store the demonstration pool (and its FAISS index), score every template on validation and
+    keep the best; the "training time" is the index build plus that selection."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..metrics import classification_metrics
+    from ..precision import use_bf16
+
+    config, splits = ctx.config, ctx.splits
+    opts, data = config.method, config.data
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(ctx.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=torch.float32).eval()
+    pool = [{"text": str(t), "label": str(lbl), **({"pair": str(p)} if data.text_pair else {})}
+            for t, lbl, p in zip(splits.train[data.text], splits.train[data.label],
+                                 splits.train[data.text_pair] if data.text_pair else splits.train[data.text])]
+    retriever = None
+    if opts.shots and opts.demos == "retrieved":
+        retriever = Retriever(opts.retriever)
+        retriever.build([row["text"] for row in pool])
+    learner = ICL(opts, splits.labels, pool, model, tokenizer, config.model.max_length, retriever,
+                  batch_size=config.train.eval_batch_size, bf16=use_bf16(config))
+    templates = {}
+    frame = splits.validation
+    if len(opts.templates) > 1 and len(frame):
+        texts = frame[data.text].tolist()
+        pairs = frame[data.text_pair].tolist() if data.text_pair else None
+        for n, template in enumerate(opts.templates, 1):
+            print(f"tunelab: icl: template {n}/{len(opts.templates)} on {len(texts)} validation examples")
+            predicted = learner.scores(texts, pairs, template, progress=True).argmax(-1)
+            m = classification_metrics(frame[data.label].tolist(), [splits.labels[i] for i in predicted],
+                                       splits.labels)
+            templates[template] = {k: m[k] for k in ("accuracy", "f1_macro")}
+        metric = config.metric if config.metric != "loss" else "f1_macro"
+        learner.template = max(templates, key=lambda t: templates[t][metric])
+    # zero-shot needs no demonstration pool: nothing of the training data is stored
+    ctx.run.write_dir("model", lambda folder: save(folder, opts, splits.labels, pool if opts.shots else [],
+                                                   learner.template, retriever))
+    total = sum(p.numel() for p in model.parameters())
+    return ({"trainable": 0, "total": total, "percent": 0.0},
+            {"runtime_s": round(time.time() - t0, 2), "template": learner.template, "templates": templates,
+             "shots": opts.shots, "demos": opts.demos if opts.shots else None})

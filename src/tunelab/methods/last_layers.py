@@ -1,13 +1,17 @@
 """`last_layers`: train the last N transformer blocks plus everything after them (pooler/final norm, head)."""
+from __future__ import annotations
+
 from typing import Literal
 
 from pydantic import Field
-from torch import nn
 
 from ..schema import Section
 from .freezing import freeze_all, modules_after_blocks, transformer_blocks, unfreeze
 
 DEFAULT_LR = 1e-4
+FULL_MODEL = True  # model/ holds the whole model: nothing to merge
+# the frozen embeddings and blocks are run once per example and cached (train.cache_frozen)
+FROZEN_CACHE = True
 
 
 class Options(Section):
@@ -16,7 +20,7 @@ class Options(Section):
     """How many of the last transformer blocks to train."""
 
 
-def prepare(model: nn.Module, options: Options, new_modules: list[str], **_) -> nn.Module:
+def prepare(model, options: Options, new_modules: list[str], **_):
     blocks_name, blocks = transformer_blocks(model)
     if options.layers > len(blocks):
         raise ValueError(f"method.layers is {options.layers} but the model has only {len(blocks)} blocks")

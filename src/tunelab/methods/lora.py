@@ -4,16 +4,18 @@ PEFT only saves what is listed in `modules_to_save`; a randomly initialised modu
 re-initialised differently on reload and the model would predict differently. So every module the checkpoint
 did not contain (head, and pooler if missing) goes into `modules_to_save`.
 """
+from __future__ import annotations
+
 from typing import Literal
 
 from pydantic import Field
-from torch import nn
 
 from ..schema import Section
 from .freezing import transformer_blocks
 from .peft_common import wrap
 
 DEFAULT_LR = 5e-4
+MERGEABLE = True  # `tunelab merge` folds the adapter into the base weights
 # the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
 FROZEN_BASE = True
 
@@ -36,8 +38,10 @@ class Options(Section):
     """Weight-decomposed LoRA (DoRA): slower per step, sometimes better at low rank."""
 
 
-def auto_targets(model: nn.Module) -> list[str]:
+def auto_targets(model) -> list[str]:
     """Names (last component) of the attention projections inside the transformer blocks."""
+    from torch import nn
+
     blocks_name, _ = transformer_blocks(model)
     found = {
         name.rsplit(".", 1)[-1]
@@ -51,9 +55,9 @@ def auto_targets(model: nn.Module) -> list[str]:
     return sorted(found)
 
 
-def prepare(model: nn.Module, options: Options, new_modules: list[str], *, task: str = "classify", **_):
+def prepare(model, options: Options, new_modules: list[str], *, task_type: str = "SEQ_CLS", **_):
     from peft import LoraConfig
 
     targets = auto_targets(model) if options.target_modules == "auto" else options.target_modules
-    return wrap(model, LoraConfig, task, new_modules, r=options.r, lora_alpha=options.alpha,
+    return wrap(model, LoraConfig, task_type, new_modules, r=options.r, lora_alpha=options.alpha,
                 lora_dropout=options.dropout, target_modules=targets, use_dora=options.dora)

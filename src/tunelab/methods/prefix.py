@@ -13,6 +13,13 @@ from .peft_common import wrap
 # transformers cannot load a prompt-learning checkpoint back into the training model (load_best_model_at_end
 # raises after training): the final model is kept, and early stopping is refused.
 LOAD_BEST = False
+# trained vectors outside the network's weights: they cannot be merged or exported as one graph, packed examples
+# would share them (PEFT ignores position ids), and TRL's preference trainers do not handle them
+VIRTUAL_TOKENS = True
+PROBE_SKIP = "prefix tuning changes the attention inputs, not the encoder's weights"
+NOT_EXPORTABLE = ("its virtual tokens are not part of the network's weights, so there is no single graph to export; "
+                  "serve it with `tunelab serve`")
+MERGE_NOTE = "its virtual tokens cannot be folded into the weights; serve it as an adapter on the base model"
 DEFAULT_LR = 1e-2
 # the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
 FROZEN_BASE = True
@@ -27,8 +34,8 @@ class Options(Section):
     parameters while training, the same adapter size after)."""
 
 
-def prepare(model, options: Options, new_modules: list[str], *, task: str = "classify", **_):
+def prepare(model, options: Options, new_modules: list[str], *, task_type: str = "SEQ_CLS", **_):
     from peft import PrefixTuningConfig
 
-    return wrap(model, PrefixTuningConfig, task, new_modules, num_virtual_tokens=options.virtual_tokens,
+    return wrap(model, PrefixTuningConfig, task_type, new_modules, num_virtual_tokens=options.virtual_tokens,
                 prefix_projection=options.projection)

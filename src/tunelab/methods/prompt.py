@@ -11,12 +11,11 @@ from pydantic import Field
 from ..schema import Section
 from .peft_common import wrap
 
-# transformers cannot load a prompt-learning checkpoint back into the training model (load_best_model_at_end
-# raises after training): the final model is kept, and early stopping is refused.
-LOAD_BEST = False
-DEFAULT_LR = 3e-2
-# the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
-FROZEN_BASE = True
+# prompt learning: what prefix tuning declares holds for it too (no best-checkpoint reload, virtual tokens, a
+# frozen base)
+from .prefix import FROZEN_BASE, LOAD_BEST, MERGE_NOTE, NOT_EXPORTABLE, VIRTUAL_TOKENS  # noqa: E402, F401
+
+DEFAULT_LR, PROBE_SKIP = 3e-2, "prompt tuning changes the input, not the encoder"
 
 
 class Options(Section):
@@ -28,11 +27,11 @@ class Options(Section):
     default: random."""
 
 
-def prepare(model, options: Options, new_modules: list[str], *, task: str = "classify", model_dir=None, **_):
+def prepare(model, options: Options, new_modules: list[str], *, task_type: str = "SEQ_CLS", model_dir=None, **_):
     from peft import PromptTuningConfig
 
     init = {}
     if options.init_text:
         init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": options.init_text,
                 "tokenizer_name_or_path": str(model_dir)}
-    return wrap(model, PromptTuningConfig, task, new_modules, num_virtual_tokens=options.virtual_tokens, **init)
+    return wrap(model, PromptTuningConfig, task_type, new_modules, num_virtual_tokens=options.virtual_tokens, **init)

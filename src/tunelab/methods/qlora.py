@@ -12,6 +12,7 @@ from typing import Literal
 from . import lora
 
 DEFAULT_LR = 2e-4  # the QLoRA paper's rate for small models
+MERGEABLE = True  # merged into the full-precision base
 
 
 class Options(lora.Options):

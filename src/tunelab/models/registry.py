@@ -161,17 +161,15 @@ def resolve(name: str) -> str:
     )
 
 
-# The transformers auto-class mapping a task's model is built from (model_type → class); seq2seq also builds a
-# bert2bert model from an encoder checkpoint, so it is not checked here.
-_TASK_HEADS = {"classify": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-               "reward": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-               "sft": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-               "dpo": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "rl": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"}
+# The transformers auto-class mappings (model_type → class) of the heads a task builds (its AUTO_HEAD trait)
+_HEADS = {"sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+          "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"}
 
 
-def check_model(model_dir: str, task: str, method: str | None = None) -> None:
+def check_model(model_dir: str, head: str | None = None, task: str = "") -> None:
     """Read the model's config.json now, so a corrupt file or an architecture transformers does not know is one
-    clear message before any run directory exists (not a traceback in the middle of a run)."""
+    clear message before any run directory exists (not a traceback in the middle of a run). `head`: the head the
+    task builds on it (checked to exist for this architecture), or None."""
     import json
 
     from transformers.models.auto import configuration_auto, modeling_auto
@@ -203,10 +201,6 @@ def check_model(model_dir: str, task: str, method: str | None = None) -> None:
 
         raise ModelError(f"{where}: model_type `{model_type}` is an architecture transformers "
                          f"{transformers.__version__} does not know; upgrade transformers or use another model")
-    mapping = _TASK_HEADS.get(task)
-    if method in ("features", "icl") or mapping is None:
-        return
-    if model_type not in getattr(modeling_auto, mapping):
-        kind = "sequence-classification head" if "SEQUENCE" in mapping else "causal language-model head"
-        raise ModelError(f"{where}: a `{model_type}` model has no {kind} in transformers, which task {task} needs; "
-                         f"use another model for this task")
+    if head is not None and model_type not in getattr(modeling_auto, _HEADS[head]):
+        raise ModelError(f"{where}: a `{model_type}` model has no {head.replace('-', ' ')} head in transformers, "
+                         f"which task {task} needs; use another model for this task")

@@ -1,179 +1,204 @@
-"""`classify`: sequence classification. Encoding for training, and a loaded run that predicts.
+"""`classify`: sequence classification — texts (optionally pairs) and their labels.
 
-Inference always runs in fp32 so that `tunelab predict`, `tunelab eval` and the metrics written at the end
-of training agree exactly, whatever precision training used.
+Training: the HF Trainer on a sequence-classification model with a new head (tasks/classifier.py); `features` and
+`icl` bring their own procedure (`train_run`). Evaluation: the saved model reloaded in fp32 — accuracy, macro
+F1/precision/recall, confusion matrix, per-row predictions — and, with `eval.earlier_task`, forgetting of an earlier
+task measured by a linear probe on the encoder's features before and after.
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
+NAME = "classify"
+DATA_FIELDS = frozenset({"text", "text_pair", "label", "labels"})
+METRICS = ("f1_macro", "accuracy", "precision_macro", "recall_macro", "loss")
+KIND, USE = "classifier", "`tunelab predict` / `tunelab.load`"
+PEFT_TASK_TYPE = "SEQ_CLS"
+AUTO_HEAD = "sequence-classification"  # the head it builds (checked to exist before any work)
+SERVES = "classify"
+GROUP_BY_LENGTH = True
+EARLIER_TASK = True
 
-from ..evaluate import classification_metrics
-from ..methods import features as features_method
+
+def check(config) -> list[str]:
+    return []
 
 
-def encode(frame: pd.DataFrame, tokenizer, config, labels: list[str]):
-    """A `datasets.Dataset` of token ids and label ids, unpadded (the collator pads each batch)."""
-    import datasets
+def load_splits(config):
+    from ..data import classification_splits
+
+    return classification_splits(config)
+
+
+def setup(config, **_):
+    """The earlier task's data is read after training; checked now, before the run directory exists."""
+    if config.eval.earlier_task is not None:
+        earlier_task_table(config)
+
+
+def fit(ctx) -> tuple[dict, dict]:
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
+
+    from ..metrics import trainer_metrics
+    from ..trainer import callbacks, frozen_cache, load_kwargs, prepare_method, training_args
+    from ..trainer import fit as train
+    from .classifier import count_at_limit, encode, load_model
+
+    config, splits, run = ctx.config, ctx.splits, ctx.run
+    # Seed before the model exists: the new head (and LoRA's A matrices) are initialised at creation,
+    # before the Trainer seeds anything, and would otherwise differ run to run.
+    set_seed(config.train.seed)
+    tokenizer, model, new_modules = load_model(ctx.model_dir, splits.labels, **load_kwargs(config))
+    model, params = prepare_method(config, model, new_modules, ctx.model_dir, PEFT_TASK_TYPE)
+    train_ds = encode(splits.train, tokenizer, config, splits.labels)
+    val_ds = encode(splits.validation, tokenizer, config, splits.labels) if len(splits.validation) else None
+    at_limit = {name: count_at_limit(ds, config.model.max_length)
+                for name, ds in (("train", train_ds), ("validation", val_ds)) if ds is not None}
+    if any(at_limit.values()):
+        print(f"tunelab: examples cut at model.max_length={config.model.max_length} tokens: "
+              + ", ".join(f"{n} {k}" for k, n in at_limit.items()) + " (raise model.max_length to keep them whole)")
+    # The classification loss is a per-example mean. transformers would still multiply it by the number of
+    # processes (meant for token-summed LM losses), doubling the gradients under 2-process DDP
+    # (tests/unit/test_distributed.py caught it): average over examples per device, DDP averages the rest.
+    args = training_args(config, run, has_validation=val_ds is not None, average_tokens_across_devices=False)
+    collator = DataCollatorWithPadding(tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
+                      processing_class=tokenizer, compute_metrics=trainer_metrics(splits.labels),
+                      callbacks=callbacks(config, run, val_ds is not None) + list(ctx.callbacks))
+    cache, cache_stats = frozen_cache(config, model, tokenizer, [d for d in (train_ds, val_ds) if d is not None],
+                                      collator)
+    if cache:  # the modules get their own forward back when training ends, before the model is saved
+        trainer.add_callback(cache.callback())
+    try:
+        stats = train(trainer, config, run, ctx.resume, tokenizer, files={"labels.json": json.dumps(splits.labels)})
+    finally:
+        if cache:  # training failed: free the cache all the same
+            cache.remove()
+    return params, {**stats, "best_checkpoint": trainer.state.best_model_checkpoint, "truncated_examples": at_limit,
+                    "frozen_cache": cache_stats}
+
+
+def evaluate(ctx, stats: dict) -> dict:
+    """Metrics of the saved classifier, reloaded (fp32), on validation and test; per-row predictions."""
+    from . import evaluate_splits
+    from .classifier import Classifier
+
+    clf = Classifier.from_saved(ctx.run.path, ctx.config)
+    metrics = evaluate_splits(clf.evaluate, ctx.splits, ctx.run.path)
+    if ctx.config.eval.earlier_task is not None:
+        metrics["forgetting"] = earlier_task_probe(ctx.config, clf)
+    return metrics
+
+
+def load(path, config):
+    from .classifier import Classifier
+
+    return Classifier.from_saved(path, config)
+
+
+def evaluate_file(path, config, spec: str, **_) -> dict:
+    """`tunelab eval`: metrics on a file with the run's columns and labels, and how many of its rows were in the
+    run's training split."""
+    from ..data import classification_splits, load_eval_table
+    from ..data.leakage import find_leaks
+    from ..errors import TunelabError
+    from .classifier import Classifier
+
+    clf = Classifier.from_saved(path, config)
+    frame = load_eval_table(spec, clf.config, clf.labels)
+    metrics, _ = clf.evaluate(frame)
+    try:  # rebuild the run's training split (same files, same seed) to see whether the eval data overlaps it
+        quiet = clf.config.model_copy(update={"data": clf.config.data.model_copy(update={"leakage": "ignore"})})
+        metrics["overlap_with_train"] = int(len(find_leaks(classification_splits(quiet).train, frame)))
+    except TunelabError:  # the training files moved: the check is skipped, not the evaluation
+        metrics["overlap_with_train"] = None
+    return metrics
+
+
+def report(metrics: dict) -> list[str]:
+    names = {"accuracy": "accuracy", "f1_macro": "macro F1", "loss": "loss"}
+    lines = []
+    for split in ("validation", "test"):
+        if split in metrics:
+            m = metrics[split]
+            shown = " · ".join(f"{label} {m[key]:.4f}" for key, label in names.items() if key in m)
+            lines.append(f"{split:>10}: {shown} ({m['examples']} examples)")
+    f = metrics.get("forgetting")
+    if f and "drop" in f:
+        lines.append(f"forgetting: earlier task ({f['data']}, label {f['label']}) linear-probe accuracy "
+                     f"{f['base_accuracy']:.4f} with the base encoder → {f['accuracy']:.4f} after fine-tuning")
+    elif f and "skipped" in f:
+        lines.append(f"forgetting: not measured on {f['data']}: {f['skipped']}")
+    return lines
+
+
+def token_lengths(config, frame, tokenizer):
+    import numpy as np
 
     data = config.data
-    label_id = {name: i for i, name in enumerate(labels)}
-    columns = {"text": frame[data.text].astype(str).tolist(),
-               "labels": [label_id[v] for v in frame[data.label]]}
-    if data.text_pair:
-        columns["text_pair"] = frame[data.text_pair].astype(str).tolist()
-    ds = datasets.Dataset.from_dict(columns)
-
-    def tokenize(batch):
-        return tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=config.model.max_length)
-
-    drop = [c for c in ds.column_names if c != "labels"]
-    return ds.map(tokenize, batched=True, remove_columns=drop, desc="tokenizing")
+    pairs = frame[data.text_pair].tolist() if data.text_pair else None
+    return np.array([len(x) for x in tokenizer(frame[data.text].tolist(), pairs)["input_ids"]])
 
 
-def count_at_limit(ds, max_length: int) -> int:
-    """Examples whose token count reached `max_length`: (almost always) truncated."""
-    return sum(len(ids) >= max_length for ids in ds["input_ids"])
+# ------------------------------------------------------------------------------------ forgetting: earlier task
+
+def earlier_task_table(config):
+    """The rows of eval.earlier_task (a seeded sample), checked like training data."""
+    from ..data.readers import read_table
+    from ..data.types import check_labels, check_text_columns
+    from ..errors import DataError
+
+    spec = config.eval.earlier_task
+    frame = read_table(spec.data)
+    missing = [c for c in (spec.text, spec.label) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{spec.data}: eval.earlier_task column(s) {', '.join(missing)} not found; columns: "
+                        f"{', '.join(c for c in frame.columns if not c.startswith('_'))}")
+    frame = frame.dropna(subset=[spec.text, spec.label])
+    frame = check_text_columns(frame, spec.data, [spec.text], config.data.numbers_as_text)
+    frame = frame.assign(**{spec.label: check_labels(frame, spec.data, spec.label)})
+    if frame[spec.label].nunique() < 2:
+        raise DataError(f"{spec.data}: eval.earlier_task needs at least two labels in `{spec.label}`")
+    return frame.sample(n=min(len(frame), spec.max_examples), random_state=config.data.split.seed)
 
 
-def load_model(directory: str, labels: list[str], **load_kwargs):
-    """Tokenizer and a sequence-classification model with a head for `labels`, plus the names of the
-    modules the checkpoint did not contain (randomly initialised: the new head, maybe a pooler)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+def earlier_task_probe(config, clf) -> dict:
+    """Accuracy of a logistic-regression probe on mean-pooled last-layer features of an earlier task's data, with
+    the base encoder and with the fine-tuned one (same rows, same split)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from transformers import AutoModel
 
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if tokenizer.pad_token is None:  # decoder-only models: pad with EOS, pool the last real token
-        tokenizer.pad_token = tokenizer.eos_token
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # we report the new modules ourselves, in one line
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)}, output_loading_info=True,
-            **{"dtype": torch.float32, **load_kwargs})
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
-    return tokenizer, model, new_modules
+    from ..methods import trait
+    from ..methods.features import embed
+    from ..models import resolve
 
+    spec = config.eval.earlier_task
+    skip = trait(config.method.name, "PROBE_SKIP")
+    if skip:  # the encoder is the base one (nothing to forget), or the method changes the input instead
+        return {"data": spec.data, "skipped": skip}
+    frame = earlier_task_table(config)
+    texts, labels = frame[spec.text].tolist(), frame[spec.label].to_numpy()
+    idx_fit, idx_score = train_test_split(range(len(texts)), test_size=0.5, random_state=config.data.split.seed,
+                                          stratify=labels)
 
-def clip_texts(tokenizer, texts: list[str], max_length: int, chars_per_token: int = 32) -> list[str]:
-    """Texts far longer than `max_length` tokens cut to a prefix before tokenizing, with the same result: only their
-    first max_length tokens are used, and tokenizing 100,000 characters to keep 128 tokens is the slow part of
-    classifying such a text. A prefix is used only when it still holds well over max_length tokens, so the tokens
-    that are kept do not change."""
-    limit = max_length * chars_per_token
-    out = []
-    for text in texts:
-        if len(text) > limit:
-            prefix = text[:limit]
-            if len(tokenizer(prefix, add_special_tokens=False, verbose=False)["input_ids"]) > max_length + 16:
-                text = prefix
-        out.append(text)
-    return out
+    class Hidden(torch.nn.Module):  # the fine-tuned classifier's last hidden states, as embed() expects
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.device = model, model.device
 
+        def forward(self, **enc):
+            out = self.model(**enc, output_hidden_states=True)
+            return type("Out", (), {"last_hidden_state": out.hidden_states[-1]})
 
-class Classifier:
-    """A finished classification run, loaded for prediction: `predict`, `predict_proba`, `evaluate`."""
+    def probe(model) -> float:
+        x = embed(model, clf.tokenizer, texts, None, "mean", config.model.max_length, 64, progress=False)
+        fit = LogisticRegression(max_iter=2000, random_state=config.train.seed)
+        fit.fit(x[idx_fit], labels[idx_fit])
+        return float((fit.predict(x[idx_score]) == labels[idx_score]).mean())
 
-    def __init__(self, config, labels: list[str], tokenizer, model, head: dict | None = None, path=None):
-        self.config, self.labels, self.tokenizer, self.model, self.head, self.path = \
-            config, labels, tokenizer, model, head, path
-        self.icl = None  # method icl: prompts + label-word scoring instead of a classification head
-        from ..models.saved import place
-
-        self.model = place(self.model).eval()
-
-    @classmethod
-    def load(cls, run_path) -> "Classifier":
-        """A finished run (refuses one that did not complete)."""
-        from ..runs import open_finished
-
-        return cls.from_saved(*open_finished(run_path, task="classify"))
-
-    @classmethod
-    def from_saved(cls, path: Path, config) -> "Classifier":
-        """Load what a run saved in `path/model`. Training evaluates through this too, so the metrics it writes
-        are those of the saved artefact, not of the in-memory model (which the Trainer may have left wrapped in
-        a bf16 autocast)."""
-        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-
-        from ..models import resolve
-        from ..models.saved import load_saved
-
-        model_dir = Path(path) / "model"
-        labels = json.loads((model_dir / "labels.json").read_text())
-        if config.method.name == "icl":
-            return cls._icl(path, config, labels)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if config.method.name == "features":
-            model = AutoModel.from_pretrained(resolve(config.model.name), dtype=torch.float32)
-            return cls(config, labels, tokenizer, model, features_method.load(model_dir), path)
-        model = load_saved(model_dir, AutoModelForSequenceClassification,
-                           lambda: load_model(resolve(config.model.name), labels)[1])
-        return cls(config, labels, tokenizer, model, None, path)
-
-    @classmethod
-    def _icl(cls, path: Path, config, labels: list[str]) -> "Classifier":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from ..methods import icl
-        from ..models import resolve
-        from ..train import use_bf16
-
-        base = resolve(config.model.name)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        clf = cls(config, labels, tokenizer, model, None, path)
-        clf.icl = icl.load(Path(path) / "model", model, tokenizer, config.model.max_length,
-                           config.train.eval_batch_size, bf16=use_bf16(config))
-        return clf
-
-    @torch.inference_mode()
-    def logits(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
-        max_length = self.config.model.max_length
-        if self.icl is not None:  # log-likelihood of each label word: a softmax over them is P(label | prompt)
-            return self.icl.scores(texts, pairs, progress=len(texts) > 64)
-        if self.head is not None:
-            pooling = self.config.method.pooling
-            x = features_method.embed(self.model, self.tokenizer, texts, pairs, pooling, max_length, batch_size,
-                                      progress=len(texts) > 256)
-            return features_method.logits(x, self.head)
-        texts = clip_texts(self.tokenizer, texts, max_length)
-        pairs = clip_texts(self.tokenizer, pairs, max_length) if pairs is not None else None
-        out = []
-        for i in range(0, len(texts), batch_size):
-            second = pairs[i:i + batch_size] if pairs is not None else None
-            enc = self.tokenizer(texts[i:i + batch_size], second, padding=True, truncation=True,
-                                 max_length=max_length, return_tensors="pt").to(self.model.device)
-            out.append(self.model(**enc).logits.float().cpu())
-        return torch.cat(out).numpy()
-
-    def predict_proba(self, texts: list[str], pairs: list[str] | None = None) -> list[dict[str, float]]:
-        z = self.logits(texts, pairs)
-        p = np.exp(z - z.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        return [{label: float(row[i]) for i, label in enumerate(self.labels)} for row in p]
-
-    def predict(self, texts: list[str], pairs: list[str] | None = None) -> list[str]:
-        return [self.labels[i] for i in self.logits(texts, pairs).argmax(-1)]
-
-    def evaluate(self, frame: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
-        """Metrics on a checked table (see data.load_eval_table) and the per-row predictions."""
-        data = self.config.data
-        pairs = frame[data.text_pair].astype(str).tolist() if data.text_pair else None
-        probs = self.predict_proba(frame[data.text].astype(str).tolist(), pairs)
-        predicted = [max(p, key=p.get) for p in probs]
-        truth = frame[data.label].tolist()
-        metrics = classification_metrics(truth, predicted, self.labels)
-        # cross-entropy of the saved model's probabilities: the same number for every method (features included)
-        metrics["loss"] = float(np.mean([-np.log(max(p[str(t)], 1e-12)) for p, t in zip(probs, truth)]))
-        rows = pd.DataFrame({"row": frame["_row"], "text": frame[data.text], "label": frame[data.label],
-                             "predicted": predicted, "probability": [p[x] for p, x in zip(probs, predicted)]})
-        return metrics, rows
+    base = AutoModel.from_pretrained(resolve(config.model.name), dtype=torch.float32)
+    before, after = probe(base), probe(Hidden(clf.model))
+    return {"data": spec.data, "label": spec.label, "examples": len(idx_score), "base_accuracy": before,
+            "accuracy": after, "drop": before - after}

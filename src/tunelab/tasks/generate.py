@@ -8,8 +8,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..data.conversations import Conversation, render_prompt, resolve_prompt_format
 from ..errors import TunelabError
-from . import sft
 
 
 def _auto_class(task: str):
@@ -24,9 +24,9 @@ def _load_base(config):
 
     directory = resolve(config.model.name)
     if config.task == "seq2seq":
-        from . import seq2seq
+        from ..models.encoder_decoder import build_model
 
-        return seq2seq.load_model(directory)[:2]
+        return build_model(directory)[:2]
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory), _auto_class(config.task).from_pretrained(
@@ -45,12 +45,6 @@ class Generator:
         self.tokenizer.padding_side = "right" if self.encoder_decoder else "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-
-    @classmethod
-    def load(cls, run_path) -> "Generator":
-        from ..runs import open_finished
-
-        return cls.from_saved(*open_finished(run_path, task=("sft", "seq2seq", "causal_lm", "dpo", "rl")))
 
     @classmethod
     def from_saved(cls, path, config) -> "Generator":
@@ -125,27 +119,25 @@ class Generator:
         data = self.config.data
         turn = ({"instruction": data.instruction, "input": user_text} if data.instruction
                 else {"instruction": user_text, "input": None})
-        conv = sft.Conversation([{**turn, "response": ""}], row={data.prompt: user_text})
-        if self._format(data) == "template" or data.datasets:
+        conv = Conversation([{**turn, "response": ""}], row={data.prompt: user_text})
+        if self.prompt_format(data) == "template" or data.datasets:
             raise TunelabError("this run renders prompts from data columns (data.template or per-dataset prompts); "
                                "free-text --prompt needs a single chat, alpaca or plain prompt format")
-        return sft.render_prompt(conv, 0, self.tokenizer, self._format(data), data)
+        return render_prompt(conv, 0, self.tokenizer, self.prompt_format(data), data)
 
-    def _format(self, data) -> str:
-        if self.config.task == "seq2seq":
-            from .seq2seq import resolve_prompt_format
-
-            return resolve_prompt_format(data)
-        return sft.resolve_prompt_format(data, self.tokenizer)
+    def prompt_format(self, data=None) -> str:
+        """The prompt format in effect for `data` (default: the run's data settings): chat, alpaca, plain or
+        template."""
+        return resolve_prompt_format(data or self.config.data, self.tokenizer, self.encoder_decoder)
 
     def render_conversation(self, conv) -> str:
         """The prompt for the last assistant turn of a conversation, with the settings it was read with."""
         data = conv.data or self.config.data
-        return sft.render_prompt(conv, len(conv.turns) - 1, self.tokenizer, self._format(data), data)
+        return render_prompt(conv, len(conv.turns) - 1, self.tokenizer, self.prompt_format(data), data)
 
     def evaluate(self, convs: list, max_new_tokens: int) -> tuple[dict, pd.DataFrame]:
         """Generation metrics on the last assistant turn of each conversation, greedy."""
-        from ..evaluate import generation_metrics
+        from ..metrics import generation_metrics
 
         prompts = [self.render_conversation(c) for c in convs]
         references = [c.turns[-1]["response"] for c in convs]

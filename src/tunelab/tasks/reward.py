@@ -8,11 +8,83 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from ..data.preferences import prompt_text
+from ..data.conversations import prompt_text
 from . import preference
+
+NAME = "reward"
+DATA_FIELDS = preference.DATA_FIELDS
+METRICS = ("accuracy", "loss")  # accuracy: held-out pairs whose chosen response scores higher
+KIND, USE, PEFT_TASK_TYPE = "reward model", "`tunelab score` / rl.reward.run", "SEQ_CLS"
+AUTO_HEAD = "sequence-classification"  # the head it builds (checked to exist before any work)
+
+
+def check(config) -> list[str]:
+    return preference.check(config)
+
+
+def load_splits(config):
+    from ..data import preference_splits
+
+    return preference_splits(config)
+
+
+def fit(ctx) -> tuple[dict, dict]:
+    import datasets
+    from transformers import set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    from ..trainer import callbacks, load_kwargs, prepare_method, training_args
+    from ..trainer import fit as train
+    from .classifier import load_model
+
+    config, max_length = ctx.config, ctx.config.model.max_length
+    set_seed(config.train.seed)
+    tokenizer, model, new_modules = load_model(ctx.model_dir, ["reward"], **load_kwargs(config))
+    model, params = prepare_method(config, model, new_modules, ctx.model_dir, PEFT_TASK_TYPE)
+    encoder = PairEncoder(tokenizer, config.data, max_length, is_causal(model.config))
+    sets, cut = {}, {}
+    for name in ("train", "validation"):
+        frame = getattr(ctx.splits, name)
+        if len(frame):
+            rows, cut[name] = encode_pairs(frame, encoder)
+            sets[name] = datasets.Dataset.from_list(rows)
+    if any(cut.values()):
+        print(f"tunelab: pairs with a response cut at model.max_length={max_length}: "
+              + ", ".join(f"{n} {k}" for k, n in cut.items()))
+    has_validation = "validation" in sets
+    args = training_args(config, ctx.run, has_validation, cls=RewardConfig, max_length=max_length)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=sets.get("validation"),
+                            processing_class=tokenizer,
+                            callbacks=callbacks(config, ctx.run, has_validation) + list(ctx.callbacks))
+    stats = train(trainer, config, ctx.run, ctx.resume, tokenizer)
+    return params, {**stats, "pairs": {k: len(v) for k, v in sets.items()}, "truncated_pairs": cut}
+
+
+def evaluate(ctx, stats: dict) -> dict:
+    """Pairwise accuracy of the saved reward model on validation and test; per-pair scores."""
+    stats.pop("validation_loss", None)
+    from . import evaluate_splits
+
+    return evaluate_splits(RewardModel.from_saved(ctx.run.path, ctx.config).evaluate, ctx.splits, ctx.run.path)
+
+
+def load(path, config) -> "RewardModel":
+    return RewardModel.from_saved(path, config)
+
+
+def evaluate_file(path, config, spec: str, **_) -> dict:
+    """`tunelab eval`: pairwise accuracy and margin on the pairs of a file."""
+    from ..data.preferences import expand_pairs, preference_table
+
+    return RewardModel.from_saved(path, config).evaluate(expand_pairs(preference_table(spec, config.data)))[0]
+
+
+def report(metrics: dict) -> list[str]:
+    return [f"{split:>10}: pairwise accuracy {s['accuracy']:.4f} · mean margin {s['margin']:.3f} · loss "
+            f"{s['loss']:.4f} ({s['pairs']} pairs)" for split in ("validation", "test") if (s := metrics.get(split))]
+
+
+token_lengths = preference.token_lengths
 
 
 def is_causal(model_config) -> bool:
@@ -59,26 +131,23 @@ class RewardModel:
         self.encoder = PairEncoder(tokenizer, config.data, config.model.max_length, is_causal(model.config))
 
     @classmethod
-    def load(cls, run_path) -> "RewardModel":
-        from ..runs import open_finished
-
-        return cls.from_saved(*open_finished(run_path, task="reward"))
-
-    @classmethod
     def from_saved(cls, path, config) -> "RewardModel":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from ..models import resolve
         from ..models.saved import load_saved
-        from .classify import load_model
+        from .classifier import load_model
 
         model_dir = Path(path) / "model"
         model = load_saved(model_dir, AutoModelForSequenceClassification,
                            lambda: load_model(resolve(config.model.name), ["reward"])[1])
         return cls(config, AutoTokenizer.from_pretrained(model_dir), model, path)
 
-    @torch.inference_mode()
-    def score(self, prompts: list, responses: list[str], batch_size: int = 32) -> np.ndarray:
+    def score(self, prompts: list, responses: list[str], batch_size: int = 32):
+        """One score per (prompt, response) (a numpy array)."""
+        import numpy as np
+        import torch
+
         out = []
         pad = self.tokenizer.pad_token_id
         for i in range(0, len(responses), batch_size):
@@ -87,11 +156,13 @@ class RewardModel:
             device = self.model.device
             input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-            out.append(self.model(input_ids=input_ids, attention_mask=mask).logits.float()[:, 0].cpu())
+            with torch.inference_mode():
+                out.append(self.model(input_ids=input_ids, attention_mask=mask).logits.float()[:, 0].cpu())
         return torch.cat(out).numpy() if out else np.zeros(0)
 
     def evaluate(self, frame) -> tuple[dict, "object"]:
         """Pairwise accuracy (chosen scored above rejected) and mean margin on a table of pairs; per-pair rows."""
+        import numpy as np
         import pandas as pd
 
         prompts = list(frame["_prompt"])

@@ -11,13 +11,178 @@ import importlib
 import importlib.util
 import math
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
-import torch
+from pydantic import Field, model_validator
 
-from ..data.preferences import prompt_text
+from ..data.conversations import prompt_text
 from ..errors import TunelabError
+from ..schema import Section
 from . import preference
+
+NAME = "rl"
+DATA_FIELDS = frozenset({"prompt", "instruction", "prompt_format", "bad_rows"})
+METRICS = ("loss", "accuracy")
+KIND, USE = "generator", "`tunelab generate`"
+PEFT_TASK_TYPE = "CAUSAL_LM"
+AUTO_HEAD = "causal-lm"  # the head it builds (checked to exist before any work)
+CAUSAL_LM, SERVES = True, "generate"
+DEFAULT_METHOD = "lora"  # the frozen base is the reference: no second copy in memory
+SECTION, SECTION_REQUIRED = "rl", True
+
+
+class RewardSource(Section):
+    """task rl: what scores a completion. Exactly one of `run` and `function`."""
+    run: str | None = None
+    """A finished tunelab run: a `reward` run (its score of prompt + completion), or a `classify` run with `label`
+    (the probability of that label for the text)."""
+    label: str | None = None
+    """With a classify run: the label whose probability is the reward, e.g. `positive`."""
+    function: str | None = None
+    """A Python function `module:function` or `path/to/file.py:function`, called as TRL reward functions are:
+    f(prompts=[...], completions=[...], **columns) → list of floats. Runs code: needs --allow-code."""
+    include_prompt: bool = True
+    """With a classify run: score the prompt text followed by the completion (e.g. the whole review), not the
+    completion alone."""
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.run is None) == (self.function is None):
+            raise ValueError("give exactly one of `run` (a reward or classify run directory) and `function` "
+                             "(module:function)")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"`function` must be module:function or file.py:function (got {self.function!r})")
+        return self
+
+
+class Settings(Section):
+    """task rl: online optimisation of the policy against a reward, with TRL's GRPO or RLOO trainer (the PPO
+    clipped objective with a KL penalty towards the reference model, advantages from a group of completions
+    per prompt instead of a value network)."""
+    reward: RewardSource
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    """`grpo` (advantage: reward minus the group mean, over the group's std) or `rloo` (leave-one-out baseline)."""
+    group_size: int = Field(4, ge=2, le=64)
+    """Completions sampled per prompt; train.batch_size × train.grad_accum must be a multiple of it."""
+    kl: float = Field(0.05, ge=0)
+    """KL coefficient (β) of the penalty towards the reference model (the base: LoRA's adapter disabled)."""
+    clip: float = Field(0.2, gt=0, lt=1)
+    """Clip range ε of the policy ratio (PPO)."""
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    """Length limit of each sampled completion."""
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    eval_prompts: int = Field(64, ge=1)
+    """Held-out prompts (validation, else test split) scored with the model before and after training."""
+    eval_samples: int = Field(2, ge=1)
+    """Sampled completions per held-out prompt (seeded) for the before/after reward."""
+
+
+def check(config) -> list[str]:
+    problems = preference.check(config)
+    if config.rl is not None:
+        effective = config.train.batch_size * config.train.grad_accum
+        if effective % config.rl.group_size:
+            problems.append(f"train.batch_size × train.grad_accum ({effective}) must be a multiple of rl.group_size "
+                            f"({config.rl.group_size}): each step trains whole groups of completions")
+    return problems
+
+
+def load_splits(config):
+    from ..data import preference_splits
+
+    return preference_splits(config, prompts_only=True)
+
+
+def setup(config, *, allow_code: bool, load_run):
+    """The reward, loaded before the run directory exists (a bad reward spec is a user mistake)."""
+    return load_reward(config.rl.reward, allow_code, load_run)
+
+
+def fit(ctx) -> tuple[dict, dict]:
+    import datasets
+    from transformers import set_seed
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from ..trainer import callbacks, training_args
+    from ..trainer import fit as train
+
+    config, s, reward = ctx.config, ctx.config.rl, ctx.setup
+    set_seed(config.train.seed)
+    tokenizer, model, params = preference.load_policy(config, ctx.model_dir, PEFT_TASK_TYPE)
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if s.algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+    train_ds = datasets.Dataset.from_list(rows(ctx.splits.train, tokenizer, config.data))
+    args = training_args(config, ctx.run, False, cls=config_cls, num_generations=s.group_size, beta=s.kl,
+                         epsilon=s.clip, max_completion_length=s.max_new_tokens, temperature=s.temperature,
+                         top_p=s.top_p)
+    trainer = trainer_cls(model=model, reward_funcs=[reward], args=args, train_dataset=train_ds,
+                          processing_class=tokenizer, callbacks=callbacks(config, ctx.run, False) + list(ctx.callbacks))
+    stats = train(trainer, config, ctx.run, ctx.resume, tokenizer)
+    return params, {**stats, "prompts": len(train_ds), "reward": reward.describe}
+
+
+def evaluate(ctx, stats: dict) -> dict:
+    """Reward of sampled completions on held-out prompts, base vs tuned, and the KL between them; rewards.png;
+    forgetting."""
+    from ..plots import read_jsonl
+    from .generate import Generator
+    from .generative import forgetting
+
+    config, splits, reward = ctx.config, ctx.splits, ctx.setup
+    stats.pop("validation_loss", None)
+    tuned, base = Generator.from_saved(ctx.run.path, config), Generator.base(config)
+    metrics = {}
+    frame = splits.validation if len(splits.validation) else splits.test
+    if len(frame):
+        metrics["held_out"], samples = held_out(config, frame, tuned, base, reward, config.train.seed)
+        metrics["held_out"]["split"] = "validation" if len(splits.validation) else "test"
+        metrics["held_out"]["reward"] = reward.describe
+        _write_jsonl(ctx.run.path / "samples.jsonl", samples)
+    plot_rewards(read_jsonl(ctx.run.path / "metrics.jsonl"), ctx.run.path / "rewards.png",
+                 f"{config.rl.algorithm} · {config.model.name} · {reward.describe}")
+    if config.eval.forgetting:
+        metrics["forgetting"] = forgetting(config, tuned, base)
+    return metrics
+
+
+def load(path, config):
+    from .generate import Generator
+
+    return Generator.from_saved(path, config)
+
+
+def evaluate_file(path, config, spec: str, *, allow_code: bool = False, load_run=None) -> dict:
+    """`tunelab eval`: the reward of the base and the tuned policy on the prompts of a file, and their KL."""
+    from ..data.preferences import prompt_table
+    from .generate import Generator
+
+    if load_run is None:
+        raise TunelabError("evaluating an rl run needs its reward: call through tunelab.evaluate / `tunelab eval`")
+    reward = load_reward(config.rl.reward, allow_code, load_run)
+    tuned, base = Generator.from_saved(path, config), Generator.base(config)
+    return held_out(config, prompt_table(spec, config.data), tuned, base, reward, config.train.seed)[0]
+
+
+def report(metrics: dict) -> list[str]:
+    from .generative import forgetting_lines
+
+    h = metrics.get("held_out")
+    lines = [] if not h else [
+        f"held-out prompts ({h['prompts']} {h['split']} prompts × {h['samples_per_prompt']} samples), reward = "
+        f"{h['reward']}:\n  mean reward {h['base_reward']:.4f} (base) → {h['tuned_reward']:.4f} (tuned); KL(tuned ‖ "
+        f"base) {h['kl']:.2f} nats per completion; mean length {h['base_length']:.1f} → {h['tuned_length']:.1f} tokens"]
+    return lines + forgetting_lines(metrics.get("forgetting"))
+
+
+token_lengths = preference.token_lengths
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    import json
+
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 class Reward:
@@ -39,9 +204,10 @@ def _completion_text(c) -> str:
     return str(c)
 
 
-def load_reward(spec, allow_code: bool = False) -> Reward:
+def load_reward(spec, allow_code: bool, load_run) -> Reward:
     """The configured reward, loaded once; errors name what is wrong with the spec. A `function:` reward imports
-    and runs the Python code a config names, so it needs `allow_code` (`--allow-code`)."""
+    and runs the Python code a config names, so it needs `allow_code` (`--allow-code`). `load_run(path)` opens a
+    finished run: (path, config)."""
     if spec.function:
         if not allow_code:
             raise TunelabError(f"rl.reward.function names Python code ({spec.function}) that tunelab would import and "
@@ -57,15 +223,16 @@ def load_reward(spec, allow_code: bool = False) -> Reward:
             return values
 
         return Reward(spec, f"function {spec.function}", score)
-    from ..runs import open_finished
-
-    path, run_config = open_finished(spec.run, task=("reward", "classify"))
+    path, run_config = load_run(spec.run)
+    if run_config.task not in ("reward", "classify"):
+        raise TunelabError(f"rl.reward.run {spec.run} is a `{run_config.task}` run; the reward is a `reward` run, or "
+                           f"a `classify` run with rl.reward.label")
     if run_config.task == "reward":
         from .reward import RewardModel
 
         model = RewardModel.from_saved(path, run_config)
         return Reward(spec, f"reward model {spec.run}", lambda p, c, _: model.score(p, c))
-    from .classify import Classifier
+    from .classifier import Classifier
 
     clf = Classifier.from_saved(path, run_config)
     if spec.label is None or spec.label not in clf.labels:
@@ -109,16 +276,20 @@ def rows(frame, tokenizer, data) -> list[dict]:
 
 def sample(generator, prompts: list[str], settings, seed: int) -> list[str]:
     """`eval_samples` seeded samples per prompt, at the training temperature / top_p."""
+    import torch
+
     torch.manual_seed(seed)
     repeated = [p for p in prompts for _ in range(settings.eval_samples)]
     return generator.generate(repeated, max_new_tokens=settings.max_new_tokens, do_sample=True,
                               temperature=settings.temperature, top_p=settings.top_p, progress=True, strip=False)
 
 
-def evaluate(config, frame, tuned, base, reward: Reward, seed: int) -> tuple[dict, list[dict]]:
+def held_out(config, frame, tuned, base, reward: Reward, seed: int) -> tuple[dict, list[dict]]:
     """Mean reward of the base and the tuned policy on held-out prompts, the tuned policy's KL to the base
     (Monte-Carlo: mean over its own samples of log π(y|x) - log π_ref(y|x), in nats per completion), mean length;
     and sample rows for reading."""
+    import numpy as np
+
     settings = config.rl
     frame = frame.head(settings.eval_prompts)
     raw = list(frame["_prompt"])
@@ -157,6 +328,7 @@ def plot_rewards(log: list[dict], out: Path, title: str) -> bool:
     if not steps:
         return False
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -8,64 +8,67 @@ Prompts use the `plain` format by default (the instruction, then the input), or 
 """
 from __future__ import annotations
 
-import torch
+import sys
 
-from ..errors import DataError
-from . import sft
+from ..data.conversations import render_prompt, resolve_prompt_format
+from . import generative, sft
+from .generative import EncodedSplit
 
-
-def is_seq2seq_checkpoint(directory: str) -> bool:
-    from transformers import AutoConfig
-
-    return bool(getattr(AutoConfig.from_pretrained(directory), "is_encoder_decoder", False))
-
-
-def load_model(directory: str, **load_kwargs):
-    """Tokenizer, model, and the modules the checkpoint did not contain (trained by every method)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, EncoderDecoderModel
-    from transformers.utils import logging as hf_logging
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    kwargs = {"dtype": torch.float32, **load_kwargs}
-    if is_seq2seq_checkpoint(directory):
-        return tokenizer, AutoModelForSeq2SeqLM.from_pretrained(directory, **kwargs), []
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new cross-attention is reported below, in one line
-    try:
-        encoder = AutoModel.from_pretrained(directory, **kwargs)
-        decoder, info = AutoModelForCausalLM.from_pretrained(directory, is_decoder=True, add_cross_attention=True,
-                                                             output_loading_info=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model = EncoderDecoderModel(encoder=encoder, decoder=decoder)
-    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    if start is None or end is None or tokenizer.pad_token_id is None:
-        raise DataError(f"{directory}: the tokenizer needs start, end and pad tokens to build an encoder-decoder")
-    model.config.decoder_start_token_id, model.config.eos_token_id = start, end
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.decoder_start_token_id = start
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = end, tokenizer.pad_token_id
-    new = sorted({"decoder." + k.rsplit(".", 1)[0] for k in info["missing_keys"]})
-    print(f"tunelab: {directory} is not an encoder-decoder; built bert2bert from it ({len(new)} new modules, "
-          f"cross-attention untrained)")
-    return tokenizer, model, new
+NAME = "seq2seq"
+DATA_FIELDS = sft.DATA_FIELDS - {"loss_on", "replay"}
+METRICS = ("loss",)
+KIND, USE = "generator", "`tunelab generate`"
+PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"
+SERVES, BASELINE = None, True
+GROUP_BY_LENGTH = True
 
 
-def resolve_prompt_format(data) -> str:
-    if data.prompt_format == "chat":
-        raise DataError("task seq2seq has no chat template; use prompt_format plain (auto), alpaca or template")
-    return "plain" if data.prompt_format == "auto" else data.prompt_format
+def check(config) -> list[str]:
+    problems = [] if config.data.prompt_format != "chat" else \
+        ["data.prompt_format chat does not apply to task seq2seq (no chat template); use auto (plain), alpaca or "
+         "template"]
+    return problems + sft.check(config)
 
 
-def encode(convs: list, tokenizer, data, max_length: int) -> sft.EncodedSplit:
+load_splits, eval_table = sft.load_splits, sft.eval_table
+
+
+def load_model(config, model_dir: str):
+    """For training: tokenizer, model, and the modules the checkpoint did not contain (trained by every method)."""
+    from ..models.encoder_decoder import build_model
+    from ..trainer import load_kwargs
+
+    return build_model(model_dir, **load_kwargs(config))
+
+
+def make_trainer(config, run, model, tokenizer, sets: dict, extra_callbacks=()):
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from ..trainer import callbacks, training_args
+
+    val_ds = sets.get("validation")
+    args = training_args(config, run, has_validation=val_ds is not None, cls=Seq2SeqTrainingArguments)
+    return Seq2SeqTrainer(model=model, args=args, train_dataset=sets["train"], eval_dataset=val_ds,
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer,
+                          callbacks=callbacks(config, run, val_ds is not None) + list(extra_callbacks))
+
+
+def encode(config, frame, tokenizer) -> EncodedSplit:
+    return encode_conversations(list(frame["_conv"]), tokenizer, config.data, config.model.max_length)
+
+
+build_trainer, fit, evaluate, load, evaluate_file, evaluate_base, report, token_lengths = \
+    generative.protocol(sys.modules[__name__])
+
+
+def encode_conversations(convs: list, tokenizer, data, max_length: int) -> EncodedSplit:
     """Rows of encoder `input_ids` and decoder `labels` (the response, ending with the end token)."""
-    out = sft.EncodedSplit([])
+    out = EncodedSplit([])
     for conv in convs:
         conv_data = conv.data or data
-        fmt = resolve_prompt_format(conv_data)
+        fmt = resolve_prompt_format(conv_data, tokenizer, encoder_decoder=True)
         for i in range(len(conv.turns)):
-            source = sft.render_prompt(conv, i, tokenizer, fmt, conv_data)
+            source = render_prompt(conv, i, tokenizer, fmt, conv_data)
             ids = tokenizer(source, add_special_tokens=True)["input_ids"]
             labels = tokenizer(text_target=conv.turns[i]["response"], add_special_tokens=True)["input_ids"]
             if tokenizer.cls_token_id is not None and labels[:1] == [tokenizer.cls_token_id]:

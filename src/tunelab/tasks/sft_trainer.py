@@ -24,10 +24,11 @@ class SFTTrainer(_TRLSFTTrainer):
             return False
         return self.args.device.type == "cpu"
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not self._own_loss(model):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        """The documented hook; any argument a later TRL adds goes through to it unchanged."""
+        if return_outputs or kwargs or not self._own_loss(model):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+                                        num_items_in_batch=num_items_in_batch, **kwargs)
         mode = "train" if model.training else "eval"
         inputs = dict(inputs)
         labels = inputs.pop("labels")
@@ -55,14 +56,27 @@ class SFTTrainer(_TRLSFTTrainer):
             n = self.accelerator.gather_for_metrics(count).sum()
             entropy = self.accelerator.gather_for_metrics(entropy).sum()
             correct = self.accelerator.gather_for_metrics(correct).sum()
-            self._metrics[mode]["entropy"].append((entropy / n).item() if n > 0 else 0.0)
-            self._metrics[mode]["mean_token_accuracy"].append((correct / n).item() if n > 0 else 0.0)
+            tokens = None
             if mode == "train":
                 real = inputs["attention_mask"].sum() if "attention_mask" in inputs else \
                     torch.tensor(inputs["input_ids"].numel())
-                self._total_train_tokens += self.accelerator.gather_for_metrics(real).sum().item()
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+                tokens = int(self.accelerator.gather_for_metrics(real).sum().item())
+            record_metrics(self, mode, (entropy / n).item() if n > 0 else 0.0,
+                           (correct / n).item() if n > 0 else 0.0, tokens)
         return loss
+
+
+def record_metrics(trainer, mode: str, entropy: float, accuracy: float, tokens: int | None) -> None:
+    """Report what TRL's own loss path reports — mean entropy, top-1 token accuracy, tokens seen — where TRL keeps
+    it: private attributes of its SFTTrainer (`_metrics[mode]`, `_total_train_tokens` in TRL 1.16), read by its
+    `log`. This is the one place tunelab touches TRL's private state; tests/unit/test_sft.py
+    (test_trl_keeps_its_metrics_where_tunelab_writes_them) fails if TRL renames them."""
+    store = trainer._metrics[mode]
+    store["entropy"].append(entropy)
+    store["mean_token_accuracy"].append(accuracy)
+    if tokens is not None:
+        trainer._total_train_tokens += tokens
+    store["num_tokens"] = [trainer._total_train_tokens]
 
 
 class PackedRows:
