@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean bench
+.PHONY: setup demo test test-fast lint clean bench docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+docs: $(STAMP)
+	$(PY) scripts/docs_tables.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from _common import machine  # bench/ is on the path when this script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "src" / "tunelab" / "data" / "samples"
@@ -195,7 +195,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": vars(args) | {"runs": [str(r) for r in runs],
                                                          "classifier": str(classifier) if classifier else None},
-                               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                               "machine": machine(),
                                "results": results, "throughput_ratio": ratio,
                                "fairness": fair if classify else None}, indent=2))
     print(f"written: {out.relative_to(ROOT)}")

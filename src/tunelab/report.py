@@ -49,6 +49,13 @@ def overfitting(records: list[dict]) -> str | None:
             f"{last_epoch:g}) while training loss fell from {before[-1]:.3f} to {after[-1]:.3f}")
 
 
+def _machine() -> dict:
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor() or None}
+
+
 def compare_rows(entries) -> list[dict]:
     """One row per compare entry: its numbers from the run directory, or its error."""
     rows = []
@@ -295,6 +302,10 @@ def compare_report(rows: list[dict], out: Path, *, title: str, config) -> dict:
            "scoring the templates); peak RAM is the whole run's process; stored is what this task needs on disk "
            "beyond the base model. Each run's own folder has its config, metrics and predictions."]
     (out / "report.md").write_text("\n".join(md) + "\n")
+    # the numbers of the report, for documentation tables generated from them (scripts/docs_tables.py)
+    kept = [{k: v for k, v in r.items() if k != "records"} for r in rows]
+    (out / "results.json").write_text(json.dumps({"title": title, "metric": key, "recommendation": advice,
+                                                  "machine": _machine(), "rows": kept}, indent=2, default=str))
 
     def bold(text: str) -> str:
         parts = html.escape(text).split("**")

@@ -1,0 +1,256 @@
+"""Rewrite every generated block of docs/*.md (and README.md) from the files the code writes, so no number in the
+docs is typed by hand.
+
+    python scripts/docs_tables.py            (or: make docs)
+    python scripts/docs_tables.py --check    exit 1 if a block is out of date (nothing written)
+
+A block sits between `<!-- table:NAME -->` and `<!-- /table -->`; NAME is a renderer below, reading
+docs/results/*.json (scripts/docs_results.py measures them) or bench/results/*.json (bench/run_all.py). A block
+whose file does not exist yet says how to measure it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS, BENCH = ROOT / "docs" / "results", ROOT / "bench" / "results"
+BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+class Missing(Exception):
+    pass
+
+
+def _load(path: Path) -> dict:
+    if not path.exists():
+        how = (f"python scripts/docs_results.py {path.stem}" if path.parent == RESULTS else "make bench")
+        raise Missing(f"*Not measured yet: `{how}` writes `{path.relative_to(ROOT)}`, then `make docs`.*")
+    record = json.loads(path.read_text())
+    record["_file"] = str(path.relative_to(ROOT))
+    return record
+
+
+def _machine(record: dict) -> str:
+    m = record.get("machine") or {}
+    flags = ", ".join(m.get("cpu_flags") or m.get("bf16_flags") or []) or m.get("cpu") or m.get("processor") \
+        or "CPU flags not recorded"
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    when = f"measured {record['measured_at']}, " if record.get("measured_at") else ""
+    return f"({when}{m.get('cpus', '?')} CPU cores, {flags}{gpu}; from `{record.get('_file', '')}`)"
+
+
+def _table(head: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join("–" if v is None else str(v) for v in r) + " |" for r in rows])
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return None
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
+def _f(v, digits=4):
+    return None if v is None else f"{v:.{digits}f}"
+
+
+def _params(p: dict) -> str:
+    return f"{p['trainable']:,} ({p['percent']:.3g}%)"
+
+
+# ------------------------------------------------------------------------------------------------ renderers
+
+def compare_sentiment() -> str:
+    rec = _load(RESULTS / "compare-sentiment.json")
+    rows = []
+    for r in rec["result"]["rows"]:
+        if r["status"] == "failed":
+            rows.append([f"`{r['name']}`", r["model"], "failed: " + r["error"][:80]] + [None] * 6)
+            continue
+        probe = r.get("probe") or {}
+        rows.append([f"`{r['name']}`", r["model"], _params(r["params"]), f"{r['train_s']:.0f} s",
+                     f"{r['peak_rss_mb'] / 1024:.1f} GB" if r.get("peak_rss_mb") else None, _bytes(r.get("stored")),
+                     _f(r["validation"].get("f1_macro")), _f(r["test"].get("f1_macro")),
+                     _f(probe.get("accuracy"), 3)])
+    table = _table(["method", "model", "trainable params", "train time", "peak RAM", "stored", "val macro F1",
+                    "test macro F1", "earlier-task probe"], rows)
+    return f"{table}\n\n{_machine(rec)}"
+
+
+def compare_sentiment_verdict() -> str:
+    rec = _load(RESULTS / "compare-sentiment.json")
+    return "\n".join(f"- {line}" for line in rec["result"]["recommendation"])
+
+
+def compare_sentiment_templates() -> str:
+    rec = _load(RESULTS / "compare-sentiment.json")
+    rows = []
+    for r in rec["result"]["rows"]:
+        for template, m in (r.get("templates") or {}).items():
+            rows.append([f"`{r['name']}`", "`" + template.replace("\n", "\\n") + "`", _f(m["accuracy"]),
+                         _f(m["f1_macro"])])
+    return _table(["entry", "template", "val accuracy", "val macro F1"], rows) + f"\n\n{_machine(rec)}"
+
+
+def translate_fr() -> str:
+    rec = _load(RESULTS / "translate-fr.json")
+    base, lora = rec["result"]["base"], rec["result"]["lora"]
+    m = lora["metrics"]
+    rows = [["SmolLM2-135M-Instruct, zero-shot (same prompt)", _f(base.get("chrf"), 1), _f(base.get("bleu"), 1),
+             _f(base.get("rouge_l"), 3), _f(base.get("exact_match"), 3)],
+            [f"+ LoRA ({_params(m['params'])} trainable), {m['train']['runtime_s']:.0f} s of training",
+             _f(m["test"].get("chrf"), 1), _f(m["test"].get("bleu"), 1), _f(m["test"].get("rouge_l"), 3),
+             _f(m["test"].get("exact_match"), 3)]]
+    return _table(["model", "chrF", "BLEU", "ROUGE-L", "exact match"], rows) + f"\n\n{_machine(rec)}"
+
+
+def peft_methods() -> str:
+    rec = _load(RESULTS / "peft-methods.json")
+    res = rec["result"]
+    rows = [["none (zero-shot)", 0, None, None, _f(res["base"].get("chrf"), 1), _f(res["base"].get("bleu"), 1)]]
+    for name, r in res.items():
+        if name == "base":
+            continue
+        m = r["metrics"]
+        rows.append([f"`{name}`", f"{m['params']['trainable']:,}", f"{m['train']['runtime_s']:.0f} s",
+                     _f((m.get("validation") or {}).get("loss"), 2), _f(m["test"].get("chrf"), 1),
+                     _f(m["test"].get("bleu"), 1)])
+    return _table(["method", "trainable", "train time", "val loss", "chrF", "BLEU"], rows) + f"\n\n{_machine(rec)}"
+
+
+def forgetting() -> str:
+    rec = _load(RESULTS / "forgetting.json")
+    rows = []
+    for name, r in rec["result"].items():
+        m = r["metrics"]
+        f = m.get("forgetting") or {}
+        rows.append([f"`{name}`", m["train"]["steps"], _f(m["test"].get("exact_match"), 2),
+                     _f(f.get("base_perplexity"), 2), _f(f.get("perplexity"), 2), _f(f.get("ratio"), 3)])
+    return _table(["run", "steps", "test exact match", "perplexity before", "perplexity after", "ratio"], rows) + \
+        f"\n\n{_machine(rec)}"
+
+
+def preferences() -> str:
+    rec = _load(RESULTS / "preferences.json")
+    res = rec["result"]
+    rows = []
+    for name in ("reward-reviews", "reward-chat-rankings"):
+        t = res[name]["metrics"]["test"]
+        rows.append([f"`{name}`", f"pairwise accuracy {_f(t['accuracy'], 3)} on {t['pairs']} test pairs, mean margin "
+                     f"{_f(t['margin'], 2)}", f"{res[name]['metrics']['train']['runtime_s']:.0f} s"])
+    d = res["dpo-reviews"]["metrics"]
+    t = d["test"]
+    rows.append(["`dpo-reviews`", f"on {t['pairs']} test pairs: log π(chosen) − log π(rejected) "
+                 f"{_f(t['base_logp_margin'], 1)} → {_f(t['logp_margin'], 1)}; chosen preferred "
+                 f"{t['base_preference_accuracy']:.1%} → {t['preference_accuracy']:.1%}; DPO reward accuracy "
+                 f"{t['reward_accuracy']:.1%}; forgetting ×{_f((d.get('forgetting') or {}).get('ratio'), 3)}",
+                 f"{d['train']['runtime_s']:.0f} s"])
+    r = res["rl-positive-reviews"]["metrics"]
+    h = r["held_out"]
+    rows.append(["`rl-positive-reviews`", f"on {h['prompts']} held-out prompts × {h['samples_per_prompt']}: mean "
+                 f"reward {_f(h['base_reward'], 3)} → {_f(h['tuned_reward'], 3)}; KL(tuned ‖ base) {h['kl']:.1f} nats "
+                 f"per completion; forgetting ×{_f((r.get('forgetting') or {}).get('ratio'), 3)}",
+                 f"{r['train']['runtime_s']:.0f} s"])
+    table = _table(["run", "result", "train time"], rows)
+    samples = _table(["prompt", "base (reward)", "tuned (reward)"], [
+        [s["prompt"], f"{s['base']} ({s['base_reward']:.2f})", f"{s['tuned']} ({s['tuned_reward']:.2f})"]
+        for s in res.get("rl-samples", [])[:3]])
+    return f"{table}\n\nSamples of the RL policy (from its `samples.jsonl`):\n\n{samples}\n\n{_machine(rec)}"
+
+
+def export_onnx() -> str:
+    rec = _load(RESULTS / "export-onnx.json")
+    rows = [[f"`{name}`", f"{r['max_abs_diff']:.1e}", f"{1000 * r['torch_eager_s']:.0f} ms",
+             f"{1000 * r['onnxruntime_s']:.0f} ms", f"{r['speedup']:.2f}×"] for name, r in rec["result"].items()]
+    return _table(["run", "max |logit diff| vs PyTorch", "PyTorch eager", "onnxruntime", "speed-up"], rows) + \
+        f"\n\n{_machine(rec)}"
+
+
+def serve_load() -> str:
+    rec = _load(BENCH / "serve_load.json")
+    rows = [[kind, mode, r["requests_per_s"], f"{r['p50_ms']:.0f} ms", f"{r['p95_ms']:.0f} ms", r["errors_5xx"]]
+            for mode, kinds in rec["results"].items() for kind, r in kinds.items()]
+    ratio = "; ".join(f"{k} {v}×" for k, v in rec["throughput_ratio"].items())
+    out = _table(["kind", "mode", "requests/s", "p50", "p95", "5xx"], rows) + \
+        f"\n\nBatching / one at a time, throughput: {ratio}."
+    fair = rec.get("fairness")
+    if fair:
+        out += (f" A one-text classify request sent while {fair['big_requests']} requests of "
+                f"{fair['texts_per_big_request']} texts × {fair['chars_per_text']:,} characters were running was "
+                f"answered in {fair['small_behind_big_s']} s ({fair['small_alone_s']} s alone; the large ones took "
+                f"{max(fair['big_request_s'])} s); a 50 MB body got {fair['body_50mb_status']} in "
+                f"{fair['body_50mb_s']} s.")
+    return out + f"\n\n{_machine(rec)}"
+
+
+def bench_summary() -> str:
+    rec = _load(BENCH / "summary.json")
+    return _table(["measure", "target", "measured"], rec["rows"]) + f"\n\n{_machine(rec)}"
+
+
+def config_fields() -> str:
+    """Every config key with its type, default and documentation, from the typed config itself."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from tunelab.config import Config
+
+    rows = []
+
+    def walk(model, prefix: str):
+        from pydantic import BaseModel
+
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+            section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (inner[0] if inner else None)
+            key = f"{prefix}{name}"
+            if section is not None and name not in ("method",):
+                walk(section, key + ".")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            doc = (field.description or "").replace("\n", " ").replace("|", "\\|")
+            rows.append([f"`{key}`", f"`{default}`", doc])
+
+    walk(Config, "")
+    return _table(["key", "default", "what it does"], rows)
+
+
+RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict": compare_sentiment_verdict,
+             "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
+             "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
+             "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary,
+             "config-fields": config_fields}
+
+
+def render(name: str) -> str:
+    try:
+        return RENDERERS[name]()
+    except Missing as exc:
+        return str(exc)
+
+
+def main(check: bool) -> int:
+    stale = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text()
+
+        unknown = [name for name in BLOCK.findall(text) if name[1] not in RENDERERS]
+        if unknown:
+            raise SystemExit(f"{page.relative_to(ROOT)}: no renderer for table `{unknown[0][1]}`")
+        new = BLOCK.sub(lambda m: f"{m.group(1)}{render(m.group(2))}\n{m.group(4)}", text)
+        if new != text:
+            stale.append(str(page.relative_to(ROOT)))
+            if not check:
+                page.write_text(new)
+    print(("out of date: " if check else "rewrote: ") + (", ".join(stale) or "nothing"))
+    return 1 if check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main("--check" in sys.argv))
