@@ -54,9 +54,25 @@ def _base(config: str, *sets: str) -> dict:
     return evaluate_base(ROOT / config, list(sets))
 
 
+def _compare(name: str) -> dict:
+    """`tunelab compare examples/NAME.yaml` (finished entries are reused: same config hash) and its results.json,
+    with the wall time of this invocation."""
+    t0 = time.time()
+    _tunelab("compare", f"examples/{name}.yaml")
+    result = json.loads((ROOT / "runs" / f"compare-{name}" / "results.json").read_text())
+    return {**result, "compare_wall_s": round(time.time() - t0)}
+
+
 def compare_sentiment() -> dict:
-    _tunelab("compare", "examples/compare-sentiment.yaml")  # finished entries are reused (same config hash)
-    return json.loads((ROOT / "runs" / "compare-compare-sentiment" / "results.json").read_text())
+    return _compare("compare-sentiment")
+
+
+def compare_sentiment_curves() -> dict:
+    return _compare("compare-sentiment-curves")
+
+
+def compare_translate_fr() -> dict:
+    return _compare("compare-translate-fr")
 
 
 def translate_fr() -> dict:
@@ -106,7 +122,9 @@ def export_onnx() -> dict:
     return out
 
 
-MEASUREMENTS = {"compare-sentiment": compare_sentiment, "translate-fr": translate_fr, "peft-methods": peft_methods,
+MEASUREMENTS = {"compare-sentiment": compare_sentiment, "compare-sentiment-curves": compare_sentiment_curves,
+                "compare-translate-fr": compare_translate_fr, "translate-fr": translate_fr,
+                "peft-methods": peft_methods,
                 "forgetting": forgetting, "preferences": preferences, "export-onnx": export_onnx}
 
 

@@ -173,7 +173,10 @@ def _read_lines(spec: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"{spec}: no such file" if not path.exists() else f"{spec} is not a file")
-    return _text(path).splitlines()
+    lines = _text(path).split("\n")  # not splitlines(): U+2028, \x0c, \x1c... inside a line stay in it
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _read_prompts(spec: str, field: str) -> list[str]:
@@ -221,6 +224,9 @@ def compare(args) -> int:
                            and isinstance(v, float))
         print(f"{row['name']:>14}: test {shown} ({'cached' if row['status'] == 'cached' else 'ran now'})")
     print(f"\nreport: {result['report_html']} (and {result['report_md'].name} beside it)")
+    print("\nverdict:")
+    for sentence in [s for s in result["analysis"]["sentences"] if s][:3]:
+        print("  " + sentence.replace("**", ""))
     return 0 if all(r["status"] != "failed" for r in result["rows"]) else 1
 
 

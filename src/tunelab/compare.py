@@ -32,6 +32,10 @@ class Entry:
     error: str | None = None
     wall_s: float | None = None
     extra: dict = field(default_factory=dict)
+    method: str = ""
+    """The compare entry it belongs to (a method or icl entry name); `name` adds the seed and fraction."""
+    seed: int | None = None
+    fraction: float = 1.0
 
 
 def _set(raw: dict, dotted: str, value) -> None:
@@ -44,38 +48,63 @@ def _set(raw: dict, dotted: str, value) -> None:
     node[parts[-1]] = copy.deepcopy(value)
 
 
-def entry_configs(config: Config, config_path: str | Path, out: Path) -> list[Entry]:
-    """One validated run config per compare entry; every problem of every entry reported at once."""
+ZERO_SHOT = ("base", "icl_0")
+DETERMINISTIC = ZERO_SHOT + ("icl_retrieved",)  # the same run whatever the seed
+
+
+def entry_configs(config: Config, config_path: str | Path, out: Path, n_train: int | None = None) -> list[Entry]:
+    """One validated run config per compare entry, seed and fraction; every problem of every entry reported at once.
+    The first seed at the full training split keeps the entry's plain name (NAME); the others are NAME-fracF,
+    NAME-seedS, NAME-fracF-seedS. `n_train`: the size of the training split, for the fractions."""
     from pydantic import ValidationError
 
     from .config import _describe
 
     cmp = config.compare
-    base = config.to_dict()
-    base.pop("compare", None)
+    seeds = cmp.seeds or [config.train.seed]
+    fractions = sorted(set(cmp.fractions or [1.0]) | {1.0})
     entries, problems = [], []
     for name in cmp.methods:
-        raw = copy.deepcopy(base)
-        if name in ICL_ENTRIES:
-            shots = 0 if name == "icl_0" else cmp.shots
-            raw["method"] = {"name": "icl", **copy.deepcopy(cmp.icl), "shots": shots,
-                             "demos": "retrieved" if name == "icl_retrieved" else "random"}
-            raw["model"] = {**raw["model"], "name": cmp.icl_model or raw["model"]["name"],
-                            "max_length": max(raw["model"]["max_length"], 512)}
-        elif raw["method"]["name"] != name:
-            raw["method"] = {"name": name}  # the base config's method keeps its options; others their defaults
-        raw["output"] = {**raw.get("output", {}), "dir": str(out / "runs" / name)}
-        for key, value in cmp.overrides.get(name, {}).items():
-            _set(raw, key, value)
-        try:
-            entry_config = Config.model_validate(raw)
-        except ValidationError as exc:
-            problems += [f"compare entry `{name}`: {_describe(err)}" for err in exc.errors()]
-            continue
-        entries.append(Entry(name, entry_config, out / "configs" / f"{name}.yaml", out / "runs" / name))
+        # zero-shot reads no training data; zero-shot and retrieved demonstrations draw nothing at random
+        for fraction in ([1.0] if name in ZERO_SHOT else fractions):
+            for seed in (seeds[:1] if name in DETERMINISTIC else seeds):
+                suffix = (f"-frac{fraction:g}" if fraction < 1 else "") + (f"-seed{seed}" if seed != seeds[0] else "")
+                raw = _entry_raw(config, name, out / "runs" / f"{name}{suffix}", seed, seed == seeds[0])
+                if fraction < 1:
+                    raw.setdefault("data", {})["max_train_examples"] = max(1, round(fraction * (n_train or 0)))
+                try:
+                    entry_config = Config.model_validate(raw)
+                except ValidationError as exc:
+                    problems += [f"compare entry `{name}{suffix}`: {_describe(err)}" for err in exc.errors()]
+                    continue
+                entries.append(Entry(f"{name}{suffix}", entry_config, out / "configs" / f"{name}{suffix}.yaml",
+                                     out / "runs" / f"{name}{suffix}", method=name, seed=seed, fraction=fraction))
     if problems:
-        raise ConfigError(str(config_path), problems)
+        raise ConfigError(str(config_path), sorted(set(problems)))
     return entries
+
+
+def _entry_raw(config: Config, name: str, run_dir: Path, seed: int, first_seed: bool) -> dict:
+    """The raw run config of one entry (before validation)."""
+    cmp = config.compare
+    raw = copy.deepcopy(config.to_dict())
+    raw.pop("compare", None)
+    if name in ICL_ENTRIES:  # the no-training baselines: the (icl) model prompted, zero-shot or with demonstrations
+        shots = 0 if name in ZERO_SHOT else cmp.shots
+        raw["method"] = {"name": "icl", **copy.deepcopy(cmp.icl), "shots": shots,
+                         "demos": "retrieved" if name == "icl_retrieved" else "random"}
+        raw["model"] = {**raw["model"], "name": cmp.icl_model or raw["model"]["name"],
+                        "max_length": max(raw["model"]["max_length"], 512)}
+    elif raw["method"]["name"] != name:
+        raw["method"] = {"name": name}  # the base config's method keeps its options; others their defaults
+    raw["output"] = {**raw.get("output", {}), "dir": str(run_dir)}
+    for key, value in cmp.overrides.get(name, {}).items():
+        _set(raw, key, value)
+    if not first_seed:  # the first seed's configs are those of a one-seed compare (its runs are reused)
+        raw.setdefault("train", {})["seed"] = seed
+        if name in ICL_ENTRIES:  # no training: the seed draws other random demonstrations
+            raw["method"]["seed"] = seed
+    return raw
 
 
 def cached(entry: Entry) -> bool:
@@ -146,6 +175,7 @@ def compare(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
             out: str | Path | None = None, rerun: bool = False, allow_code: bool = False) -> dict:
     """Run (or reuse) every entry, then write report.md / report.html; returns {"dir", "entries", "rows"}."""
     from .report import compare_report, compare_rows
+    from .verdict import analyze
 
     overrides = list(overrides)
     if methods:
@@ -156,7 +186,13 @@ def compare(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
 
         config = config.model_copy(update={"compare": CompareConfig()})
     out = Path(out or config.compare.dir or Path("runs") / f"compare-{Path(config_path).stem}")
-    entries = entry_configs(config, config_path, out)
+    n_train = None
+    if config.compare.fractions:  # fractions are of the training split, which every entry shares
+        from .tasks import load_splits
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            n_train = len(load_splits(config).train)
+    entries = entry_configs(config, config_path, out, n_train)
     if config.train.lr is not None:
         print(f"tunelab compare: train.lr={config.train.lr} is set, so every method uses it; leave it unset for each "
               f"method's own default, or set it per method in compare.overrides", file=sys.stderr)
@@ -188,5 +224,6 @@ def compare(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
         if code == 130:
             raise KeyboardInterrupt
     rows = compare_rows(entries)
-    paths = compare_report(rows, out, title=f"tunelab compare · {Path(config_path).name}", config=config)
-    return {"dir": out, "entries": entries, "rows": rows, **paths}
+    analysis = analyze(rows)
+    paths = compare_report(rows, analysis, out, title=f"tunelab compare · {Path(config_path).name}", config=config)
+    return {"dir": out, "entries": entries, "rows": rows, "analysis": analysis, **paths}

@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 from .plots import read_jsonl
+from .verdict import METRIC_NAMES
 
 TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
-METRIC_NAMES = {"accuracy": "accuracy", "f1_macro": "macro F1", "loss": "loss", "perplexity": "perplexity",
-                "chrf": "chrF", "bleu": "BLEU", "rouge_l": "ROUGE-L", "exact_match": "exact match"}
-LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
 def stored_bytes(model_dir: Path) -> int:
@@ -60,8 +58,9 @@ def compare_rows(entries) -> list[dict]:
     """One row per compare entry: its numbers from the run directory, or its error."""
     rows = []
     for e in entries:
-        row = {"name": e.name, "method": e.config.method.name, "model": e.config.model.name, "status": e.status,
-               "error": e.error, "task": e.config.task, "metric": e.config.metric, "flags": []}
+        row = {"name": e.name, "entry": e.method or e.name, "seed": e.seed, "fraction": e.fraction,
+               "run_dir": str(e.run_dir), "method": e.config.method.name, "model": e.config.model.name,
+               "status": e.status, "error": e.error, "task": e.config.task, "metric": e.config.metric, "flags": []}
         if e.status != "failed":
             metrics = json.loads((e.run_dir / "metrics.json").read_text())
             manifest = json.loads((e.run_dir / "manifest.json").read_text())
@@ -75,7 +74,8 @@ def compare_rows(entries) -> list[dict]:
                        probe=metrics.get("forgetting") if "drop" in (metrics.get("forgetting") or {}) else None,
                        records=records,
                        templates=train.get("templates"), template=train.get("template"),
-                       shots=train.get("shots"), demos=train.get("demos"))
+                       shots=train.get("shots"), demos=train.get("demos"),
+                       n_train=(manifest.get("examples") or {}).get("train"), labels=manifest.get("labels"))
             flag = overfitting(records)
             if flag:
                 best = train.get("best_checkpoint")
@@ -88,149 +88,78 @@ def compare_rows(entries) -> list[dict]:
     return rows
 
 
-def primary_metric(rows: list[dict]) -> tuple[str, bool]:
-    """The metric the report ranks by: the config's classification metric, else chrF when every generative run has
-    it, else perplexity. Returns (key, higher_is_better)."""
-    done = [r for r in rows if r["status"] != "failed"]
-    if not done:
-        return "accuracy", True
-    if done[0]["task"] == "classify":
-        key = done[0]["metric"] if done[0]["metric"] != "loss" else "f1_macro"
-        return key, True
-    if all("chrf" in r["test"] for r in done):
-        return "chrf", True
-    return "perplexity", False
+def _fmt(v, digits: int = 4) -> str:
+    return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def _value(row: dict, key: str, split: str = "test"):
-    return (row.get(split) or {}).get(key)
-
-
-def recommend(rows: list[dict], key: str, higher: bool) -> list[str]:
-    """Plain-language conclusions drawn from the numbers."""
-    done = [r for r in rows if r["status"] != "failed" and _value(r, key) is not None]
-    if not done:
-        return ["No method finished, so there is nothing to recommend; see the errors in the table."]
+def _table(analysis: dict) -> tuple[list[str], list[list[str]], list[str]]:
+    """The results table: one row per compare entry (its seeds pooled), and each row's status."""
+    key = analysis["metric"]
     name = METRIC_NAMES.get(key, key)
-    sign = 1 if higher else -1
-    best = max(done, key=lambda r: sign * _value(r, key))
-    b = _value(best, key)
-    out = [f"Best test {name}: **{best['name']}** ({b:.4f})."]
-
-    def share(r):  # how much of the best result r reaches (for lower-is-better: best / r)
-        v = _value(r, key)
-        return v / b if higher else b / v
-
-    trained = [r for r in done if r["params"]["trainable"] > 0]
-    close = sorted((r for r in trained if r is not best and share(r) >= 0.98),
-                   key=lambda r: (r["params"]["trainable"], r["train_s"] or 0))
-    for r in close[:3]:
-        pct = 100 * r["params"]["trainable"] / max(best["params"]["trainable"], 1)
-        t = 100 * (r["train_s"] or 0) / max(best["train_s"] or 1e-9, 1e-9)
-        stored = (f"stores {human_bytes(r['stored'])} instead of {human_bytes(best['stored'])}"
-                  if r["stored"] < 0.9 * best["stored"] else f"stores as much ({human_bytes(r['stored'])})")
-        out.append(f"**{r['name']}** reaches {100 * share(r):.1f}% of {best['name']}'s {name} with {pct:.3g}% of "
-                   f"its trainable parameters and {t:.0f}% of its training time, and {stored}.")
-    fastest = min(trained, key=lambda r: r["train_s"] or 0, default=None)
-    if fastest is not None and fastest is not best and fastest not in close[:3]:
-        out.append(f"The quickest to train, **{fastest['name']}**, reaches {100 * share(fastest):.1f}% of the best "
-                   f"in {fastest['train_s']:.0f} s (vs {best['train_s']:.0f} s).")
-    free = [r for r in done if r["params"]["trainable"] == 0]
-    if free:
-        icl = max(free, key=lambda r: sign * _value(r, key))
-        how = f"{icl['shots']} {icl['demos']} demonstration(s)" if icl.get("shots") else "zero-shot"
-        out.append(f"Without any training, **{icl['name']}** ({icl['model']}, {how}) reaches {_value(icl, key):.4f}, "
-                   f"{100 * share(icl):.1f}% of the best.")
-    cheap = [r for r in trained if share(r) >= 0.98]
-    if cheap:
-        pick = min(cheap, key=lambda r: (r["train_s"] or 0, r["stored"]))
-        if pick is best:
-            out.append(f"Recommendation: **{best['name']}** — it is the best, and nothing cheaper comes within 2% "
-                       f"of it.")
-        else:
-            out.append(f"Recommendation: **{pick['name']}** — within 2% of the best ({100 * share(pick):.1f}%) at "
-                       f"the lowest training time ({pick['train_s']:.0f} s vs {best['train_s']:.0f} s).")
-    probes = [r for r in done if r.get("probe")]
-    if probes:
-        worst = max(probes, key=lambda r: r["probe"]["drop"])
-        p = worst["probe"]
-        out.append(f"Forgetting of the earlier task ({p['data']}, `{p['label']}`; linear probe on the encoder): "
-                   f"largest after **{worst['name']}** ({p['base_accuracy']:.3f} → {p['accuracy']:.3f}); "
-                   + ", ".join(f"{r['name']} {r['probe']['accuracy']:.3f}" for r in probes if r is not worst) + ".")
-    forgetting = [r for r in done if r.get("forgetting")]
-    if forgetting:
-        worst = max(forgetting, key=lambda r: r["forgetting"])
-        out.append(f"Forgetting (perplexity on general text, after ÷ before): highest for **{worst['name']}** "
-                   f"(×{worst['forgetting']:.3f}); " + ", ".join(f"{r['name']} ×{r['forgetting']:.3f}"
-                                                                 for r in forgetting if r is not worst) + ".")
-    failed = [r["name"] for r in rows if r["status"] == "failed"]
-    if failed:
-        out.append(f"Failed: {', '.join(failed)} (see the table); the conclusions above leave them out.")
-    return out
-
-
-def _table(rows: list[dict], key: str) -> tuple[list[str], list[list[str]]]:
-    done = [r for r in rows if r["status"] != "failed"]
-    keys = [k for k in METRIC_NAMES if any(k in (r.get("test") or {}) for r in done)]
-    if key in keys:  # the ranking metric first
-        keys.remove(key)
-        keys.insert(0, key)
-    keys = keys[:4]
-    val_keys = [k for k in keys if any(k in (r.get("validation") or {}) for r in done)][:2]
-    head = (["method", "model"] + [f"validation {METRIC_NAMES[k]}" for k in val_keys]
-            + [f"test {METRIC_NAMES[k]}" for k in keys]
-            + ["trainable params", "train time", "throughput", "peak RAM", "stored", "forgetting", "notes"])
-    body = []
-    for r in rows:
-        if r["status"] == "failed":
-            body.append([r["name"], r["model"]] + ["—"] * (len(head) - 3) + [f"FAILED: {r['error']}"])
+    groups = analysis["groups"]
+    head = ["entry", "model", f"test {name}", "95% interval", f"vs {analysis['best']}", "trainable params",
+            "train time", "per 1,000 requests", "prompt tokens", "peak RAM", "stored", "forgetting", "notes"]
+    body, status = [], []
+    for g in groups:
+        status.append(g["status"])
+        if g["status"] != "ok":
+            body.append([g["name"], g["model"]] + ["—"] * (len(head) - 3) + [f"FAILED: {g.get('error')}"])
             continue
-        p = r["params"]
-        speed = (f"{r['tokens_per_s']:.0f} tok/s" if r.get("tokens_per_s") else
-                 f"{r['examples_per_s']:.0f} ex/s" if r.get("examples_per_s") else "—")
-        notes = list(r["flags"])
-        if r["status"] == "cached":
-            notes.append("cached")
-        if r.get("template"):
-            notes.append(f"template: {r['template']!r}")
-        body.append([r["name"], r["model"]]
-                    + [_fmt(_value(r, k, "validation")) for k in val_keys] + [_fmt(_value(r, k)) for k in keys]
-                    + [f"{p['trainable']:,} ({p['percent']:.3g}%)", f"{r['train_s']:.0f} s" if r["train_s"] else "—",
-                       speed, f"{r['peak_rss_mb'] / 1024:.1f} GB" if r.get("peak_rss_mb") else "—",
-                       human_bytes(r["stored"]), _forgetting_cell(r),
-                       "; ".join(notes)])
-    return head, body
+        seeds = len(g["values"])
+        value = f"{g['mean']:.4f}" + (f" ± {g['std']:.4f} ({seeds} seeds)" if seeds > 1 else "")
+        interval = f"{g['interval'][0]:.4f}–{g['interval'][1]:.4f}" if g.get("interval") else "—"
+        vs = g.get("vs_best")
+        verdict = "best" if g["name"] == analysis["best"] else "—" if not vs else \
+            f"{'tied' if vs['tied'] else 'worse'} (p = {vs['p']:.2g}" + \
+            (f"; McNemar p = {vs['mcnemar_p']:.2g})" if "mcnemar_p" in vs else ")")
+        p = g["params"]
+        notes = list(g.get("flags") or [])
+        if g.get("template"):
+            notes.append(f"template: {g['template']!r}")
+        body.append([g["name"], g["model"], value, interval, verdict, f"{p['trainable']:,} ({p['percent']:.3g}%)",
+                     f"{g['train_s']:.0f} s" if g.get("train_s") else "—",
+                     f"{g['inference_per_1000_s']:.1f} s" if g.get("inference_per_1000_s") else "—",
+                     _fmt(g.get("prompt_tokens"), 0), f"{g['peak_rss_mb'] / 1024:.1f} GB" if g.get("peak_rss_mb") else
+                     "—", human_bytes(g["stored"]) if g.get("stored") is not None else "—", _forgetting_cell(g),
+                     "; ".join(notes)])
+    return head, body, status
 
 
-def _forgetting_cell(r: dict) -> str:
+def _forgetting_cell(g: dict) -> str:
     """Perplexity ratio on general text (generative), or earlier-task probe accuracy before → after (classify)."""
-    if r.get("forgetting"):
-        return f"×{r['forgetting']:.3f}"
-    if r.get("probe"):
-        return f"probe {r['probe']['base_accuracy']:.3f} → {r['probe']['accuracy']:.3f}"
+    if g.get("forgetting"):
+        return f"×{g['forgetting']:.3f}"
+    if g.get("probe"):
+        return f"probe {g['probe']['base_accuracy']:.3f} → {g['probe']['accuracy']:.3f}"
     return "—"
 
 
-def _fmt(v) -> str:
-    return "—" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def compare_plots(rows: list[dict], key: str, out: Path) -> dict[str, Path]:
-    """loss.png (train vs validation loss per method), metric_vs_params.png (log x), metric_vs_time.png."""
+def compare_plots(rows: list[dict], analysis: dict, out: Path) -> dict[str, Path]:
+    """loss.png (train vs validation loss per entry), metric_vs_cost.png (with the Pareto front),
+    metric_vs_params.png, learning_curves.png (with compare.fractions)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = analysis["metric"]
     name = METRIC_NAMES.get(key, key)
-    done = [r for r in rows if r["status"] != "failed" and _value(r, key) is not None]
+    ok = [g for g in analysis["groups"] if g["status"] == "ok"]
     paths = {}
-    curves = [r for r in done if any("loss" in x or "eval_loss" in x for x in r["records"])]
-    if curves:
-        cols = min(3, len(curves))
-        nrows = -(-len(curves) // cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), dpi=100, squeeze=False)
-        for ax, r in zip(axes.flat, curves):
+
+    def save(fig, fname):
+        fig.tight_layout()
+        paths[fname] = out / f"{fname}.png"
+        fig.savefig(paths[fname])
+        plt.close(fig)
+
+    first = [r for r in rows if r["status"] != "failed" and r.get("fraction", 1.0) == 1.0 and r["name"] == r["entry"]
+             and any("loss" in x or "eval_loss" in x for x in r["records"])]
+    if first:
+        cols = min(3, len(first))
+        fig, axes = plt.subplots(-(-len(first) // cols), cols, figsize=(4.2 * cols, 3.2 * -(-len(first) // cols)),
+                                 dpi=100, squeeze=False)
+        for ax, r in zip(axes.flat, first):
             train = [(x["epoch"], x["loss"]) for x in r["records"] if "loss" in x]
             val = [(x["epoch"], x["eval_loss"]) for x in r["records"] if "eval_loss" in x]
             if train:
@@ -239,73 +168,116 @@ def compare_plots(rows: list[dict], key: str, out: Path) -> dict[str, Path]:
                 ax.plot(*zip(*val), "o-", label="validation", color="tab:orange")
             ax.set_title(r["name"] + (" ⚠ overfitting" if any(f.startswith("overfitting") for f in r["flags"])
                                       else ""), fontsize=10)
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("loss")
+            ax.set(xlabel="epoch", ylabel="loss")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        for ax in list(axes.flat)[len(curves):]:
+        for ax in list(axes.flat)[len(first):]:
             ax.axis("off")
-        fig.tight_layout()
-        paths["loss"] = out / "loss.png"
-        fig.savefig(paths["loss"])
-        plt.close(fig)
-    if done:
-        for fname, xkey, xlabel in (("metric_vs_params", "params", "trainable parameters (log scale)"),
-                                    ("metric_vs_time", "train_s", "training time, s (log scale)")):
-            fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-            for r in done:
-                x = r["params"]["trainable"] if xkey == "params" else (r["train_s"] or 0)
-                free = r["params"]["trainable"] == 0  # icl: nothing trained (its time is index + template choice)
-                x = max(x, 1 if xkey == "params" else 0.1)  # no parameters: drawn at the axis' left edge
-                ax.scatter([x], [_value(r, key)], s=60, marker="x" if free else "o",
-                           color="tab:gray" if free else "tab:blue")
-                label = r["name"] + (" (no training)" if free and xkey == "params" else "")
-                ax.annotate(label, (x, _value(r, key)), textcoords="offset points", xytext=(5, 5), fontsize=9)
-            ax.set_xscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"test {name}")
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            paths[fname] = out / f"{fname}.png"
-            fig.savefig(paths[fname])
-            plt.close(fig)
+        save(fig, "loss")
+    costed = [g for g in ok if g.get("inference_per_1000_s")]
+    if costed:
+        fig, ax = plt.subplots(figsize=(7, 4.4), dpi=100)
+        for g in costed:
+            lo, hi = g.get("interval") or (g["mean"], g["mean"])
+            ax.errorbar([g["inference_per_1000_s"]], [g["mean"]], yerr=[[g["mean"] - lo], [hi - g["mean"]]], fmt="o",
+                        color="tab:gray" if g["params"]["trainable"] == 0 else "tab:blue", capsize=3)
+            ax.annotate(g["name"], (g["inference_per_1000_s"], g["mean"]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=9)
+        front = pareto(costed, analysis["higher"])
+        ax.plot([g["inference_per_1000_s"] for g in front], [g["mean"] for g in front], "--", color="tab:red",
+                label="Pareto front (nothing both cheaper and better)")
+        ax.set_xscale("log")
+        ax.set(xlabel="inference cost, s per 1,000 requests (log scale)", ylabel=f"test {name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "metric_vs_cost")
+    if ok:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+        for g in ok:
+            free = g["params"]["trainable"] == 0  # no training: drawn at the axis' left edge
+            x = max(g["params"]["trainable"], 1)
+            ax.scatter([x], [g["mean"]], s=60, marker="x" if free else "o", color="tab:gray" if free else "tab:blue")
+            ax.annotate(g["name"] + (" (no training)" if free else ""), (x, g["mean"]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=9)
+        ax.set_xscale("log")
+        ax.set(xlabel="trainable parameters (log scale)", ylabel=f"test {name}")
+        ax.grid(alpha=0.3)
+        save(fig, "metric_vs_params")
+    curves = analysis.get("curves")
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.4), dpi=100)
+        sizes = [p["examples"] for points in curves.values() for p in points if p["examples"]]
+        for entry, points in curves.items():
+            if len(points) == 1:  # zero-shot: no training data, the same score at every size
+                ax.axhline(points[0]["mean"], linestyle=":", color="tab:gray")
+                ax.annotate(f"{entry} (no training data)", (min(sizes), points[0]["mean"]), xytext=(0, 4),
+                            textcoords="offset points", fontsize=8, color="tab:gray")
+                continue
+            x = [p["examples"] for p in points]
+            y = [p["mean"] for p in points]
+            err = [[p["mean"] - (p["interval"] or [p["mean"]] * 2)[0] for p in points],
+                   [(p["interval"] or [p["mean"]] * 2)[1] - p["mean"] for p in points]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=entry)
+        ax.set_xscale("log")
+        ax.set(xlabel="labelled training examples (log scale)", ylabel=f"test {name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "learning_curves")
     return paths
 
 
-def compare_report(rows: list[dict], out: Path, *, title: str, config) -> dict:
-    """Write report.md (PNG files beside it) and a self-contained report.html (PNGs embedded)."""
+def pareto(groups: list[dict], higher: bool) -> list[dict]:
+    """The entries no other entry beats on both inference cost and the metric, by increasing cost."""
+    sign = 1 if higher else -1
+    front, best = [], None
+    for g in sorted(groups, key=lambda g: (g["inference_per_1000_s"], -sign * g["mean"])):
+        if best is None or sign * g["mean"] > sign * best:
+            front.append(g)
+            best = g["mean"]
+    return front
+
+
+def compare_report(rows: list[dict], analysis: dict, out: Path, *, title: str, config) -> dict:
+    """Write report.md (PNG files beside it), a self-contained report.html (PNGs embedded) and results.json (the
+    numbers, for documentation tables generated from them)."""
     import base64
     import html
 
-    key, higher = primary_metric(rows)
-    plots = compare_plots(rows, key, out)
-    head, body = _table(rows, key)
-    advice = recommend(rows, key, higher)
+    key, higher = analysis["metric"], analysis["higher"]
+    name = METRIC_NAMES.get(key, key)
+    plots = compare_plots(rows, analysis, out)
+    head, body, status = _table(analysis)
+    advice = [s for s in analysis["sentences"] if s]
     data = config.data.train or ", ".join(d.train for d in config.data.datasets or [])
-    intro = (f"Task `{config.task}` on `{data}` (split seed {config.data.split.seed}, training seed "
-             f"{config.train.seed}); every method saw the same train/validation/test split. Ranked by test "
-             f"{METRIC_NAMES.get(key, key)} ({'higher' if higher else 'lower'} is better).")
-    captions = {"loss": "Training vs validation loss per method",
-                "metric_vs_params": f"Test {METRIC_NAMES.get(key, key)} vs trainable parameters",
-                "metric_vs_time": f"Test {METRIC_NAMES.get(key, key)} vs training time"}
-    templates = [(r["name"], r["templates"]) for r in rows if r.get("templates")]
-
-    md = [f"# {title}", "", intro, "", "## Recommendation", ""] + [f"- {a}" for a in advice] + ["", "## Results", ""]
+    seeds = config.compare.seeds or [config.train.seed]
+    intro = (f"Task `{config.task}` on `{data}` (split seed {config.data.split.seed}; training seed(s) "
+             f"{', '.join(map(str, seeds))}); every entry saw the same train/validation/test split. Ranked by test "
+             f"{name} ({'higher' if higher else 'lower'} is better). Intervals: paired bootstrap over the test "
+             f"examples ({analysis['resamples']:,} resamples, the same for every entry); the last column tests each "
+             f"entry against the best ({analysis['test'] or 'no test'}; tied when p ≥ {analysis['alpha']}).")
+    captions = {"loss": "Training vs validation loss per entry (first seed)",
+                "metric_vs_cost": f"Test {name} vs inference cost, 95% intervals, with the Pareto front",
+                "metric_vs_params": f"Test {name} vs trainable parameters",
+                "learning_curves": f"Learning curves: test {name} vs labelled training examples (95% intervals)"}
+    templates = [(g["name"], g["templates"]) for g in analysis["groups"] if g.get("templates")]
+    note = ("Training time is what the method itself costs (for icl: building the demonstration index and scoring "
+            "the templates); per 1,000 requests is the measured time of answering the test split, one process; "
+            "prompt tokens are what each request reads (demonstrations included); peak RAM is the whole run's "
+            "process; stored is what this task needs on disk beyond the base model. Each run's own folder has its "
+            "config, metrics and per-example predictions.")
+    md = [f"# {title}", "", intro, "", "## Verdict", ""] + [f"- {a}" for a in advice] + ["", "## Results", ""]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", "\\n") for c in row) + " |" for row in body]
-    for name, t in templates:
-        md += ["", f"### Prompt templates of {name} (validation)", "", "| template | accuracy | macro F1 |",
+    for entry, t in templates:
+        md += ["", f"### Prompt templates of {entry} (validation)", "", "| template | accuracy | macro F1 |",
                "|---|---|---|"]
         md += [f"| `{k!r}` | {v['accuracy']:.4f} | {v['f1_macro']:.4f} |" for k, v in t.items()]
-    md += ["", "## Plots", ""] + [f"![{captions[k]}]({p.name})" for k, p in plots.items()]
-    md += ["", "Training time is what the method itself costs (for icl: building the demonstration index and "
-           "scoring the templates); peak RAM is the whole run's process; stored is what this task needs on disk "
-           "beyond the base model. Each run's own folder has its config, metrics and predictions."]
+    md += ["", "## Plots", ""] + [f"![{captions[k]}]({p.name})" for k, p in plots.items()] + ["", note]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    # the numbers of the report, for documentation tables generated from them (scripts/docs_tables.py)
     kept = [{k: v for k, v in r.items() if k != "records"} for r in rows]
     (out / "results.json").write_text(json.dumps({"title": title, "metric": key, "recommendation": advice,
-                                                  "machine": _machine(), "rows": kept}, indent=2, default=str))
+                                                  "analysis": analysis, "machine": _machine(), "rows": kept},
+                                                 indent=2, default=str))
 
     def bold(text: str) -> str:
         parts = html.escape(text).split("**")
@@ -313,20 +285,20 @@ def compare_report(rows: list[dict], out: Path, *, title: str, config) -> dict:
 
     img = {k: base64.b64encode(p.read_bytes()).decode() for k, p in plots.items()}
     h = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
-         "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+         "<style>body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222}"
          "table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;"
          "text-align:right;vertical-align:top}th{background:#f3f3f3}td:first-child,td:nth-child(2),td:last-child"
          "{text-align:left}tr.failed td{background:#fdecea}img{max-width:100%;border:1px solid #eee;margin:.5em 0}"
          "figure{margin:1em 0}figcaption{color:#555;font-size:13px}</style></head><body>",
-         f"<h1>{html.escape(title)}</h1>", f"<p>{bold(intro.replace('`', ''))}</p>", "<h2>Recommendation</h2><ul>"]
+         f"<h1>{html.escape(title)}</h1>", f"<p>{bold(intro.replace('`', ''))}</p>", "<h2>Verdict</h2><ul>"]
     h += [f"<li>{bold(a)}</li>" for a in advice]
     h += ["</ul><h2>Results</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
-    for r, row in zip(rows, body):
-        cls = " class='failed'" if r["status"] == "failed" else ""
+    for state, row in zip(status, body):
+        cls = " class='failed'" if state != "ok" else ""
         h.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
     h.append("</table>")
-    for name, t in templates:
-        h.append(f"<h3>Prompt templates of {html.escape(name)} (validation)</h3><table><tr><th>template</th>"
+    for entry, t in templates:
+        h.append(f"<h3>Prompt templates of {html.escape(entry)} (validation)</h3><table><tr><th>template</th>"
                  "<th>accuracy</th><th>macro F1</th></tr>")
         h += [f"<tr><td><code>{html.escape(repr(k))}</code></td><td>{v['accuracy']:.4f}</td>"
               f"<td>{v['f1_macro']:.4f}</td></tr>" for k, v in t.items()]
@@ -334,6 +306,6 @@ def compare_report(rows: list[dict], out: Path, *, title: str, config) -> dict:
     h.append("<h2>Plots</h2>")
     h += [f"<figure><img alt='{html.escape(captions[k])}' src='data:image/png;base64,{b}'>"
           f"<figcaption>{html.escape(captions[k])}</figcaption></figure>" for k, b in img.items()]
-    h.append(f"<p>{html.escape(md[-1])}</p></body></html>")
+    h.append(f"<p>{html.escape(note)}</p></body></html>")
     (out / "report.html").write_text("\n".join(h))
     return {"report_md": out / "report.md", "report_html": out / "report.html", "plots": plots}

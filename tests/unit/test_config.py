@@ -23,8 +23,11 @@ def test_examples_cover_the_method_ladder():
 
 def test_examples_cover_compare_and_search():
     configs = [load_config(p) for p in EXAMPLES]
-    compare = next(c.compare for c in configs if c.compare)
-    assert {"features", "full", "lora", "icl_0", "icl_k", "icl_retrieved"} <= set(compare.methods)
+    compares = {c.task: c.compare for c in configs if c.compare}
+    assert {"features", "full", "lora", "icl_0", "icl_k", "icl_retrieved"} <= set(compares["classify"].methods)
+    assert {"base", "icl_k", "icl_retrieved", "prompt", "lora", "full"} <= set(compares["sft"].methods)
+    assert any(c.compare and c.compare.seeds for c in configs) and any(c.compare and c.compare.fractions
+                                                                       for c in configs)
     assert any(c.search and c.search.space for c in configs)
 
 

@@ -261,15 +261,16 @@ class OutputConfig(Section):
     """Keep the intermediate Trainer checkpoints after a successful run (they are needed only for --resume)."""
 
 
-ICL_ENTRIES = ("icl_0", "icl_k", "icl_retrieved")
+ICL_ENTRIES = ("base", "icl_0", "icl_k", "icl_retrieved")
 
 
 class CompareConfig(Section):
     """`tunelab compare`: the approaches to run on the same data, split and seed, side by side in one report."""
     methods: list[str] = Field(default_factory=lambda: ["features", "head", "last_layers", "full", "lora"],
                                min_length=1)
-    """Method names, plus the no-training baselines `icl_0` (zero-shot), `icl_k` (k random demonstrations) and
-    `icl_retrieved` (the k nearest training examples as demonstrations). Classification for the icl ones."""
+    """Method names, plus the no-training baselines: `base` or `icl_0` (the model prompted zero-shot), `icl_k` (k
+    random training examples as demonstrations in the prompt) and `icl_retrieved` (the k nearest training examples
+    by embedding similarity)."""
     shots: int = Field(4, ge=1, le=64)
     """k of icl_k and icl_retrieved."""
     icl_model: str | None = None
@@ -280,10 +281,22 @@ class CompareConfig(Section):
     """Settings for one entry only, as dotted keys: {full: {train.lr: 3.0e-5}, icl_k: {method.templates: [...]}}."""
     dir: str | None = None
     """Folder for the runs, the cache and the report; default `runs/compare-<config file name>`."""
+    seeds: list[int] | None = Field(None, min_length=1)
+    """Train every entry once per seed (train.seed; for icl_k the draw of random demonstrations): the report shows
+    the mean ± standard deviation over seeds, and the intervals use every seed's predictions. Entries with nothing
+    random (base, icl_0, icl_retrieved) run once. Default: one run with train.seed."""
+    fractions: list[float] | None = Field(None, min_length=1)
+    """Learning curves: also train every entry on these fractions of the training split (nested and stratified
+    subsets: each smaller one inside the larger; validation and test unchanged), e.g. [0.1, 0.25, 0.5, 1.0]. The
+    report plots the metric against the number of labelled examples and says where the curves cross."""
 
     @model_validator(mode="after")
     def _entries(self):
         problems = []
+        if self.fractions is not None and not all(0 < f <= 1 for f in self.fractions):
+            problems.append("fractions must lie in (0, 1]")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            problems.append("a seed is listed twice")
         known = list(METHODS) + list(ICL_ENTRIES)
         for m in self.methods:
             if m not in known:

@@ -214,3 +214,17 @@ def render_prompt(conv: Conversation, index: int, tokenizer, fmt: str, data) -> 
         return head.format_map({k: v for k, v in conv.row.items() if not str(k).startswith("_")})
     except KeyError as exc:
         raise DataError(f"data.template uses {{{exc.args[0]}}}, which is not a column") from None
+
+
+def prompt_with_demonstrations(conv: Conversation, tokenizer, fmt: str, data, demos: list[Conversation]) -> str:
+    """The prompt for the last turn of `conv` with solved examples before it (in-context learning): in a chat
+    format, each demonstration is a user / assistant exchange before the conversation; otherwise each is rendered
+    as a prompt followed by its answer, a blank line apart, then the query's prompt."""
+    if not demos:
+        return render_prompt(conv, len(conv.turns) - 1, tokenizer, fmt, data)
+    if fmt == "chat":
+        turns = [t for d in demos for t in d.turns] + conv.turns
+        merged = Conversation(turns, conv.system, conv.row, conv.data)
+        return render_prompt(merged, len(turns) - 1, tokenizer, fmt, data)
+    shown = [render_prompt(d, 0, tokenizer, fmt, d.data or data) + d.turns[0]["response"] for d in demos]
+    return "\n\n".join(shown + [render_prompt(conv, len(conv.turns) - 1, tokenizer, fmt, data)])

@@ -112,7 +112,7 @@ def classification_splits(config) -> Splits:
                         source=data.train)
     parts.update(given)
     if data.max_train_examples and len(parts["train"]) > data.max_train_examples:
-        parts["train"] = parts["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
+        parts["train"] = subsample(parts["train"], data.max_train_examples, data.split.seed, data.label)
     splits = Splits(parts["train"], parts["validation"], parts["test"], labels, files)
     _check_leakage(splits, data)
     if len(splits.train) == 0:
@@ -129,6 +129,20 @@ def classification_splits(config) -> Splits:
                         f"{'it' if len(absent) == 1 else 'them'} or leave {'it' if len(absent) == 1 else 'them'} "
                         f"out of data.labels")
     return splits
+
+
+def subsample(frame: pd.DataFrame, n: int, seed: int, label: str | None = None) -> pd.DataFrame:
+    """`n` rows of `frame`: nested (the rows kept for a smaller n are among those kept for a larger one, for learning
+    curves) and, given a label column, stratified — every label keeps its share. Rows are ordered by a seeded
+    permutation, each label's rows spread evenly over the order (their rank within the label, over the label's
+    count), and the first n are kept."""
+    order = frame.sample(frac=1.0, random_state=seed)
+    if label is None:
+        return order.head(n)
+    rank = order.groupby(label, sort=False).cumcount()
+    size = order.groupby(label, sort=False)[label].transform("size")
+    key = (rank + 0.5) / size
+    return order.assign(_order=key.to_numpy()).sort_values("_order", kind="stable").head(n).drop(columns="_order")
 
 
 def conversation_table(spec: str, data) -> pd.DataFrame:
@@ -197,7 +211,7 @@ def conversation_splits(config) -> Splits:
             parts[key].append(frame)
     merged = {k: pd.concat(v, ignore_index=True) for k, v in parts.items()}
     if data.max_train_examples and len(merged["train"]) > data.max_train_examples:
-        merged["train"] = merged["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
+        merged["train"] = subsample(merged["train"], data.max_train_examples, data.split.seed)
     splits = Splits(merged["train"], merged["validation"], merged["test"], [], files)
     _check_leakage(splits, data)
     if data.replay is not None:
@@ -229,7 +243,7 @@ def text_splits(config) -> Splits:
     split, files = _split_source(data.train, data.validation, data.test, config,
                                  lambda s: text_table(s, data.text, data.numbers_as_text))
     if data.max_train_examples and len(split["train"]) > data.max_train_examples:
-        split["train"] = split["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
+        split["train"] = subsample(split["train"], data.max_train_examples, data.split.seed)
     splits = Splits(split["train"], split["validation"], split["test"], [], files)
     _check_leakage(splits, data)
     return splits
@@ -244,7 +258,7 @@ def preference_splits(config, prompts_only: bool = False) -> Splits:
     read = (lambda s: prompt_table(s, data)) if prompts_only else (lambda s: preference_table(s, data))
     split, files = _split_source(data.train, data.validation, data.test, config, read)
     if data.max_train_examples and len(split["train"]) > data.max_train_examples:
-        split["train"] = split["train"].sample(n=data.max_train_examples, random_state=data.split.seed)
+        split["train"] = subsample(split["train"], data.max_train_examples, data.split.seed)
     if not prompts_only:
         split = {name: expand_pairs(frame) for name, frame in split.items()}
     splits = Splits(split["train"], split["validation"], split["test"], [], files)

@@ -21,11 +21,11 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ..schema import Section
+from .retrieval import Retriever
 
 DEFAULT_LR = None  # no training
 GRADIENT_FREE = True  # nothing trains: no gradient steps, no data parallelism, nothing to merge or export
-TASKS = ("classify",)
-TASKS_HINT = "for generative tasks `tunelab eval --base CONFIG` gives the untrained model's numbers"
+TASKS = ("classify", "sft")  # sft: demonstrations in the prompt (methods/demonstrations.py)
 PROBE_SKIP = "nothing is trained"
 NOT_EXPORTABLE = "it trains nothing: its model is the base model plus stored prompts"
 MERGE_NOTE = "there is nothing to merge"
@@ -140,51 +140,6 @@ def label_logprobs(model, tokenizer, contexts: list[str], continuations: list[st
 
 # -------------------------------------------------------------------------------------------- demonstrations
 
-class Retriever:
-    """Training texts embedded by an encoder (mean pooling, unit length) in a FAISS inner-product index."""
-
-    def __init__(self, encoder: str, index=None):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        from ..models import resolve
-
-        self.encoder = encoder
-        directory = resolve(encoder)
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        self.model = AutoModel.from_pretrained(directory, dtype=torch.float32).eval()
-        self.index = index
-
-    def embed(self, texts: list[str]):
-        import numpy as np
-
-        from .features import embed
-
-        x = embed(self.model, self.tokenizer, texts, None, "mean", 256, 64, progress=len(texts) > 256)
-        return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)).astype(np.float32)
-
-    def build(self, texts: list[str]) -> None:
-        import faiss
-
-        vectors = self.embed(texts)
-        self.index = faiss.IndexFlatIP(vectors.shape[1])
-        self.index.add(vectors)
-
-    def search(self, texts: list[str], k: int):
-        return self.index.search(self.embed(texts), min(k, self.index.ntotal))[1]
-
-    def save(self, path: Path) -> None:
-        import faiss
-
-        faiss.write_index(self.index, str(path))
-
-    @classmethod
-    def load(cls, encoder: str, path: Path) -> "Retriever":
-        import faiss
-
-        return cls(encoder, faiss.read_index(str(path)))
-
-
 class ICL:
     """Prompts built from a template, demonstrations and the label words; scores of each label for each text."""
 
@@ -291,8 +246,14 @@ def load(directory: Path, model, tokenizer, max_length: int, batch_size: int = 1
 
 def train_run(ctx) -> tuple[dict, dict]:
     """Nothing trains: store the demonstration pool (and its FAISS index), score every template on validation and
-    keep the best; the "training time" is the index build plus that selection."""
+    keep the best; the "training time" is the index build plus that selection. Generative tasks:
+    methods/demonstrations.py."""
     import time
+
+    if ctx.config.task != "classify":
+        from .demonstrations import train_run as generative
+
+        return generative(ctx)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

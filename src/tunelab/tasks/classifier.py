@@ -153,17 +153,36 @@ class Classifier:
         p /= p.sum(-1, keepdims=True)
         return [{label: float(row[i]) for i, label in enumerate(self.labels)} for row in p]
 
+    def prompt_tokens(self, texts: list[str], pairs: list[str] | None = None) -> float:
+        """Mean tokens the model reads per text: the input (cut at max_length), or for icl the whole prompt with its
+        demonstrations (one of the label-word continuations' shares not counted)."""
+        if self.icl is not None:
+            prompts = self.icl.prompts(texts, pairs, self.icl.template)
+            return float(np.mean([len(self.tokenizer(p)["input_ids"]) for p in prompts])) if prompts else 0.0
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.config.model.max_length)
+        return float(np.mean([len(ids) for ids in enc["input_ids"]])) if texts else 0.0
+
     def predict(self, texts: list[str], pairs: list[str] | None = None) -> list[str]:
         return [self.labels[i] for i in self.logits(texts, pairs).argmax(-1)]
 
     def evaluate(self, frame: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
         """Metrics on a checked table (see data.load_eval_table) and the per-row predictions."""
+        import time
+
         data = self.config.data
+        texts = frame[data.text].astype(str).tolist()
         pairs = frame[data.text_pair].astype(str).tolist() if data.text_pair else None
-        probs = self.predict_proba(frame[data.text].astype(str).tolist(), pairs)
+        started = time.perf_counter()
+        probs = self.predict_proba(texts, pairs)
+        seconds = time.perf_counter() - started
         predicted = [max(p, key=p.get) for p in probs]
         truth = frame[data.label].tolist()
         metrics = classification_metrics(truth, predicted, self.labels)
+        # what answering costs: time per example as `tunelab predict` runs, and the tokens each request reads
+        # (in-context learning pays for its demonstrations on every call)
+        metrics["inference"] = {"seconds": round(seconds, 3), "examples": len(texts),
+                                "per_1000_s": round(1000 * seconds / max(len(texts), 1), 3),
+                                "prompt_tokens": round(self.prompt_tokens(texts, pairs), 1)}
         # cross-entropy of the saved model's probabilities: the same number for every method (features included)
         metrics["loss"] = float(np.mean([-np.log(max(p[str(t)], 1e-12)) for p, t in zip(probs, truth)]))
         rows = pd.DataFrame({"row": frame["_row"], "text": frame[data.text], "label": frame[data.label],

@@ -40,6 +40,7 @@ class Generator:
         from ..models.saved import place
 
         self.config, self.tokenizer, self.model, self.path = config, tokenizer, place(model).eval(), path
+        self.demonstrations = None  # method icl: solved examples put before each prompt
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         # decoder-only: pad on the left so every prompt ends at the edge; encoder-decoder: the encoder reads it all
         self.tokenizer.padding_side = "right" if self.encoder_decoder else "left"
@@ -53,6 +54,12 @@ class Generator:
         from ..models.saved import load_saved
 
         model_dir = Path(path) / "model"
+        if config.method.name == "icl":  # nothing was trained: the base model, prompted with demonstrations
+            from ..methods.demonstrations import load
+
+            generator = cls(config, *_load_base(config), path)
+            generator.demonstrations = load(model_dir, config.method)
+            return generator
         model = load_saved(model_dir, _auto_class(config.task), lambda: _load_base(config)[1])
         return cls(config, AutoTokenizer.from_pretrained(model_dir), model, path)
 
@@ -123,7 +130,7 @@ class Generator:
         if self.prompt_format(data) == "template" or data.datasets:
             raise TunelabError("this run renders prompts from data columns (data.template or per-dataset prompts); "
                                "free-text --prompt needs a single chat, alpaca or plain prompt format")
-        return render_prompt(conv, 0, self.tokenizer, self.prompt_format(data), data)
+        return self.render_conversation(conv)
 
     def prompt_format(self, data=None) -> str:
         """The prompt format in effect for `data` (default: the run's data settings): chat, alpaca, plain or
@@ -133,14 +140,32 @@ class Generator:
     def render_conversation(self, conv) -> str:
         """The prompt for the last assistant turn of a conversation, with the settings it was read with."""
         data = conv.data or self.config.data
+        if self.demonstrations is not None:
+            return self.demonstrations.prompt(conv, self.tokenizer, self.prompt_format(data), data,
+                                              self.config.model.max_length)
         return render_prompt(conv, len(conv.turns) - 1, self.tokenizer, self.prompt_format(data), data)
 
     def evaluate(self, convs: list, max_new_tokens: int) -> tuple[dict, pd.DataFrame]:
         """Generation metrics on the last assistant turn of each conversation, greedy."""
+        import time
+
         from ..metrics import generation_metrics
 
         prompts = [self.render_conversation(c) for c in convs]
         references = [c.turns[-1]["response"] for c in convs]
+        started = time.perf_counter()
         generated = self.generate(prompts, max_new_tokens=max_new_tokens, progress=len(prompts) > 16)
+        seconds = time.perf_counter() - started
         rows = pd.DataFrame({"prompt": prompts, "reference": references, "generated": generated})
-        return generation_metrics(references, generated), rows
+        metrics = generation_metrics(references, generated)
+        if self.demonstrations is not None:
+            metrics["demonstrations"] = self.demonstrations.report()
+        # what answering costs: greedy generation time per request, and the tokens each prompt holds (in-context
+        # learning pays for its demonstrations on every call)
+        n = max(len(prompts), 1)
+        metrics["inference"] = {
+            "seconds": round(seconds, 3), "examples": len(prompts), "per_1000_s": round(1000 * seconds / n, 3),
+            "prompt_tokens": round(sum(len(self.tokenizer(p)["input_ids"]) for p in prompts) / n, 1),
+            "generated_tokens": round(sum(len(self.tokenizer(g, add_special_tokens=False)["input_ids"])
+                                          for g in generated) / n, 1)}
+        return metrics, rows

@@ -166,14 +166,19 @@ def evaluate_generative(task, ctx, stats: dict) -> dict:
                                            for t, g in rows.groupby("task", sort=False)}
             rows.to_json(ctx.run.path / "predictions_test.jsonl", orient="records", lines=True, force_ascii=False)
     if config.eval.forgetting and task.CAUSAL_LM:  # perplexity of a decoder-only model
-        metrics["forgetting"] = forgetting(config, generator, Generator.base(config))
+        untrained = {"data": config.eval.forgetting, "ratio": 1.0,
+                     "skipped": "nothing was trained: the model is the base model"}
+        metrics["forgetting"] = untrained if generator.demonstrations is not None else \
+            forgetting(config, generator, Generator.base(config))
     return metrics
 
 
 def test_metrics(task, config, test, generator):
     """Loss/perplexity on every test example, and generation metrics (not for raw text) on up to
     eval.max_generate of them — an equal share per dataset of a multitask mix. Returns (metrics, rows or None)."""
-    metrics = perplexity(generator.loss(task.encode(config, test, generator.tokenizer).rows))
+    # the test loss of in-context learning would need each prompt's demonstrations: not measured
+    metrics = {} if generator.demonstrations is not None else \
+        perplexity(generator.loss(task.encode(config, test, generator.tokenizer).rows))
     if "_conv" not in test:  # raw text: nothing to answer
         return metrics, None
     limit = config.eval.max_generate
@@ -267,9 +272,9 @@ def report(metrics: dict) -> list[str]:
 
 
 def forgetting_lines(f: dict | None) -> list[str]:
+    if f and "skipped" in f:
+        return [f"forgetting: not measured on {f['data']}: {f['skipped']}"]
     if f and "ratio" in f:
         return [f"forgetting: perplexity on general text ({f['data']}, {f['documents']} documents) "
                 f"{f['base_perplexity']:.2f} before → {f['perplexity']:.2f} after (×{f['ratio']:.3f})"]
-    if f and "skipped" in f:
-        return [f"forgetting: not measured on {f['data']}: {f['skipped']}"]
     return []
