@@ -57,9 +57,15 @@ def _base(config: str, *sets: str) -> dict:
 def _compare(name: str) -> dict:
     """`tunelab compare examples/NAME.yaml` (finished entries are reused: same config hash) and its results.json,
     with the wall time of this invocation."""
+    import shutil
+
     t0 = time.time()
     _tunelab("compare", f"examples/{name}.yaml")
-    result = json.loads((ROOT / "runs" / f"compare-{name}" / "results.json").read_text())
+    out = ROOT / "runs" / f"compare-{name}"
+    result = json.loads((out / "results.json").read_text())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for plot in out.glob("*.png"):  # the report's plots, for the docs pages
+        shutil.copyfile(plot, RESULTS / f"{name}-{plot.name}")
     return {**result, "compare_wall_s": round(time.time() - t0)}
 
 

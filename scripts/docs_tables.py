@@ -67,26 +67,99 @@ def _params(p: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ renderers
 
+def _interval(g: dict, digits: int) -> str | None:
+    return f"{g['interval'][0]:.{digits}f}–{g['interval'][1]:.{digits}f}" if g.get("interval") else None
+
+
+def _compare_table(rec: dict, digits: int = 4, probe: bool = False) -> str:
+    """One row per compare entry (its seeds pooled), from the analysis in the report's results.json."""
+    analysis = rec["result"]["analysis"]
+    name = {"f1_macro": "macro F1", "chrf": "chrF", "accuracy": "accuracy"}.get(analysis["metric"], analysis["metric"])
+    rows = []
+    for g in analysis["groups"]:
+        if g["status"] != "ok":
+            rows.append([f"`{g['name']}`", g["model"], "failed: " + (g.get("error") or "")[:80]] + [None] * 7)
+            continue
+        seeds = len(g["values"])
+        value = f"{g['mean']:.{digits}f}" + (f" ± {g['std']:.{digits}f}" if seeds > 1 else "")
+        vs = g.get("vs_best")
+        verdict = "**best**" if g["name"] == analysis["best"] else None if not vs else \
+            f"{'tied' if vs['tied'] else 'worse'}, p = {vs['p']:.2g}"
+        last = f"{g['probe']['accuracy']:.3f}" if probe and g.get("probe") else \
+            f"×{g['forgetting']:.3f}" if g.get("forgetting") else None
+        rows.append([f"`{g['name']}`", g["model"], value, _interval(g, digits), verdict, _params(g["params"]),
+                     f"{g['train_s']:.0f} s" if g.get("train_s") is not None else None,
+                     f"{g['inference_per_1000_s']:.1f} s" if g.get("inference_per_1000_s") else None,
+                     f"{g['prompt_tokens']:.0f}" if g.get("prompt_tokens") else None, _bytes(g.get("stored")), last])
+    seeds = max((len(g.get("values") or []) for g in analysis["groups"]), default=1)
+    head = ["entry", "model", f"test {name}" + (f" (mean ± sd, {seeds} seeds)" if seeds > 1 else ""),
+            "95% interval", f"vs best ({analysis['test']})", "trainable params", "train time", "per 1,000 requests",
+            "prompt tokens", "stored", "earlier-task probe" if probe else "forgetting (ppl ×)"]
+    return _table(head, rows)
+
+
+def _took(rec: dict) -> str:
+    res = rec["result"]
+    n = len(res.get("rows", []))
+    return f"{n} runs; this invocation of `tunelab compare` took {res['compare_wall_s'] / 60:.0f} min."
+
+
 def compare_sentiment() -> str:
     rec = _load(RESULTS / "compare-sentiment.json")
-    rows = []
-    for r in rec["result"]["rows"]:
-        if r["status"] == "failed":
-            rows.append([f"`{r['name']}`", r["model"], "failed: " + r["error"][:80]] + [None] * 6)
-            continue
-        probe = r.get("probe") or {}
-        rows.append([f"`{r['name']}`", r["model"], _params(r["params"]), f"{r['train_s']:.0f} s",
-                     f"{r['peak_rss_mb'] / 1024:.1f} GB" if r.get("peak_rss_mb") else None, _bytes(r.get("stored")),
-                     _f(r["validation"].get("f1_macro")), _f(r["test"].get("f1_macro")),
-                     _f(probe.get("accuracy"), 3)])
-    table = _table(["method", "model", "trainable params", "train time", "peak RAM", "stored", "val macro F1",
-                    "test macro F1", "earlier-task probe"], rows)
-    return f"{table}\n\n{_machine(rec)}"
+    return f"{_compare_table(rec, probe=True)}\n\n{_took(rec)} {_machine(rec)}"
 
 
 def compare_sentiment_verdict() -> str:
     rec = _load(RESULTS / "compare-sentiment.json")
     return "\n".join(f"- {line}" for line in rec["result"]["recommendation"])
+
+
+def compare_curves() -> str:
+    rec = _load(RESULTS / "compare-sentiment-curves.json")
+    analysis = rec["result"]["analysis"]
+    curves = analysis["curves"]
+    sizes = sorted({p["examples"] for points in curves.values() for p in points})
+    rows = []
+    for entry, points in curves.items():
+        by = {p["examples"]: p for p in points}
+        rows.append([f"`{entry}`"] + [f"{by[n]['mean']:.4f} ({_interval(by[n], 3)})" if n in by else None
+                                      for n in sizes])
+    table = _table(["entry"] + [f"{n:,} examples" for n in sizes], rows)
+    said = [s for s in analysis["sentences"] if "overtakes" in s or "labelled examples (" in s or "do not cross" in s]
+    image = "![learning curves](results/compare-sentiment-curves-learning_curves.png)"
+    return "\n\n".join([table, "\n".join(f"- {s}" for s in said), image, f"{_took(rec)} {_machine(rec)}"])
+
+
+def compare_translate_fr() -> str:
+    rec = _load(RESULTS / "compare-translate-fr.json")
+    rows = {r["name"]: r for r in rec["result"]["rows"]}
+    dropped = [f"`{n}`: {d['examples_with_fewer_demonstrations']} of {d['examples']} test prompts lost "
+               f"{d['demonstrations_dropped']} demonstration(s) to `model.max_length`"
+               for n, r in rows.items() if (d := (r.get("test") or {}).get("demonstrations")) and d["shots"]]
+    verdict = "\n".join(f"- {line}" for line in rec["result"]["recommendation"])
+    return "\n\n".join([_compare_table(rec, digits=1), verdict, "Demonstrations that did not fit: "
+                        + ("; ".join(dropped) or "none") + ".", f"{_took(rec)} {_machine(rec)}"])
+
+
+def compare_translate_fr_verdict() -> str:
+    """The README's two sentences: which entries are tied with the best, and what training gains over prompting."""
+    rec = _load(RESULTS / "compare-translate-fr.json")
+    analysis = rec["result"]["analysis"]
+    ok = [g for g in analysis["groups"] if g["status"] == "ok"]
+    best = next(g for g in ok if g["name"] == analysis["best"])
+    tied = [g["name"] for g in ok if (g.get("vs_best") or {}).get("tied")]
+    free = [g for g in ok if g["params"]["trainable"] == 0]
+    prompting = max(free, key=lambda g: g["mean"]) if free else None
+    text = (f"Measured on the shipped EN→FR strings (`examples/compare-translate-fr.yaml`, SmolLM2-135M, "
+            f"{rec['result']['compare_wall_s'] / 60:.0f} min on {rec['machine']['cpus']} CPU cores): "
+            f"**{best['name']}** has the best test chrF, {best['mean']:.1f} (95% interval {_interval(best, 1)}); "
+            + (f"statistically tied with it: {', '.join(f'**{t}**' for t in tied)}. " if tied else
+               "every other entry is worse by a paired permutation test (p < 0.05). "))
+    if prompting and prompting is not best:
+        p = prompting["vs_best"]["p"]
+        text += (f"The best no-training entry, **{prompting['name']}**, reaches {prompting['mean']:.1f}: training "
+                 f"gains {best['mean'] - prompting['mean']:+.1f} chrF (p = {p:.2g}).")
+    return text + f" {_machine(rec)}"
 
 
 def compare_sentiment_templates() -> str:
@@ -222,6 +295,8 @@ def config_fields() -> str:
 
 
 RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict": compare_sentiment_verdict,
+             "compare-curves": compare_curves, "compare-translate-fr": compare_translate_fr,
+             "compare-translate-fr-verdict": compare_translate_fr_verdict,
              "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
              "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary,

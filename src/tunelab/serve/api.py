@@ -325,7 +325,7 @@ async def _stream_events(job: GenerateJob, q: asyncio.Queue, make_chunk):
 
 def render_chat(served, messages: list[dict], limits: Limits) -> str:
     """The prompt for the assistant's next turn, rendered as the run renders prompts (`tunelab generate`)."""
-    from ..data.conversations import Conversation, render_prompt
+    from ..data.conversations import Conversation
 
     engine = served.engine
     if not messages or messages[-1]["role"] != "user":
@@ -349,8 +349,7 @@ def render_chat(served, messages: list[dict], limits: Limits) -> str:
                           f"message; conversations need a run with data.prompt_format chat", 400, "messages")
     turns = [{"instruction": rest[i]["content"], "input": None,
               "response": rest[i + 1]["content"] if i + 1 < len(rest) else ""} for i in range(0, len(rest), 2)]
-    return render_prompt(Conversation(turns, system=system), len(turns) - 1, engine.tokenizer, fmt,
-                         served.config.data)
+    return engine.render_conversation(Conversation(turns, system=system))  # an icl run adds its demonstrations
 
 
 # ----------------------------------------------------------------------------------------------- the body limit
