@@ -142,6 +142,59 @@ def test_multi_turn_chat_trains_each_answer_with_its_history(chat_tok):
     assert "bad" in trained and "good" not in trained
 
 
+def _three_turns():
+    return sft.Conversation([{"instruction": "the film", "input": None, "response": "good"},
+                             {"instruction": "and the plot", "input": None, "response": "bad"},
+                             {"instruction": "the actors", "input": None, "response": "great acting"}],
+                            system="be nice")
+
+
+def test_multi_turn_chat_is_one_example_with_every_answer_trained(chat_tok):
+    """A three-turn chat is one training example; exactly the tokens of the three answers (with their end-of-turn
+    token) carry labels — the same tokens each answer gets when it is trained as its own example."""
+    c = _three_turns()
+    data = cfg("x.jsonl", prompt_format="chat").data
+    split = sft.encode_conversations([c], chat_tok, data, max_length=256)
+    assert len(split.rows) == 1
+    ids, mask = split.rows[0]["input_ids"], split.rows[0]["completion_mask"]
+    assert chat_tok.decode(ids) == chat_tok.decode(chat_tok(sft.answer_spans(c, chat_tok)[0])["input_ids"])
+    runs, current = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            current.append(t)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    assert [chat_tok.decode(r) for r in runs] == ["good </s>", "bad </s>", "great acting </s>"]
+    for i, run in enumerate(runs):  # per-turn encoding of the same answer trains the same tokens
+        alone = sft.encode_turn(c, i, chat_tok, "chat", data, 256)
+        assert [t for t, m in zip(alone.input_ids, alone.completion_mask) if m] == run
+    untrained = chat_tok.decode([t for t, m in zip(ids, mask) if not m])
+    assert all(w in untrained for w in ("nice", "film", "plot", "actors")) and "good" not in untrained
+    # too long: truncated after the first answer, counted; with overflow drop the conversation goes
+    cut = sft.encode_conversations([c], chat_tok, data, max_length=len(ids) - 3)
+    assert cut.truncated == 1 and sum(cut.rows[0]["completion_mask"]) < sum(mask)
+    dropped = sft.encode_conversations([c], chat_tok, cfg("x.jsonl", prompt_format="chat", overflow="drop").data,
+                                       max_length=len(ids) - 3)
+    assert dropped.dropped == 1 and dropped.rows == []
+    preview = sft.preview(c, chat_tok, data, 256, color=False)
+    assert "one example, all 3 answers trained" in preview and preview.count("⟦") == 3
+
+
+def test_chat_template_that_rewrites_history_falls_back_to_one_example_per_answer(chat_tok):
+    """Some templates render earlier turns differently once more follow (here: a marker on the last message), so
+    the conversation cannot be cut into answers: each answer is trained as its own example, as before."""
+    chat_tok.chat_template = ("{% for m in messages %}{% if loop.last %}<last> {% endif %}<{{ m['role'] }}> "
+                              "{{ m['content'] }} </s> {% endfor %}"
+                              "{% if add_generation_prompt %}<assistant> {% endif %}")
+    c = _three_turns()
+    data = cfg("x.jsonl", prompt_format="chat").data
+    assert sft.answer_spans(c, chat_tok) is None
+    assert len(sft.encode_conversations([c], chat_tok, data, max_length=256).rows) == 3
+    assert "one example per answer" in sft.preview(c, chat_tok, data, 256, color=False)
+
+
 def test_user_template(tok):
     data = cfg("x.jsonl", prompt_format="template", template="English: {en}\nFrench: {fr}", response="fr").data
     c = sft.Conversation([{"instruction": "", "input": None, "response": "le chat"}], row={"en": "the cat",

@@ -1,10 +1,11 @@
 """`sft`: instruction and chat tuning of a causal LM. Rows → conversations (data/conversations.py) → token ids with
 a loss mask.
 
-Each assistant turn is one training example whose prompt is everything before it. tunelab renders and tokenizes
-the examples itself — so `tunelab data preview` shows exactly what training sees — and hands `input_ids` +
-`completion_mask` to TRL's SFTTrainer (tasks/sft_trainer.py), which pads, masks the labels and computes the loss.
-Metrics: test loss/perplexity, chrF, BLEU, ROUGE-L and exact match of greedy generations, forgetting.
+Each conversation is one training example: a multi-turn chat is rendered once and every assistant turn is in the
+loss (not one example per turn, which is quadratic in turns); a single-turn row is its prompt and response. tunelab
+renders and tokenizes the examples itself — so `tunelab data preview` shows exactly what training sees — and hands
+`input_ids` + `completion_mask` to TRL's SFTTrainer (tasks/sft_trainer.py), which pads, masks the labels and
+computes the loss. Metrics: test loss/perplexity, chrF, BLEU, ROUGE-L and exact match of greedy generations, forgetting.
 """
 from __future__ import annotations
 
@@ -94,14 +95,70 @@ def encode_turn(conv: Conversation, index: int, tokenizer, fmt: str, data, max_l
     return Encoded(ids[:max_length], mask[:max_length], truncated=True)
 
 
+def answer_spans(conv: Conversation, tokenizer) -> tuple[str, list[tuple[int, int]]] | None:
+    """The whole chat rendered once, and the character span of each assistant answer in it (its end-of-turn
+    tokens included). None when the chat template does not render each shorter conversation as a prefix of the
+    longer one (some templates rewrite earlier turns), or the tokenizer cannot map tokens to characters."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    n = len(conv.turns)
+    answered = [prompt_messages(conv, i) + [{"role": "assistant", "content": conv.turns[i]["response"]}]
+                for i in range(n)]
+    full = tokenizer.apply_chat_template(answered[-1], tokenize=False)
+    spans = []
+    for i in range(n):
+        prompt = tokenizer.apply_chat_template(prompt_messages(conv, i), add_generation_prompt=True, tokenize=False)
+        upto = tokenizer.apply_chat_template(answered[i], tokenize=False)
+        if not (upto.startswith(prompt) and full.startswith(upto)):
+            return None
+        spans.append((len(prompt), len(upto)))
+    return full, spans
+
+
+def encode_conversation(conv: Conversation, tokenizer, data, max_length: int) -> Encoded | None:
+    """A multi-turn chat as one example with every assistant answer in the loss; None if dropped (longer than
+    max_length with overflow: drop, or no answer starts within it). Raises LookupError when the template cannot
+    be rendered incrementally (the caller falls back to one example per turn)."""
+    rendered = answer_spans(conv, tokenizer)
+    if rendered is None:
+        raise LookupError("chat template not incremental")
+    full, spans = rendered
+    enc = tokenizer(full, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+
+    def inside(offsets, lo, hi):
+        return offsets[1] > offsets[0] and offsets[0] < hi and offsets[1] > lo
+
+    mask = [int(any(inside(o, lo, hi) for lo, hi in spans)) for o in enc["offset_mapping"]]
+    last = [t for t, o in zip(ids, enc["offset_mapping"]) if inside(o, *spans[-1])]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in last:
+        ids, mask = ids + [tokenizer.eos_token_id], mask + [1]  # the model must learn to stop
+    if data.loss_on == "all":
+        mask = [1] * len(ids)
+    if len(ids) <= max_length:
+        return Encoded(ids, mask)
+    if data.overflow == "drop" or not any(mask[:max_length]):
+        return None
+    return Encoded(ids[:max_length], mask[:max_length], truncated=True)
+
+
+def encode_rows(conv: Conversation, tokenizer, data, max_length: int) -> list[Encoded | None]:
+    """The training examples of one conversation: one, or one per assistant turn when its chat template cannot be
+    rendered incrementally."""
+    fmt = resolve_prompt_format(data, tokenizer)
+    if fmt == "chat" and len(conv.turns) > 1:
+        try:
+            return [encode_conversation(conv, tokenizer, data, max_length)]
+        except LookupError:
+            pass
+    return [encode_turn(conv, i, tokenizer, fmt, data, max_length) for i in range(len(conv.turns))]
+
+
 def encode_conversations(convs: list[Conversation], tokenizer, data, max_length: int) -> EncodedSplit:
-    """One row per assistant turn: input_ids and the completion mask (counted: cut or dropped at max_length)."""
+    """One row per conversation: input_ids and the completion mask (counted: cut or dropped at max_length)."""
     out = EncodedSplit([])
     for conv in convs:
-        conv_data = conv.data or data
-        fmt = resolve_prompt_format(conv_data, tokenizer)
-        for i in range(len(conv.turns)):
-            enc = encode_turn(conv, i, tokenizer, fmt, conv_data, max_length)
+        for enc in encode_rows(conv, tokenizer, conv.data or data, max_length):
             if enc is None:
                 out.dropped += 1
                 continue
@@ -111,13 +168,17 @@ def encode_conversations(convs: list[Conversation], tokenizer, data, max_length:
 
 
 def preview(conv: Conversation, tokenizer, data, max_length: int, color: bool) -> str:
-    """One example as the model sees it, trained tokens marked (⟦…⟧ or green), special tokens named."""
+    """The training example(s) of a row as the model sees them, trained tokens marked (⟦…⟧ or green), special
+    tokens named."""
     fmt = resolve_prompt_format(data, tokenizer)
-    parts = [f"prompt format: {fmt} · loss on: {data.loss_on}"]
-    for i in range(len(conv.turns)):
-        enc = encode_turn(conv, i, tokenizer, fmt, data, max_length)
+    rows = encode_rows(conv, tokenizer, data, max_length)
+    how = (f"one example, all {len(conv.turns)} answers trained" if len(rows) == 1 and len(conv.turns) > 1 else
+           "one example per answer (the chat template does not render turns incrementally)" if len(rows) > 1 else
+           "one example")
+    parts = [f"prompt format: {fmt} · loss on: {data.loss_on} · {how}"]
+    for i, enc in enumerate(rows):
         if enc is None:
-            parts.append(f"\n--- turn {i + 1}: dropped (longer than model.max_length={max_length})")
+            parts.append(f"\n--- example {i + 1}: dropped (longer than model.max_length={max_length})")
             continue
         text, trained = [], None
         for tok, m in zip(enc.input_ids, enc.completion_mask):
@@ -131,7 +192,7 @@ def preview(conv: Conversation, tokenizer, data, max_length: int, color: bool) -
         if trained:
             text.append("\033[0m" if color else "⟧")
         eos = any(t == tokenizer.eos_token_id and m for t, m in zip(enc.input_ids, enc.completion_mask))
-        parts.append(f"\n--- turn {i + 1}: {len(enc.input_ids)} tokens, {sum(enc.completion_mask)} trained, "
+        parts.append(f"\n--- example {i + 1}: {len(enc.input_ids)} tokens, {sum(enc.completion_mask)} trained, "
                      f"EOS ({tokenizer.eos_token}) trained: {'yes' if eos else 'NO - the model will not learn to stop'}"
                      f"{', truncated' if enc.truncated else ''}\n" + "".join(text))
     return "\n".join(parts)
