@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__, distributed
 from .config import Config, load_config
 from .errors import TunelabError
+from .memory import PhasePeaks
 from .methods import METHODS, trait
 from .models import check_model, resolve
 from .plots import plot_loss, read_jsonl
@@ -52,9 +53,12 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
     model_dir = resolve(config.model.name)
     check_model(model_dir, None if trait(config.method.name, "GRADIENT_FREE") else task.AUTO_HEAD, config.task)
     check_method(config, model_dir)
-    splits = task.load_splits(config)
-    setup = getattr(task, "setup", None)
-    prepared = setup(config, allow_code=allow_code, load_run=open_finished) if setup else None
+    peaks = PhasePeaks()  # peak memory per phase, for the manifest
+    peaks.mark("startup")
+    with peaks.phase("data"):
+        splits = task.load_splits(config)
+        setup = getattr(task, "setup", None)
+        prepared = setup(config, allow_code=allow_code, load_run=open_finished) if setup else None
     if distributed.world_size() > 1 and trait(config.method.name, "GRADIENT_FREE"):
         raise TunelabError(f"method {config.method.name} takes no gradient steps; train it without --nproc")
     # data parallel: rank 0 owns the run directory; the other ranks train and leave
@@ -63,10 +67,11 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
     started = time.time()
     try:
         fit = getattr(METHODS[config.method.name], "train_run", None) or task.fit
-        params, stats = fit(ctx)
+        with peaks.phase("train"):  # the model loaded, the data tokenized, training, the saved model written
+            params, stats = fit(ctx)
         if not main:
             return RunResult(out, config, {}, {})
-        result = _finish(task, ctx, started, params, stats)
+        result = _finish(task, ctx, started, params, stats, peaks)
     except KeyboardInterrupt:
         if main:
             run.set_state("interrupted", error="stopped by the user; continue with --resume")
@@ -80,16 +85,19 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
     return result
 
 
-def _finish(task, ctx: FitContext, started: float, params: dict, stats: dict) -> RunResult:
+def _finish(task, ctx: FitContext, started: float, params: dict, stats: dict, peaks: PhasePeaks) -> RunResult:
     """Evaluate the saved model with the code `tunelab predict` uses, write every artefact, mark completed."""
     config, run = ctx.config, ctx.run
     metrics = {"train": stats, "params": params}
-    metrics.update(task.evaluate(ctx, stats))
+    evaluated = time.time()
+    with peaks.phase("evaluate"):
+        metrics.update(task.evaluate(ctx, stats))
+    metrics["evaluate_s"] = round(time.time() - evaluated, 2)
     stats.pop("validation_loss", None)
     run.write_json("metrics.json", metrics)
     plot_loss(read_jsonl(run.path / "metrics.jsonl"), run.path / "loss.png",
               title=f"{config.method.name} · {config.model.name}")
-    manifest = _manifest(config, ctx.splits, params, stats, time.time() - started)
+    manifest = {**_manifest(config, ctx.splits, params, stats, time.time() - started), **peaks.record()}
     run.write_json("manifest.json", manifest)
     if not config.output.keep_checkpoints:
         shutil.rmtree(run.path / "checkpoints", ignore_errors=True)

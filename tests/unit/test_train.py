@@ -33,6 +33,9 @@ def test_method_runs_end_to_end(make_config, method):
     assert not (run / "checkpoints").exists()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["parameters"]["trainable"] > 0 and manifest["peak_rss_mb"] > 0
+    phases = manifest["peak_rss_mb_by_phase"]  # each phase's own peak (reset between phases on Linux)
+    assert list(phases) == ["startup", "data", "train", "evaluate"] and all(v > 0 for v in phases.values())
+    assert max(phases.values()) <= manifest["peak_rss_mb"] + 1 and result.metrics["evaluate_s"] > 0
     assert manifest["data_files"] and manifest["config_hash"] == tunelab.validate(run / "config.yaml").hash()
     metrics = result.metrics
     assert 0 <= metrics["test"]["accuracy"] <= 1 and metrics["test"]["examples"] == len(

@@ -1,0 +1,79 @@
+"""Peak memory per phase of a run (startup, data, train, evaluate), for manifest.json.
+
+Linux keeps a process's peak resident set (VmHWM in /proc/self/status) and lets the process reset it by writing
+5 to /proc/self/clear_refs, so each phase's own peak is read without a sampling thread. Where that reset is not
+available the phase peaks are the running maximum since the process started (`peak_rss_reset: false`). On a GPU,
+torch's peak allocated memory is reset and read the same way.
+"""
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _gpu():
+    import sys
+
+    torch = sys.modules.get("torch")  # a phase before torch was imported used no GPU
+    return torch if torch is not None and torch.cuda.is_available() else None
+
+
+class PhasePeaks:
+    """`with peaks.phase("train"): ...`; `peaks.record()` → {"rss_mb": {phase: MB}, "gpu_mb": {...}}."""
+
+    def __init__(self):
+        self.rss: dict[str, float] = {}
+        self.gpu: dict[str, float] = {}
+        self.reset_works = True
+
+    def phase(self, name: str) -> "_Phase":
+        return _Phase(self, name)
+
+    def mark(self, name: str) -> None:
+        """The peak since the process started (or the last phase), as phase `name` (e.g. imports and checks)."""
+        peak = _vm_hwm_mb()
+        self.rss[name] = peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def record(self) -> dict:
+        out = {"peak_rss_mb_by_phase": {k: round(v, 1) for k, v in self.rss.items()},
+               "peak_rss_reset": self.reset_works}
+        if self.gpu:
+            out["peak_gpu_mb_by_phase"] = {k: round(v, 1) for k, v in self.gpu.items()}
+        return out
+
+
+class _Phase:
+    def __init__(self, peaks: PhasePeaks, name: str):
+        self.peaks, self.name = peaks, name
+
+    def __enter__(self):
+        self.peaks.reset_works &= _reset()
+        gpu = _gpu()
+        if gpu is not None:
+            gpu.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        self.peaks.mark(self.name)
+        gpu = _gpu()
+        if gpu is not None:
+            self.peaks.gpu[self.name] = gpu.cuda.max_memory_allocated() / 2**20
+        return False
