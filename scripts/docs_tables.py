@@ -142,24 +142,30 @@ def compare_translate_fr() -> str:
 
 
 def compare_translate_fr_verdict() -> str:
-    """The README's two sentences: which entries are tied with the best, and what training gains over prompting."""
+    """The README's verdict: which entries are tied with the best, and which trained entries beat prompting."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from tunelab.stats import p_text
+
     rec = _load(RESULTS / "compare-translate-fr.json")
     analysis = rec["result"]["analysis"]
     ok = [g for g in analysis["groups"] if g["status"] == "ok"]
     best = next(g for g in ok if g["name"] == analysis["best"])
     tied = [g["name"] for g in ok if (g.get("vs_best") or {}).get("tied")]
-    free = [g for g in ok if g["params"]["trainable"] == 0]
-    prompting = max(free, key=lambda g: g["mean"]) if free else None
-    text = (f"Measured on the shipped EN→FR strings (`examples/compare-translate-fr.yaml`, SmolLM2-135M, "
-            f"{rec['result']['compare_wall_s'] / 60:.0f} min on {rec['machine']['cpus']} CPU cores): "
-            f"**{best['name']}** has the best test chrF, {best['mean']:.1f} (95% interval {_interval(best, 1)}); "
+    text = (f"On the shipped EN→FR strings (`examples/compare-translate-fr.yaml`, SmolLM2-135M, 150 test strings; "
+            f"{rec['result']['compare_wall_s'] / 60:.0f} min on {rec['machine']['cpus']} CPU cores), "
+            f"**{best['name']}** has the best chrF, {best['mean']:.1f} (95% interval {_interval(best, 1)}); "
             + (f"statistically tied with it: {', '.join(f'**{t}**' for t in tied)}. " if tied else
-               "every other entry is worse by a paired permutation test (p < 0.05). "))
-    if prompting and prompting is not best:
-        p = prompting["vs_best"]["p"]
-        text += (f"The best no-training entry, **{prompting['name']}**, reaches {prompting['mean']:.1f}: training "
-                 f"gains {best['mean'] - prompting['mean']:+.1f} chrF (p = {p:.2g}).")
-    return text + f" {_machine(rec)}"
+               "every other entry is worse (paired permutation test, p < 0.05). "))
+    prompting = next((g for g in ok if g["name"] == analysis.get("prompting")), None)
+    versus = [g for g in ok if g.get("vs_prompting")]
+    if prompting and versus:
+        def word(v):
+            return "within noise" if v["tied"] else "better" if v["difference"] > 0 else "worse"
+
+        text += (f"Against prompting without training — **{prompting['name']}**, {prompting['mean']:.1f} — "
+                 + "; ".join(f"{g['name']} {g['vs_prompting']['difference']:+.1f} ({word(g['vs_prompting'])}, "
+                             f"{p_text(g['vs_prompting']['p'])})" for g in versus) + ". ")
+    return text + _machine(rec)
 
 
 def compare_sentiment_templates() -> str:

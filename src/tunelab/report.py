@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .plots import read_jsonl
+from .stats import p_text
 from .verdict import METRIC_NAMES
 
 TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
@@ -110,8 +111,8 @@ def _table(analysis: dict) -> tuple[list[str], list[list[str]], list[str]]:
         interval = f"{g['interval'][0]:.4f}–{g['interval'][1]:.4f}" if g.get("interval") else "—"
         vs = g.get("vs_best")
         verdict = "best" if g["name"] == analysis["best"] else "—" if not vs else \
-            f"{'tied' if vs['tied'] else 'worse'} (p = {vs['p']:.2g}" + \
-            (f"; McNemar p = {vs['mcnemar_p']:.2g})" if "mcnemar_p" in vs else ")")
+            f"{'tied' if vs['tied'] else 'worse'} ({p_text(vs['p'])}" + \
+            (f"; McNemar {p_text(vs['mcnemar_p'])})" if "mcnemar_p" in vs else ")")
         p = g["params"]
         notes = list(g.get("flags") or [])
         if g.get("template"):

@@ -137,6 +137,12 @@ def permutation_p(metric, references, a, b) -> dict:
     return {"test": "paired permutation", "p": float(res.pvalue)}
 
 
+def p_text(p: float) -> str:
+    """A p-value as the report prints it: at the resolution of the resampling tests, "p ≤ 0.002"."""
+    floor = 2 / (RESAMPLES + 1)
+    return f"p ≤ {floor:.1g}" if p <= floor * 1.0001 else f"p = {p:.2g}"
+
+
 def compare_to_best(key: str, references, best: list, other: list, labels=None) -> dict:
     """The test of one entry against the best on the ranked metric (first seed's outputs of each): McNemar for
     accuracy, a paired permutation test of the metric itself otherwise (macro F1, chrF...) — with McNemar's p beside

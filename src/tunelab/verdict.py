@@ -103,7 +103,15 @@ def analyze(rows: list[dict]) -> dict:
         g["vs_best"] = stats.compare_to_best(key, best["references"], best["predictions"][0], g["predictions"][0],
                                              labels)
         test_name = g["vs_best"]["test"]
+    free = [g for g in ok if g["params"]["trainable"] == 0 and "predictions" in g]
+    prompting = max(free, key=lambda g: sign * g["mean"]) if free else None
+    for g in ok:  # every trained entry against the best entry that trains nothing
+        if prompting is not None and g["params"]["trainable"] > 0 and "predictions" in g:
+            g["vs_prompting"] = {**stats.compare_to_best(key, prompting["references"], prompting["predictions"][0],
+                                                         g["predictions"][0], labels),
+                                 "entry": prompting["name"], "difference": g["mean"] - prompting["mean"]}
     analysis = {"metric": key, "higher": higher, "best": best["name"] if best else None, "test": test_name,
+                "prompting": prompting["name"] if prompting else None,
                 "alpha": stats.ALPHA, "resamples": stats.RESAMPLES, "groups": groups}
     curves = learning_curves(rows, key, labels)
     if curves:
@@ -170,9 +178,10 @@ def sentences(analysis: dict, rows: list[dict]) -> list[str]:
         return ["No entry finished, so there is nothing to recommend; see the errors in the table."]
     best = next(g for g in ok if g["name"] == analysis["best"])
     seeds = len(best["values"])
-    interval = f", 95% interval {best['interval'][0]:.4f}–{best['interval'][1]:.4f}" if best.get("interval") else ""
-    spread = f"; mean of {seeds} seeds, ± {best['std']:.4f}" if seeds > 1 else ""
-    out = [f"Best test {name}: **{best['name']}** ({best['mean']:.4f}{interval}{spread})."]
+    f = _fmt(key)
+    interval = f", 95% interval {f(best['interval'][0])}–{f(best['interval'][1])}" if best.get("interval") else ""
+    spread = f"; mean of {seeds} seeds, ± {f(best['std'])}" if seeds > 1 else ""
+    out = [f"Best test {name}: **{best['name']}** ({f(best['mean'])}{interval}{spread})."]
     tested = [g for g in ok if "vs_best" in g]
     tied = [g for g in tested if g["vs_best"]["tied"]]
     if tested:
@@ -181,7 +190,7 @@ def sentences(analysis: dict, rows: list[dict]) -> list[str]:
         if tied:
             worse = len(tested) - len(tied)
             out.append(f"Statistically tied with it ({how}): " + ", ".join(
-                f"**{g['name']}** ({g['mean']:.4f}, p = {g['vs_best']['p']:.2g})" for g in tied)
+                f"**{g['name']}** ({f(g['mean'])}, {stats.p_text(g['vs_best']['p'])})" for g in tied)
                 + (f". The other {worse} are worse than the best (p < {analysis['alpha']})." if worse > 1 else
                    f". The remaining one is worse than the best (p < {analysis['alpha']})." if worse else "."))
         else:
@@ -194,13 +203,16 @@ def sentences(analysis: dict, rows: list[dict]) -> list[str]:
     if len(contenders) > 1 and cost:
         run = min(cost, key=lambda g: g["inference_per_1000_s"])
         train = min(contenders, key=lambda g: g.get("train_s") or 0)
-        out.append(f"Recommendation: **{run['name']}** — tied with the best or the best itself, and the cheapest of "
-                   f"those to run ({run['inference_per_1000_s']:.1f} s per 1,000 examples"
-                   + (f"; cheapest to train: {train['name']}, {_secs(train['train_s'])}" if train is not run else "")
-                   + ").")
+        others = ", ".join(f"{g['name']} {g['inference_per_1000_s']:.1f} s" for g in cost if g is not run)
+        why = "the best, and the cheapest to run of the entries tied with it" if run is best else \
+            f"tied with the best ({stats.p_text(run['vs_best']['p'])}) and the cheapest of those to run"
+        out.append(f"Recommendation: **{run['name']}** — {why} ({run['inference_per_1000_s']:.1f} s per 1,000 "
+                   f"requests; {others})"
+                   + (f"; cheapest of them to train: {train['name']}, {_secs(train['train_s'])}"
+                      if train is not run else "") + ".")
     else:
         out.append(f"Recommendation: **{best['name']}** — nothing else is within noise of it.")
-    out += _prompting(ok, best, name)
+    out += _prompting(ok, best, key)
     curves = analysis.get("curves")
     if curves:
         out += crossovers(curves, higher) or ["The learning curves do not cross: the order of the entries is the same "
@@ -213,16 +225,31 @@ def sentences(analysis: dict, rows: list[dict]) -> list[str]:
     return out
 
 
-def _prompting(ok: list[dict], best: dict, name: str) -> list[str]:
-    """The best no-training entry, and after how many requests fine-tuning pays back its training time."""
+def _fmt(key: str):
+    """Numbers at the resolution the metric is read at: 0–1 metrics to 4 decimals, 0–100 scores (chrF, BLEU) to 2."""
+    digits = 2 if key in ("chrf", "bleu", "perplexity") else 4
+    return lambda v: f"{v:.{digits}f}"
+
+
+def _prompting(ok: list[dict], best: dict, key: str) -> list[str]:
+    """The best no-training entry, each trained entry tested against it, and after how many requests fine-tuning
+    pays back its training time."""
     free = [g for g in ok if g["params"]["trainable"] == 0 and g.get("inference_per_1000_s")]
     trained = [g for g in ok if g["params"]["trainable"] > 0 and g.get("inference_per_1000_s")]
     if not free:
         return []
+    f = _fmt(key)
     icl = max(free, key=lambda g: g["mean"])
     how = f"{icl['shots']} {icl['demos']} demonstration(s)" if icl.get("shots") else "zero-shot"
     out = [f"Without any training, **{icl['name']}** ({icl['model']}, {how}, {icl['prompt_tokens']:.0f} prompt tokens "
-           f"per request) reaches {icl['mean']:.4f} and costs {icl['inference_per_1000_s']:.1f} s per 1,000 requests."]
+           f"per request) reaches {f(icl['mean'])} and costs {icl['inference_per_1000_s']:.1f} s per 1,000 requests."]
+    versus = [g for g in ok if (g.get("vs_prompting") or {}).get("entry") == icl["name"]]
+    if versus:
+        def verdict(v):
+            return "within noise" if v["tied"] else "better" if v["difference"] > 0 else "worse"
+        out.append(f"Against it, same test examples ({versus[0]['vs_prompting']['test']}): " + "; ".join(
+            f"**{g['name']}** {g['vs_prompting']['difference']:+.{2 if key in ('chrf', 'bleu') else 4}f} "
+            f"({verdict(g['vs_prompting'])}, {stats.p_text(g['vs_prompting']['p'])})" for g in versus) + ".")
     target = best if best["params"]["trainable"] > 0 else (max(trained, key=lambda g: g["mean"]) if trained else None)
     if target is not None:
         saved = icl["inference_per_1000_s"] - target["inference_per_1000_s"]

@@ -320,4 +320,8 @@ def test_generative_compare_with_prompting_baselines(make_config, tiny_llama, ti
         interval = stats.interval(stats.metric_fn("chrf"), [p["reference"] for p in pred],
                                   [[p["generated"] for p in pred]])
         assert groups[name]["interval"] == pytest.approx(list(interval), abs=1e-9)
-    assert "Without any training" in "\n".join(analysis["sentences"])
+    text = "\n".join(analysis["sentences"])
+    assert "Without any training" in text and "Against it, same test examples (paired permutation)" in text
+    # the trained entry is tested against the best entry that trains nothing
+    assert groups["lora"]["vs_prompting"]["entry"] == analysis["prompting"] in ("base", "icl_k", "icl_retrieved")
+    assert "vs_prompting" not in groups["base"]
