@@ -117,6 +117,7 @@ def training_args(config, run, has_validation: bool, cls=None, best_metric: str 
         run_name=run.path.name,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        include_num_input_tokens_seen="non_padding",  # real tokens trained on (tokens/s in metrics.json)
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,

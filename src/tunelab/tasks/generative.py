@@ -132,7 +132,9 @@ def fit_generative(task, ctx) -> tuple[dict, dict]:
     def tokens(rows):  # real tokens, not padding: prompt + response (+ decoder targets for seq2seq)
         return sum(len(r["input_ids"]) + len(r.get("labels", ())) for r in rows)
 
-    stats["tokens_per_s"] = round(tokens(encoded["train"].rows) * (stats["epochs"] or 1) / stats["runtime_s"], 1)
+    seen = trainer.state.num_input_tokens_seen  # counted by the Trainer, batch by batch, padding left out
+    stats["tokens_per_s"] = round((seen or tokens(encoded["train"].rows) * (stats["epochs"] or 1))
+                                  / stats["runtime_s"], 1)
     stats["encoded"] = {name: {"examples": len(e.rows), "truncated": e.truncated, "dropped": e.dropped}
                         for name, e in encoded.items()}
     # the Trainer evaluated every checkpoint and (usually) restored the best: its loss is the best metric
