@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path, checked on a CUDA machine: the unit suite with CUDA visible (bf16 autocast, models placed on the
 # GPU for evaluation, serving and generation) and tests/unit/test_gpu.py (bf16 LoRA, QLoRA with bitsandbytes' 4-bit
-# CUDA kernels). Used through the `device` tool with the pinned wheels carried in .whl/ (see README, Tests);
+# CUDA kernels). Used through the `device` tool with the pinned wheels carried in .whl/ (scripts/gpu_wheels.sh gathers them);
 # writes its log and a summary to $OUT (default /tmp/gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -29,6 +29,14 @@ def is_main() -> bool:
 
 def launch(argv: list[str], nproc: int) -> int:
     """Run `tunelab ARGV` in `nproc` processes under torch.distributed.run; its exit status."""
+    import torch
+
+    from .errors import TunelabError
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < nproc:  # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") after loading everything
+        raise TunelabError(f"--nproc {nproc} starts one process per GPU, but {gpus} GPU(s) are visible; use "
+                           f"--nproc {gpus} or less, or CUDA_VISIBLE_DEVICES= to train {nproc} processes on the CPU")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "tunelab", *argv]
     env = dict(os.environ)

@@ -98,6 +98,8 @@ def _finish(task, ctx: FitContext, started: float, params: dict, stats: dict, pe
     plot_loss(read_jsonl(run.path / "metrics.jsonl"), run.path / "loss.png",
               title=f"{config.method.name} · {config.model.name}")
     manifest = {**_manifest(config, ctx.splits, params, stats, time.time() - started), **peaks.record()}
+    # the whole run's peak is at least every phase's (getrusage and /proc can disagree by a page or two, e.g. gVisor)
+    manifest["peak_rss_mb"] = max([manifest["peak_rss_mb"], *manifest["peak_rss_mb_by_phase"].values()])
     run.write_json("manifest.json", manifest)
     if not config.output.keep_checkpoints:
         shutil.rmtree(run.path / "checkpoints", ignore_errors=True)

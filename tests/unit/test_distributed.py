@@ -61,7 +61,7 @@ def test_two_processes_match_one_with_the_same_global_batch(make_config, no_drop
     log = tmp_path / "rank1-writes.txt"
     run_dir = tmp_path / "runs" / "two"
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "AUDIT_ROOT": str(run_dir), "AUDIT_LOG": str(log)}
+           "AUDIT_ROOT": str(run_dir), "AUDIT_LOG": str(log), "CUDA_VISIBLE_DEVICES": ""}  # the CPU path (gloo)
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(two), "--nproc", "2"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -84,3 +84,14 @@ def test_two_processes_match_one_with_the_same_global_batch(make_config, no_drop
     assert all(w.startswith("os.mkdir ") and "/checkpoints/checkpoint-" in w for w in writes), writes
     assert not (run_dir / "checkpoints").exists()  # removed once the run completed
     assert proc.stdout.count("run: ") == 1  # one summary, from rank 0
+
+
+def test_more_processes_than_gpus_is_refused_before_anything_starts(monkeypatch):
+    from tunelab import distributed
+    from tunelab.errors import TunelabError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("launched"))
+    with pytest.raises(TunelabError, match="--nproc 2 starts one process per GPU, but 1 GPU"):
+        distributed.launch(["train", "x.yaml"], 2)

@@ -51,8 +51,8 @@ def test_causal_lm_to_onnx_and_hf_with_and_without_merge(make_config, tiny_llama
     prompts = [gen.render("say great"), gen.render("say something longer than the others")]
     enc = gen.tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        ref = gen.model(**enc).logits[:, -1].numpy()
-    got = _ort(tmp_path / "lm-onnx").run(None, {k: enc[k].numpy() for k in info["inputs"]})[0][:, -1]
+        ref = gen.model(**enc.to(gen.model.device)).logits[:, -1].float().cpu().numpy()  # on the GPU where present
+    got = _ort(tmp_path / "lm-onnx").run(None, {k: enc[k].cpu().numpy() for k in info["inputs"]})[0][:, -1]
     assert np.abs(got - ref).max() < 1e-3  # left-padded batch: the last position is real in every row
 
     kept = tunelab.export(run, "hf", out=tmp_path / "hf-adapter")

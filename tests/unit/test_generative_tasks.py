@@ -123,13 +123,13 @@ def test_qlora_check_reports_a_missing_backend(monkeypatch):
 
     from tunelab.methods import qlora
 
-    qlora.check(qlora.Options(bits=4))  # this machine's bitsandbytes quantizes on the CPU
+    qlora.check(qlora.Options(bits=4))  # this machine's bitsandbytes quantizes (on the CPU, or CUDA where present)
 
     def broken(*a, **k):
         raise NotImplementedError("no kernel for this device")
 
     monkeypatch.setattr(F, "quantize_4bit", broken)
-    with pytest.raises(RuntimeError, match="cannot quantize to 4-bit on cpu .*use method lora"):
+    with pytest.raises(RuntimeError, match="cannot quantize to 4-bit on (cpu|cuda) .*use method lora"):
         qlora.check(qlora.Options(bits=4))
 
 

@@ -129,14 +129,15 @@ def test_generator_loss_matches_the_models_own_loss(name, tiny_llama):
     _train_a_little(model)
     config = Config.model_validate({"model": {"name": "x"}, "task": "sft", "method": name,
                                     "data": {"train": "a.jsonl"}})
-    gen = Generator(config, AutoTokenizer.from_pretrained(tiny_llama), model)
     rows = [{"input_ids": [5, 9, 17, 3, 40, 1], "completion_mask": [0, 0, 0, 1, 1, 1]},
             {"input_ids": [7, 8, 1], "completion_mask": [0, 1, 1]}]
-    with torch.no_grad():
+    model.eval()  # no dropout, as the Generator evaluates
+    with torch.no_grad():  # before the Generator, which places the model on the GPU where there is one
         expected = []
         for r in rows:
             ids = torch.tensor([r["input_ids"]])
             labels = torch.where(torch.tensor([r["completion_mask"]]).bool(), ids, -100)
             expected.append((model(input_ids=ids, labels=labels).loss.item(), sum(r["completion_mask"][1:])))
     mean = sum(loss * n for loss, n in expected) / sum(n for _, n in expected)
+    gen = Generator(config, AutoTokenizer.from_pretrained(tiny_llama), model)
     assert gen.loss(rows) == pytest.approx(mean, rel=1e-5)

@@ -232,7 +232,9 @@ def test_same_seed_same_run(make_config, method):
     losses = [[json.loads(x).get("loss") for x in (r.path / "metrics.jsonl").read_text().split("\n") if x]
               for r in runs]
     assert losses[0] == losses[1]
-    assert runs[0].metrics["test"] == runs[1].metrics["test"]
+    timing = "inference"  # seconds per 1000 requests: measured, not seeded
+    assert {k: v for k, v in runs[0].metrics["test"].items() if k != timing} == \
+        {k: v for k, v in runs[1].metrics["test"].items() if k != timing}
 
 
 def test_truncation_is_counted(make_config, capsys):
