@@ -26,6 +26,18 @@ def sample_rows(n: int | None = None) -> list[dict]:
     return neg + pos
 
 
+def untimed(metrics: dict) -> dict:
+    """metrics.json without what is measured rather than computed (times, speeds, which checkpoint was kept)."""
+    out = json.loads(json.dumps(metrics))
+    out.pop("evaluate_s", None)
+    for key in ("runtime_s", "examples_per_s", "tokens_per_s", "epoch_s", "best_checkpoint"):
+        out.get("train", {}).pop(key, None)
+    for split in out.values():
+        if isinstance(split, dict):
+            split.pop("inference", None)  # seconds per 1000 requests
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import untimed
 from tunelab.cli import main
 from tunelab.runs import read_status, run_status
 
@@ -49,7 +50,7 @@ sys.exit(main(sys.argv[4:]))
 SLEEP = 0.25
 STEPS = 8
 TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
-          "eval_samples_per_second", "eval_steps_per_second", "train_loss"}
+          "eval_samples_per_second", "eval_steps_per_second", "train_loss", "train_tokens_per_second"}
 
 
 def _drive(tmp_path: Path, mode: str, at: int, *args: str, wait: bool = True):
@@ -82,13 +83,6 @@ def _jsonl(run: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in lines]
 
 
-def _untimed(metrics: dict) -> dict:
-    out = json.loads(json.dumps(metrics))
-    for key in ("runtime_s", "examples_per_s", "epoch_s", "best_checkpoint"):
-        out["train"].pop(key, None)
-    return out
-
-
 @pytest.mark.parametrize("mode,at", [("after-checkpoint", 4), ("final-save", 0)])
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, resumable, mode, at):
     import torch
@@ -116,7 +110,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, resumable, mod
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in ref.iterdir())
     metrics, ref_metrics = (json.loads((r / "metrics.json").read_text()) for r in (run, ref))
     assert metrics["train"]["steps"] == ref_metrics["train"]["steps"] == STEPS
-    assert _untimed(metrics) == _untimed(ref_metrics)
+    assert untimed(metrics) == untimed(ref_metrics)
     assert _jsonl(run) == _jsonl(ref)  # no line twice, none missing
     w, ref_w = _weights(run), _weights(ref)
     assert w.keys() == ref_w.keys() and all(torch.equal(w[k], ref_w[k]) for k in w)
