@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m tunelab.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
