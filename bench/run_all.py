@@ -2,7 +2,8 @@
 and frozen-backbone runs, each against the articles' recipe in the same invocation; prints the targets of issue 7
 next to what was measured and writes bench/results/summary.json and summary.md (the README's table).
 
-    python bench/run_all.py            (or: make bench)   ~25 min on a 2-core CPU, most of it the recipe
+    python bench/run_all.py            (or: make bench)   ~25 min on a 2-core CPU, most of it the recipe,
+                                                          plus bench/peers.py (3 × both tools: an hour or more)
     python bench/run_all.py --summary-only                 summary.md from the results already in bench/results/'s
 """
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     sft = run("sft.py", "--batch", "4", "--steps", "12") if run is _run else _saved("sft.py")
     cls = run("classify.py")
     frozen = run("frozen.py")["results"]
+    peers = run("peers.py", "--repeats", "3")  # LLaMA-Factory side by side; its venv is created once
+    pr, pt, pl = peers["ratios"], peers["summary"]["tunelab"], peers["summary"]["llamafactory"]
     t, r = sft["results"]["tunelab"], sft["results"]["recipe"]
     tc = sft["results"].get("tunelab+compile", {})
     c = cls["results"]
@@ -60,6 +63,10 @@ def main() -> None:
         ("last_layers 2: epoch 1 / later epochs", "≥ 10×", f"{frozen['last_layers'].get('first_over_later')}× "
          f"({frozen['last_layers'].get('first_epoch_s')} s → {frozen['last_layers'].get('later_epoch_s')} s)"),
         ("features: one pass + logistic regression", "—", f"{frozen['features'].get('train_s')} s"),
+        ("sft LoRA smollm2 vs LLaMA-Factory: real tokens/s", "≥ 2×",
+         f"{pr['tokens_per_s']}× ({pt['tokens_per_s']['median']} vs {pl['tokens_per_s']['median']})"),
+        ("sft LoRA smollm2 vs LLaMA-Factory: whole-process peak RSS", "≤ 1×",
+         f"{pr['peak_rss']}× ({pt['peak_rss_mb']['median']} vs {pl['peak_rss_mb']['median']} MB)"),
     ]
     md = ["| measure | target | measured |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c_} |" for a, b, c_ in rows]
     (RESULTS / "summary.md").write_text("\n".join(md) + "\n")

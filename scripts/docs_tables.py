@@ -98,10 +98,17 @@ def _compare_table(rec: dict, digits: int = 4, probe: bool = False) -> str:
     return _table(head, rows)
 
 
+def _runs_min(rec: dict) -> float:
+    """Minutes of the compare's runs from scratch: the sum of their wall times (an invocation that reuses finished
+    runs takes less)."""
+    return sum(r.get("run_s") or 0 for r in rec["result"].get("rows", [])) / 60
+
+
 def _took(rec: dict) -> str:
     res = rec["result"]
     n = len(res.get("rows", []))
-    return f"{n} runs; this invocation of `tunelab compare` took {res['compare_wall_s'] / 60:.0f} min."
+    return (f"{n} runs, {_runs_min(rec):.0f} min from scratch (the sum of their wall times; this invocation of "
+            f"`tunelab compare`, reusing finished runs, took {res['compare_wall_s'] / 60:.0f} min).")
 
 
 def compare_sentiment() -> str:
@@ -152,7 +159,7 @@ def compare_translate_fr_verdict() -> str:
     best = next(g for g in ok if g["name"] == analysis["best"])
     tied = [g["name"] for g in ok if (g.get("vs_best") or {}).get("tied")]
     text = (f"On the shipped EN→FR strings (`examples/compare-translate-fr.yaml`, SmolLM2-135M, 150 test strings; "
-            f"{rec['result']['compare_wall_s'] / 60:.0f} min on {rec['machine']['cpus']} CPU cores), "
+            f"{_runs_min(rec):.0f} min from scratch on {rec['machine']['cpus']} CPU cores), "
             f"**{best['name']}** has the best chrF, {best['mean']:.1f} (95% interval {_interval(best, 1)}); "
             + (f"statistically tied with it: {', '.join(f'**{t}**' for t in tied)}. " if tied else
                "every other entry is worse (paired permutation test, p < 0.05). "))
@@ -269,6 +276,28 @@ def serve_load() -> str:
     return out + f"\n\n{_machine(rec)}"
 
 
+def peers() -> str:
+    rec = _load(BENCH / "peers.json")
+    st, summary = rec["settings"], rec["summary"]
+
+    def cell(side, key):
+        v = summary.get(side, {}).get(key)
+        return None if v is None else (f"{v['median']}" if v["min"] == v["max"] else
+                                       f"{v['median']} ({v['min']}–{v['max']})")
+
+    rows = [[name, cell(side, "tokens_per_s"), cell(side, "train_s"), cell(side, "train_phase_rss_mb"),
+             cell(side, "peak_rss_mb"), cell(side, "wall_s")]
+            for side, name in (("tunelab", "tunelab"), ("llamafactory", "LLaMA-Factory 0.9.5"))]
+    r = rec["ratios"]
+    runs = st["repeats"]
+    return (_table([f"LoRA SFT, {st['steps']} steps" + (f", median (min–max) of {runs} runs" if runs > 1 else
+                                                       ", one run"), "real tokens/s", "train s",
+                    "training-phase peak RSS MB", "whole-process peak RSS MB", "wall s"], rows)
+            + f"\n\ntunelab / LLaMA-Factory: real tokens/s {r['tokens_per_s']}×, whole-process peak RSS "
+              f"{r['peak_rss']}×, training-phase peak RSS {r['train_phase_rss']}× "
+              f"({'bf16' if st['bf16'] else 'fp32: this CPU has no fast bf16'}).\n\n{_machine(rec)}")
+
+
 def bench_summary() -> str:
     rec = _load(BENCH / "summary.json")
     return _table(["measure", "target", "measured"], rec["rows"]) + f"\n\n{_machine(rec)}"
@@ -305,7 +334,7 @@ RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict"
              "compare-translate-fr-verdict": compare_translate_fr_verdict,
              "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
-             "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary,
+             "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary, "peers": peers,
              "config-fields": config_fields}
 
 

@@ -69,6 +69,7 @@ def compare_rows(entries) -> list[dict]:
             train = metrics.get("train", {})
             row.update(validation=metrics.get("validation", {}), test=metrics.get("test", {}),
                        params=metrics["params"], train_s=train.get("runtime_s"),
+                       run_s=manifest.get("wall_time_s"),  # the whole run: data, training, evaluation
                        examples_per_s=train.get("examples_per_s"), tokens_per_s=train.get("tokens_per_s"),
                        peak_rss_mb=manifest.get("peak_rss_mb"), stored=stored_bytes(e.run_dir / "model"),
                        forgetting=(metrics.get("forgetting") or {}).get("ratio"),
