@@ -37,7 +37,9 @@ def _gpu():
 
 
 class PhasePeaks:
-    """`with peaks.phase("train"): ...`; `peaks.record()` → {"rss_mb": {phase: MB}, "gpu_mb": {...}}."""
+    """`with peaks.phase("train"): ...`; `peaks.record()` → {"peak_rss_mb": MB, "peak_rss_mb_by_phase": {phase: MB},
+    "peak_rss_reset": bool, "peak_gpu_mb_by_phase": {...}}. The whole run's peak is the largest phase's: resetting
+    VmHWM also resets what getrusage's ru_maxrss reads, so that is no whole-run figure once a phase began."""
 
     def __init__(self):
         self.rss: dict[str, float] = {}
@@ -53,7 +55,8 @@ class PhasePeaks:
         self.rss[name] = peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def record(self) -> dict:
-        out = {"peak_rss_mb_by_phase": {k: round(v, 1) for k, v in self.rss.items()},
+        out = {"peak_rss_mb": round(max(self.rss.values(), default=0.0), 1),
+               "peak_rss_mb_by_phase": {k: round(v, 1) for k, v in self.rss.items()},
                "peak_rss_reset": self.reset_works}
         if self.gpu:
             out["peak_gpu_mb_by_phase"] = {k: round(v, 1) for k, v in self.gpu.items()}

@@ -9,7 +9,6 @@ that replaces training altogether (features, icl) brings its own `train_run`.
 from __future__ import annotations
 
 import platform
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -98,8 +97,6 @@ def _finish(task, ctx: FitContext, started: float, params: dict, stats: dict, pe
     plot_loss(read_jsonl(run.path / "metrics.jsonl"), run.path / "loss.png",
               title=f"{config.method.name} · {config.model.name}")
     manifest = {**_manifest(config, ctx.splits, params, stats, time.time() - started), **peaks.record()}
-    # the whole run's peak is at least every phase's (getrusage and /proc can disagree by a page or two, e.g. gVisor)
-    manifest["peak_rss_mb"] = max([manifest["peak_rss_mb"], *manifest["peak_rss_mb_by_phase"].values()])
     run.write_json("manifest.json", manifest)
     if not config.output.keep_checkpoints:
         shutil.rmtree(run.path / "checkpoints", ignore_errors=True)
@@ -114,7 +111,6 @@ def _manifest(config: Config, splits, params: dict, train_stats: dict, wall: flo
     import torch
     import transformers
 
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     manifest = {
         "tunelab": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__, "datasets": datasets.__version__,
@@ -122,7 +118,6 @@ def _manifest(config: Config, splits, params: dict, train_stats: dict, wall: flo
         "examples": splits.sizes(), "labels": splits.labels, "leakage": splits.leaks, "parameters": params,
         "wall_time_s": round(wall, 2), "train_time_s": train_stats.get("runtime_s"),
         "examples_per_s": train_stats.get("examples_per_s"), "tokens_per_s": train_stats.get("tokens_per_s"),
-        "peak_rss_mb": round(peak_mb, 1),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "bf16": use_bf16(config),
     }
