@@ -69,46 +69,39 @@ def metric_fn(key: str, labels: list[str] | None = None):
     raise ValueError(f"no per-example statistic for metric {key!r}")
 
 
-def _indices(n: int):
+def _bootstrap(statistic, n: int) -> tuple[float, float]:
+    """95% percentile bootstrap interval of `statistic(indices)` over resamples of n test examples (the same
+    resamples for every call: fixed random state)."""
     import numpy as np
+    from scipy.stats import bootstrap
 
-    return np.arange(n)
+    res = bootstrap((np.arange(n),), lambda idx: statistic(idx.astype(int)), vectorized=False,
+                    n_resamples=RESAMPLES, method="percentile", confidence_level=1 - ALPHA, random_state=SEED)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def interval(metric, references, predictions_by_seed: list) -> tuple[float, float]:
     """95% paired bootstrap interval of the seed-averaged metric (resampling test examples)."""
     import numpy as np
-    from scipy.stats import bootstrap
 
     y = np.asarray(references, dtype=object)
     preds = [np.asarray(p, dtype=object) for p in predictions_by_seed]
 
     def statistic(idx):
-        idx = idx.astype(int)
         return float(np.mean([metric(y[idx], p[idx]) for p in preds]))
 
     if len(y) < 2:
-        value = statistic(_indices(len(y)))
+        value = statistic(np.arange(len(y)))
         return value, value
-    res = bootstrap((_indices(len(y)),), statistic, vectorized=False, n_resamples=RESAMPLES, method="percentile",
-                    confidence_level=1 - ALPHA, random_state=SEED)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return _bootstrap(statistic, len(y))
 
 
 def difference_interval(metric, references, a, b) -> tuple[float, float]:
     """95% paired bootstrap interval of metric(a) − metric(b) on the same resamples of the test examples."""
     import numpy as np
-    from scipy.stats import bootstrap
 
     y, a, b = (np.asarray(x, dtype=object) for x in (references, a, b))
-
-    def statistic(idx):
-        idx = idx.astype(int)
-        return metric(y[idx], a[idx]) - metric(y[idx], b[idx])
-
-    res = bootstrap((_indices(len(y)),), statistic, vectorized=False, n_resamples=RESAMPLES, method="percentile",
-                    confidence_level=1 - ALPHA, random_state=SEED)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return _bootstrap(lambda idx: metric(y[idx], a[idx]) - metric(y[idx], b[idx]), len(y))
 
 
 def mcnemar(references, a, b) -> dict:
