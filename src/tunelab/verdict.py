@@ -107,8 +107,10 @@ def analyze(rows: list[dict]) -> dict:
     prompting = max(free, key=lambda g: sign * g["mean"]) if free else None
     for g in ok:  # every trained entry against the best entry that trains nothing
         if prompting is not None and g["params"]["trainable"] > 0 and "predictions" in g:
-            g["vs_prompting"] = {**stats.compare_to_best(key, prompting["references"], prompting["predictions"][0],
-                                                         g["predictions"][0], labels),
+            test = g["vs_best"] if prompting is best else \
+                stats.compare_to_best(key, prompting["references"], prompting["predictions"][0], g["predictions"][0],
+                                      labels)  # the same test when the best entry is the one that trains nothing
+            g["vs_prompting"] = {**test,
                                  "entry": prompting["name"], "difference": g["mean"] - prompting["mean"]}
     analysis = {"metric": key, "higher": higher, "best": best["name"] if best else None, "test": test_name,
                 "prompting": prompting["name"] if prompting else None,
