@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__, distributed
 from .config import Config, load_config
 from .errors import TunelabError
-from .memory import PhasePeaks
+from .memory import PhasePeaks, release
 from .methods import METHODS, trait
 from .models import check_model, resolve
 from .plots import plot_loss, read_jsonl
@@ -88,6 +88,7 @@ def _finish(task, ctx: FitContext, started: float, params: dict, stats: dict, pe
     """Evaluate the saved model with the code `tunelab predict` uses, write every artefact, mark completed."""
     config, run = ctx.config, ctx.run
     metrics = {"train": stats, "params": params}
+    release()  # the training model and its Trainer are gone: their memory goes back before the reload
     evaluated = time.time()
     with peaks.phase("evaluate"):
         metrics.update(task.evaluate(ctx, stats))

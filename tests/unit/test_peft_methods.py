@@ -115,7 +115,7 @@ def test_per_method_default_learning_rates():
     assert lrs["prompt"] > lrs["prefix"] > lrs["ia3"] > lrs["lora"]
 
 
-@pytest.mark.parametrize("name", ["prompt", "prefix", "lora"])
+@pytest.mark.parametrize("name", ["prompt", "prefix", "lora", "ia3", "adapter"])
 def test_generator_loss_matches_the_models_own_loss(name, tiny_llama):
     """Test perplexity is computed by Generator.loss; with virtual tokens prepended it must still line up."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,3 +141,67 @@ def test_generator_loss_matches_the_models_own_loss(name, tiny_llama):
     mean = sum(loss * n for loss, n in expected) / sum(n for _, n in expected)
     gen = Generator(config, AutoTokenizer.from_pretrained(tiny_llama), model)
     assert gen.loss(rows) == pytest.approx(mean, rel=1e-5)
+
+
+def _tuned_generator(name, tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.config import Config
+    from tunelab.tasks.generate import Generator
+
+    torch.manual_seed(0)
+    model = METHODS[name].prepare(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                  METHODS[name].Options(name=name, **GENERATIVE[name]), [], task_type="CAUSAL_LM",
+                                  model_dir=str(tiny_llama))
+    _train_a_little(model)
+    config = Config.model_validate({"model": {"name": str(tiny_llama)}, "task": "sft", "method": name,
+                                    "data": {"train": "a.jsonl"}, "eval": {"forgetting_max": 4}})
+    return config, Generator(config, AutoTokenizer.from_pretrained(tiny_llama), model.eval())
+
+
+def test_generator_loss_projects_only_the_trained_positions(tiny_llama):
+    """The vocabulary projection runs on trained tokens only (logits_to_keep), in length-sorted batches."""
+    _, gen = _tuned_generator("lora", tiny_llama)
+    rows = [{"input_ids": list(range(5, 5 + n)), "completion_mask": [0] * (n - 3) + [1] * 3} for n in (30, 6, 12, 4)]
+    seen = []
+    head = gen.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        value = gen.loss(rows, max_tokens=24)
+    finally:
+        handle.remove()
+    # each row's 3 trained tokens are predicted from the 3 positions before them: 12 projected, not 52 * 4
+    assert sum(shape[0] for shape in seen) == 12 and all(len(shape) == 2 for shape in seen)
+    assert len(seen) == 3  # lengths 4, 6, 12 | ... : (4, 6) fit 24 padded tokens, 12 then 30 do not
+    each = [gen.loss([r]) for r in rows]  # one row at a time: no batching, no padding
+    assert value == pytest.approx(sum(each) / len(each), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lora", "prompt", "ia3"])
+def test_forgetting_switches_the_adapter_off_instead_of_loading_the_base(name, tiny_llama, monkeypatch):
+    """Forgetting's base perplexity from the tuned model with its adapter off equals the separately loaded base's,
+    and no second model is loaded."""
+    from tunelab.tasks.generate import Generator
+    from tunelab.tasks.generative import forgetting
+
+    config, gen = _tuned_generator(name, tiny_llama)
+    config = config.model_copy(update={"model": config.model.model_copy(update={"max_length": 32})})
+    expected = forgetting(config, gen, Generator.base(config))
+    monkeypatch.setattr(Generator, "base", classmethod(lambda cls, c: pytest.fail("a second model was loaded")))
+    got = forgetting(config, gen)
+    assert got["base_perplexity"] == pytest.approx(expected["base_perplexity"], rel=1e-5)
+    assert got["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    assert got["ratio"] != pytest.approx(1.0, abs=1e-3)  # the adapter was back on for the tuned figure
+
+
+def test_generate_batches_by_length_and_answers_in_the_callers_order(tiny_llama):
+    _, gen = _tuned_generator("lora", tiny_llama)
+    prompts = ["the cat sat on the mat and then it", "a", "the house of the people and the", "it was"]
+    alone = [gen.generate([p], max_new_tokens=5)[0] for p in prompts]
+    assert len(set(alone)) > 1  # distinguishable answers, so an order mix-up would show
+    widths = []
+    generate = gen.model.generate
+    gen.model.generate = lambda **kw: widths.append(kw["input_ids"].shape[1]) or generate(**kw)
+    assert gen.generate(prompts, max_new_tokens=5, batch_size=2) == alone
+    # the two short prompts went together: one narrow batch and one wide, not two wide ones
+    assert sorted(widths)[0] <= 3 < sorted(widths)[1]

@@ -2,6 +2,7 @@
 evaluation on conversations."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -74,10 +75,14 @@ class Generator:
                  progress: bool = False, strip: bool = True) -> list[str]:
         """Completions of already-rendered prompts (see `render`), stopping at EOS; `strip=False` keeps their
         leading space (a continuation of plain text)."""
-        out = []
+        out = [""] * len(prompts)
         eos = self.model.generation_config.eos_token_id if self.encoder_decoder else self.tokenizer.eos_token_id
+        # prompts of similar length batched together: less padding computed, and a batch's few long prompts do
+        # not make every row in it wide (the answers come back in the caller's order)
+        order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
         for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
-            enc = self.tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+            batch = order[i:i + batch_size]
+            enc = self.tokenizer([prompts[k] for k in batch], return_tensors="pt", padding=True,
                                  add_special_tokens=True).to(self.model.device)
             enc.pop("token_type_ids", None)
             kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens,
@@ -86,21 +91,25 @@ class Generator:
                 kwargs.update(temperature=temperature, top_p=top_p)
             ids = self.model.generate(**enc, **kwargs)
             new = ids if self.encoder_decoder else ids[:, enc["input_ids"].shape[1]:]
-            out += self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            for k, text in zip(batch, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
+                out[k] = text
         return [text.strip() for text in out] if strip else out
 
     @torch.inference_mode()
-    def loss(self, rows: list[dict], batch_size: int = 8) -> float:
+    def loss(self, rows: list[dict], max_tokens: int = 2048) -> float:
         """Mean cross-entropy per trained token over encoded rows (decoder-only: `input_ids` +
-        `completion_mask`; encoder-decoder: `input_ids` + `labels`)."""
+        `completion_mask`; encoder-decoder: `input_ids` + `labels`).
+
+        Rows are batched by length (at most `max_tokens` padded tokens per batch, so little is spent on padding),
+        and a decoder-only model projects onto its vocabulary only at the trained positions (`logits_to_keep` as a
+        mask): with a 49k vocabulary the logits of every position, not the model, would be most of an evaluation
+        batch's memory and a fifth of its compute."""
         import torch.nn.functional as F
 
         total, count = 0.0, 0
-        pad = self.tokenizer.pad_token_id
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
+        pad, device = self.tokenizer.pad_token_id, self.model.device
+        for chunk in _length_batches(rows, max_tokens):
             width = max(len(r["input_ids"]) for r in chunk)
-            device = self.model.device
             ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in chunk], device=device)
             mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in chunk],
                                 device=device)
@@ -111,13 +120,42 @@ class Generator:
             else:
                 trained = torch.tensor([r["completion_mask"] + [0] * (width - len(r["input_ids"])) for r in chunk],
                                        device=device)
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-                logits = logits[:, logits.shape[1] - width:-1]  # prompt tuning prepends its virtual tokens
-                target = torch.where(trained.bool(), ids, -100)[:, 1:]
-            total += F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
-                                     reduction="sum").item()
-            count += int((target != -100).sum())
+                target = torch.where(trained.bool(), ids, -100)[:, 1:]  # position i predicts token i + 1
+                if self._keeps_logits:  # logits of the trained positions only, flattened (transformers' mask form)
+                    keep = torch.nn.functional.pad(target.ne(-100), (0, 1))
+                    logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+                    target = target[target.ne(-100)]
+                else:  # every position; prompt tuning prepends its virtual tokens: the last ones are the text's
+                    logits = self.model(input_ids=ids, attention_mask=mask).logits
+                    logits = logits[:, logits.shape[1] - width:-1]
+            selected = target.ne(-100)
+            total += F.cross_entropy(logits[selected].float(), target[selected], reduction="sum").item()
+            count += int(selected.sum())
         return total / max(count, 1)
+
+    @property
+    def _keeps_logits(self) -> bool:
+        """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do; prompt-learning PEFT
+        models, whose outputs are longer than their inputs, are left to compute every position)."""
+        import inspect
+
+        peft_config = getattr(self.model, "active_peft_config", None)
+        if peft_config is not None and peft_config.is_prompt_learning:
+            return False
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    @contextmanager
+    def adapter_disabled(self):
+        """The untrained model's behaviour from the same loaded weights, when the run trained a PEFT adapter
+        (LoRA, IA3, prompt/prefix tuning...): the adapter switched off instead of a second model in memory.
+        Yields None for a model that has no such switch (full fine-tuning, the bottleneck adapter)."""
+        switch = getattr(self.model, "disable_adapter", None)
+        if switch is None or self.demonstrations is not None:
+            yield None
+            return
+        with switch():
+            yield self
 
     def render(self, user_text: str) -> str:
         """A free-text prompt in the run's prompt format (with the run's fixed instruction, if any)."""
@@ -169,3 +207,17 @@ class Generator:
             "generated_tokens": round(sum(len(self.tokenizer(g, add_special_tokens=False)["input_ids"])
                                           for g in generated) / n, 1)}
         return metrics, rows
+
+
+def _length_batches(rows: list[dict], max_tokens: int):
+    """Rows in batches of similar length, each at most `max_tokens` padded tokens (at least one row)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]) + len(rows[i].get("labels", ())))
+    batch: list[dict] = []
+    for i in order:
+        size = len(rows[i]["input_ids"]) + len(rows[i].get("labels", ()))
+        if batch and size * (len(batch) + 1) > max_tokens:  # ascending lengths: this row is the widest
+            yield batch
+            batch = []
+        batch.append(rows[i])
+    if batch:
+        yield batch

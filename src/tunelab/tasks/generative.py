@@ -171,7 +171,7 @@ def evaluate_generative(task, ctx, stats: dict) -> dict:
         untrained = {"data": config.eval.forgetting, "ratio": 1.0,
                      "skipped": "nothing was trained: the model is the base model"}
         metrics["forgetting"] = untrained if generator.demonstrations is not None else \
-            forgetting(config, generator, Generator.base(config))
+            forgetting(config, generator)
     return metrics
 
 
@@ -191,9 +191,12 @@ def test_metrics(task, config, test, generator):
     return {**metrics, **scores}, rows
 
 
-def forgetting(config, tuned, base) -> dict:
+def forgetting(config, tuned, base=None) -> dict:
     """Perplexity of the base and the fine-tuned model on general text (eval.forgetting); ratio > 1 means the
-    model got worse at plain language. Skipped (with the reason) when that text is part of the training data."""
+    model got worse at plain language. Skipped (with the reason) when that text is part of the training data.
+
+    `base`: the untrained model's Generator; without it, a PEFT run measures the base with its adapter switched
+    off (the same weights: no second model in memory) and any other run loads the base."""
     from ..data import text_table
 
     spec = config.eval.forgetting
@@ -202,13 +205,18 @@ def forgetting(config, tuned, base) -> dict:
         trained_on.add(config.data.replay.train)
     if spec in trained_on:
         return {"data": spec, "skipped": "this text is part of the training data"}
-    for g in (tuned, base):
-        g.tokenizer.padding_side = "right"
     frame = text_table(spec, "text")
     frame = frame.sample(n=min(len(frame), config.eval.forgetting_max), random_state=config.data.split.seed)
     rows = encode_text(list(frame["text"]), tuned.tokenizer, config.model.max_length, "truncate",
                        split_long=False).rows
-    before, after = base.loss(rows), tuned.loss(rows)
+    after, before = tuned.loss(rows), None
+    if base is None:
+        with tuned.adapter_disabled() as switched_off:
+            before = switched_off.loss(rows) if switched_off is not None else None
+    if before is None:
+        from .generate import Generator
+
+        before = (base or Generator.base(config)).loss(rows)
     return {"data": spec, "documents": len(frame), "base_perplexity": perplexity(before)["perplexity"],
             "perplexity": perplexity(after)["perplexity"], "ratio": math.exp(min(after - before, 50))}
 
