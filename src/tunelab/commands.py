@@ -247,8 +247,15 @@ def search(args) -> int:
 def export(args) -> int:
     from .export import export
 
-    r = export(args.run, args.format, merge=args.merge, out=args.out, tolerance=args.tolerance)
-    if r["format"] == "onnx":
+    r = export(args.run, args.format, merge=args.merge, out=args.out, tolerance=args.tolerance, quant=args.quant)
+    if r["format"] == "gguf":
+        print(f"GGUF ({r['quant']}, {r['bytes'] / 2**20:.0f} MB) written to {r['path']}/{r['file']}; Ollama: "
+              f"ollama create NAME -f {r['modelfile']}")
+        print(f"parity with the trained model on {r['prompts']} test prompts: identical greedy answers "
+              f"{r['identical']:.0%}, prompts rendered identically by the file's chat template "
+              f"{r['prompts_identical']:.0%}, perplexity ratio {r['perplexity_ratio']:.3f} "
+              f"(details: {r['path']}/parity.json)")
+    elif r["format"] == "onnx":
         print(f"ONNX {r['kind']} model written to {r['path']}/model.onnx")
         print(f"parity with PyTorch on {r['examples']} inputs (batch {r['batch_shape']}): max |logit difference| "
               f"{r['max_abs_diff']:.2e} (tolerance {r['tolerance']:.0e})")

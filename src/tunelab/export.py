@@ -7,6 +7,8 @@
        adapters are merged first. The ONNX graph is run with onnxruntime next to PyTorch on sample inputs (the
        run's test texts, padded into a batch): the largest absolute logit difference is printed and the export
        fails, writing nothing, beyond the tolerance. Both are also timed on those inputs (ratio printed).
+`gguf` `model-QUANT.gguf` for llama.cpp / Ollama with the training prompt format inside, a Modelfile and a
+       parity check against the merged model (see `tunelab.gguf`).
 
 Nothing is left half-written: the folder is built under DIR.tmp and renamed when complete.
 """
@@ -29,12 +31,14 @@ from .runs import open_finished
 from .tasks import TASKS
 from .tasks import with_trait as tasks_with_trait
 
-FORMATS = ("hf", "onnx")
+FORMATS = ("hf", "onnx", "gguf")
 TOLERANCE = {"classify": 1e-4, "causal": 1e-3}  # logits of an LM are larger (|z| ~ 10-30): same relative error
 
 
-def export(run_path, format: str = "hf", merge: bool = False, out=None, tolerance: float | None = None) -> dict:
-    """Write the export to `out` (default RUN/export-FORMAT) and return what was written and measured."""
+def export(run_path, format: str = "hf", merge: bool = False, out=None, tolerance: float | None = None,
+           quant: str = "f16") -> dict:
+    """Write the export to `out` (default RUN/export-FORMAT) and return what was written and measured.
+    `quant`: the GGUF type (f16, bf16, q8_0, q4_k_m; see tunelab.gguf)."""
     if format not in FORMATS:
         raise TunelabError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     path, config = open_finished(run_path)
@@ -51,6 +55,10 @@ def export(run_path, format: str = "hf", merge: bool = False, out=None, toleranc
                                f"{path} is a `{method}` run" + (full if trait(method, "FULL_MODEL") else ""))
             return {"format": "hf", "merged": True, **merge_run(path, target)}
         return {"format": "hf", "merged": False, "path": str(_copy_folder(path, target))}
+    if format == "gguf":
+        from .gguf import export_gguf
+
+        return export_gguf(path, config, target, quant)
     return _onnx(path, config, target, tolerance)
 
 
