@@ -205,3 +205,48 @@ def test_generate_batches_by_length_and_answers_in_the_callers_order(tiny_llama)
     assert gen.generate(prompts, max_new_tokens=5, batch_size=2) == alone
     # the two short prompts went together: one narrow batch and one wide, not two wide ones
     assert sorted(widths)[0] <= 3 < sorted(widths)[1]
+
+
+@pytest.mark.parametrize("options", [{"init": "gaussian"}, {"init": "pissa"}, {"init": "olora", "rslora": True},
+                                     {"target_modules": r".*layers\.1\.self_attn\.(q|v)_proj"}])
+def test_lora_variants_train_what_they_say_and_reload_identically(options, tiny_llama, tmp_path):
+    """PEFT's LoRA variants as method options: the adapter starts as the unchanged model (pissa/olora move the
+    weights' top part into it), rslora scales by alpha/sqrt(r), a pattern adapts only the layers it matches, and
+    a saved run reloads to the same outputs (pissa/olora repeat their decomposition on load)."""
+    from transformers import AutoModelForCausalLM
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+
+    ids = torch.tensor([[5, 9, 17, 3, 40, 1]])
+    with torch.no_grad():
+        untouched = base()(input_ids=ids).logits
+    lora = METHODS["lora"]
+    model = lora.prepare(base(), lora.Options(r=4, alpha=8, dropout=0.0, **options), [], task_type="CAUSAL_LM")
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, untouched, atol=1e-4)  # no change before training
+    layers = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    if "target_modules" in options:
+        assert sorted(n.removeprefix("base_model.model.model.") for n in layers) == [
+            "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
+    module = dict(model.named_modules())[layers[0]]
+    assert module.scaling["default"] == pytest.approx(8 / 2 if options.get("rslora") else 8 / 4)
+    q = module.base_layer.weight
+    original = dict(base().named_parameters())[layers[0].removeprefix("base_model.model.") + ".weight"]
+    assert torch.equal(q, original) == (options.get("init") not in ("pissa", "olora"))  # residual kept in base
+    _train_a_little(model)
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    assert not torch.allclose(trained, untouched, atol=1e-3)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_saved(tmp_path / "adapter", None, base).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, trained, atol=1e-5)
+
+
+def test_qlora_refuses_the_inits_that_decompose_full_precision_weights():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="init pissa decomposes full-precision weights"):
+        METHODS["qlora"].Options(init="pissa")

@@ -32,10 +32,22 @@ class Options(Section):
     """Scaling numerator: the update is multiplied by alpha / r."""
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout on the adapter input."""
-    target_modules: Literal["auto", "all-linear"] | list[str] = "auto"
-    """Linear layers to adapt: `auto` (attention projections found in the model), `all-linear`, or names."""
+    target_modules: Literal["auto", "all-linear"] | list[str] | str = "auto"
+    """Linear layers to adapt: `auto` (attention projections found in the model), `all-linear`, a list of names
+    (the last part of a module's name, e.g. [q_proj, v_proj]), or one regular expression matched against the
+    whole module name (PEFT's rule), e.g. `.*layers\\.(1[0-9]|2[0-9])\\.self_attn\\.(q|v)_proj`."""
     dora: bool = False
     """Weight-decomposed LoRA (DoRA): slower per step, sometimes better at low rank."""
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    """How the adapter starts (PEFT's `init_lora_weights`); every choice starts as the unchanged model.
+    `default`: A Kaiming-uniform, B zero. `gaussian`: A Gaussian (scaled by rank), B zero. `pissa`: A and B from the
+    top-r singular vectors of each weight, which keeps only the residual (PiSSA: often converges faster). `olora`:
+    A and B from a QR decomposition of each weight (OLoRA). pissa and olora change the base weights they adapt, so
+    loading the adapter repeats the decomposition (seconds on small models). LoftQ is not offered: PEFT computes
+    it on CUDA only."""
+    rslora: bool = False
+    """Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r, so higher ranks keep
+    learning instead of being scaled down."""
 
 
 def auto_targets(model) -> list[str]:
@@ -59,5 +71,7 @@ def prepare(model, options: Options, new_modules: list[str], *, task_type: str =
     from peft import LoraConfig
 
     targets = auto_targets(model) if options.target_modules == "auto" else options.target_modules
+    init = True if options.init == "default" else options.init
     return wrap(model, LoraConfig, task_type, new_modules, r=options.r, lora_alpha=options.alpha,
-                lora_dropout=options.dropout, target_modules=targets, use_dora=options.dora)
+                lora_dropout=options.dropout, target_modules=targets, use_dora=options.dora,
+                init_lora_weights=init, use_rslora=options.rslora)

@@ -9,6 +9,8 @@ base (as deployments usually do), so its test metrics are those of the adapter o
 """
 from typing import Literal
 
+from pydantic import model_validator
+
 from . import lora
 
 DEFAULT_LR = 2e-4  # the QLoRA paper's rate for small models
@@ -23,6 +25,13 @@ class Options(lora.Options):
     """4-bit data type: NormalFloat4 (the paper's) or plain FP4."""
     double_quant: bool = True
     """Quantize the quantization constants too (saves ~0.4 bit per weight)."""
+
+    @model_validator(mode="after")
+    def _full_precision_inits(self):
+        if self.init in ("pissa", "olora"):
+            raise ValueError(f"init {self.init} decomposes full-precision weights, which qlora quantizes; use init "
+                             f"default or gaussian, or method lora")
+        return self
 
 
 def check(options: Options, **_) -> None:
