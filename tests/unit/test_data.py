@@ -157,3 +157,61 @@ def test_data_check_reports_balance_lengths_duplicates_and_leakage(make_config, 
     assert 0 < tokens["min"] <= tokens["median"] <= tokens["p95"] <= tokens["max"]
     clean = make_config(name="clean")
     assert main(["data", "check", str(clean)]) == 0
+
+
+def _hub_cache(tmp_path, monkeypatch, name: str, splits: dict) -> None:
+    """Put `name` (ORG/NAME) into a fresh local datasets cache exactly where `datasets.load_dataset` keeps a Hub
+    dataset it downloaded, built offline with the library's own json builder; the Hub itself stays offline."""
+    import datasets
+    import huggingface_hub
+
+    cache = tmp_path / "hf-datasets"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    files = {split: str(write_jsonl(tmp_path / f"hub-{split}.jsonl", rows)) for split, rows in splits.items()}
+    datasets.load_dataset("json", data_files=files, cache_dir=str(cache))
+    org, short = name.split("/")
+    built = cache / "json"
+    next(built.iterdir()).rename(built / "default")
+    built.rename(cache / f"{org}___{short}")
+    for arrow in (cache / f"{org}___{short}").rglob("json-*.arrow"):
+        arrow.rename(arrow.with_name(arrow.name.replace("json-", f"{short}-", 1)))
+
+
+def test_hub_datasets_are_read_by_id_and_their_fingerprint_is_recorded(tmp_path, monkeypatch, make_config, capsys):
+    import tunelab
+    from tunelab.cli import main
+
+    rows = sample_rows(200)
+    _hub_cache(tmp_path, monkeypatch, "acme/reviews", {"train": rows[:160], "test": rows[160:]})
+    assert list(read_table("hub:acme/reviews:test")["text"]) == [r["text"] for r in rows[160:]]
+    run = tunelab.train(make_config(method="head", name="hub", data={"train": "hub:acme/reviews",
+                                                                     "test": "hub:acme/reviews:test"},
+                                    train={"max_steps": 2}))
+    assert run.manifest["examples"]["test"] == 40 and run.manifest["examples"]["train"] + \
+        run.manifest["examples"]["validation"] == 160
+    assert set(run.manifest["data_files"]) == {"hub:acme/reviews", "hub:acme/reviews:test"}
+    assert all(len(h) == 16 for h in run.manifest["data_files"].values())
+    # a dataset that was never downloaded, offline: one clear sentence, exit 2, no run directory
+    bad = make_config(method="head", name="hub-missing", data={"train": "hub:acme/missing"})
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "hub:acme/missing: the Hugging Face Hub cannot be reached" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "hub-missing").exists()
+    bad = make_config(method="head", name="hub-split", data={"train": "hub:acme/reviews:validation"})
+    assert main(["train", str(bad)]) == 2
+    assert "hub:acme/reviews:validation: " in capsys.readouterr().err
+
+
+def test_hub_options_travel_in_the_spec_and_need_hub_data():
+    cfg = {"model": {"name": "x"}, "method": "head"}
+    data = Config.model_validate({**cfg, "data": {"train": "hub:acme/reviews", "test": "hub:acme/reviews:test",
+                                                  "config": "en", "revision": "v1.0"}}).data
+    assert data.train == "hub:acme/reviews?config=en&revision=v1.0"
+    assert data.test == "hub:acme/reviews:test?config=en&revision=v1.0"
+    from tunelab.data.readers import parse_hub
+
+    assert parse_hub(data.test) == ("acme/reviews", "test", {"name": "en", "revision": "v1.0"})
+    with pytest.raises(Exception, match="data.config and data.revision apply to hub: data"):
+        Config.model_validate({**cfg, "data": {"train": "a.jsonl", "config": "en"}})

@@ -78,8 +78,13 @@ class ReplayConfig(Section):
 
 class DataConfig(Section):
     train: str | None = None
-    """Training data: a .jsonl/.json/.csv/.parquet file, a `datasets` folder, or `sample:NAME` (shipped data).
+    """Training data: a .jsonl/.json/.csv/.parquet file, a `datasets` folder, `sample:NAME` (shipped data), or
+    `hub:ORG/NAME[:SPLIT]` (a Hugging Face Hub dataset through `datasets.load_dataset`; split default train).
     (task sft may list several in `datasets` instead.)"""
+    config: str | None = None
+    """hub: data: the dataset's configuration (subset) name, for every hub: file of this section."""
+    revision: str | None = None
+    """hub: data: the dataset's revision (branch, tag or commit) — pin it so a rerun reads the same rows."""
     validation: str | None = None
     """Validation file; if absent, split from `train` by `split.validation`."""
     test: str | None = None
@@ -158,6 +163,22 @@ class DataConfig(Section):
             raise ValueError("give data.train or data.datasets (a multitask list), not both")
         if self.datasets is not None and (self.validation or self.test):
             raise ValueError("with data.datasets, give validation/test files per dataset")
+        return self
+
+    @model_validator(mode="after")
+    def _hub_options_in_specs(self):
+        """data.config / data.revision travel inside each hub: spec (`hub:ORG/NAME:split?config=..&revision=..`),
+        so every reader of the spec sees them."""
+        from urllib.parse import urlencode
+
+        extra = {k: v for k, v in (("config", self.config), ("revision", self.revision)) if v}
+        specs = [f for f in ("train", "validation", "test") if (getattr(self, f) or "").startswith("hub:")]
+        if extra and not specs:
+            raise ValueError("data.config and data.revision apply to hub: data (data.train: hub:ORG/NAME)")
+        for f in specs:
+            spec = getattr(self, f)
+            if extra and "?" not in spec:
+                object.__setattr__(self, f, f"{spec}?{urlencode(extra)}")
         return self
 
     @field_validator("labels", mode="before")

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..errors import DataError
 from .leakage import find_leaks
-from .readers import ROW, read_table, resolve_path
+from .readers import HUB, ROW, read_hub, read_table, resolve_path
 from .splits import add_text_key, split_table
 from .types import check_labels, check_text_columns
 
@@ -36,6 +36,8 @@ class Splits:
 
 
 def file_hash(spec: str) -> str:
+    if spec.startswith(HUB):  # the Hub dataset's own fingerprint of the rows read (cached, so no second download)
+        return read_hub(spec)._fingerprint[:16]
     path = resolve_path(spec)
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

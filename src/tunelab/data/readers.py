@@ -1,4 +1,5 @@
-"""Read a table of examples from JSON Lines, JSON, CSV, Parquet, a `datasets` folder, or a shipped sample."""
+"""Read a table of examples from JSON Lines, JSON, CSV, Parquet, a `datasets` folder, a shipped sample, or a
+Hugging Face Hub dataset (`hub:ORG/NAME[:split]`)."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,45 @@ def resolve_path(spec: str) -> Path:
     return path
 
 
+HUB = "hub:"
+
+
+def parse_hub(spec: str) -> tuple[str, str, dict]:
+    """`hub:ORG/NAME[:SPLIT][?config=C&revision=R]` → (name, split, {"name": C, "revision": R})."""
+    from urllib.parse import parse_qs
+
+    body, _, query = spec.removeprefix(HUB).partition("?")
+    name, _, split = body.partition(":")
+    options = {k: v[-1] for k, v in parse_qs(query).items()}
+    unknown = set(options) - {"config", "revision"}
+    if not name or name.count("/") > 1 or unknown:
+        raise DataError(f"{spec}: expected hub:ORG/NAME or hub:ORG/NAME:SPLIT (with data.config and data.revision "
+                        f"for the subset and version)")
+    return name, split or "train", {"name": options.get("config"), "revision": options.get("revision")}
+
+
+def read_hub(spec: str):
+    """The split of a Hub dataset as a `datasets.Dataset` (cached by `datasets`; offline, only what is cached)."""
+    import datasets
+
+    name, split, options = parse_hub(spec)
+    try:
+        return datasets.load_dataset(name, options["name"], split=split, revision=options["revision"])
+    except ConnectionError as exc:
+        raise DataError(f"{spec}: the Hugging Face Hub cannot be reached and {name} is not in the local datasets "
+                        f"cache ({datasets.config.HF_DATASETS_CACHE}): {exc}. Load it once with network access "
+                        f"(HF_HUB_OFFLINE and HF_DATASETS_OFFLINE unset), or save it to a file") from None
+    except (FileNotFoundError, ValueError) as exc:  # unknown dataset, config or split
+        raise DataError(f"{spec}: {str(exc).splitlines()[0]}") from None
+
+
 def read_table(spec: str) -> pd.DataFrame:
+    if spec.startswith(HUB):
+        frame = read_hub(spec).to_pandas()
+        if len(frame) == 0:
+            raise DataError(f"{spec} is empty: it has no rows")
+        frame.insert(0, ROW, range(1, len(frame) + 1))
+        return frame
     path = resolve_path(spec)
     if path.is_dir():
         frame = _read_datasets_dir(path)
