@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gguf: the weight type (q4_k_m needs the [gguf] extra's quantizer)")
     ex.add_argument("--merge", action="store_true", help="hf: fold a LoRA-type adapter into the base weights")
     ex.add_argument("--out", help="output folder (default RUN/export-FORMAT)")
+    ex.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the export folder to this Hugging Face "
+                                                               "Hub model repository (huggingface_hub's token)")
+    ex.add_argument("--private", action="store_true", help="--push-to-hub: create the repository private")
     ex.add_argument("--tolerance", type=float, help="largest allowed |logit difference| (default 1e-4 classifiers, "
                                                       "1e-3 language models)")
     ex.set_defaults(fn=commands.export)

@@ -266,6 +266,11 @@ def export(args) -> int:
               f"{r['max_abs_diff']:.2e} on {r['examples']} inputs)")
     else:
         print(f"Hugging Face folder written to {r['path']}")
+    if args.push_to_hub:
+        from .export import push_to_hub
+
+        url = push_to_hub(r["path"], args.push_to_hub, private=args.private, run=args.run)
+        print(f"uploaded to the Hugging Face Hub: {url}")
     return 0
 
 

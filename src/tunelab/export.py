@@ -165,3 +165,24 @@ def _time(fn, repeats: int = 10) -> float:
             fn()
             times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def push_to_hub(folder, repo_id: str, private: bool = False, run=None) -> str:
+    """Upload an export folder to a Hugging Face Hub model repository (created if missing) with huggingface_hub;
+    returns the commit's URL. The token is huggingface_hub's own (HF_TOKEN or `hf auth login`)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                   commit_message=f"tunelab export of {run or folder}",
+                                   ignore_patterns=[".lock", ".*.partial-*"])
+    except OfflineModeIsEnabled:
+        raise TunelabError(f"--push-to-hub {repo_id}: the Hugging Face Hub is switched off on this machine "
+                           f"(HF_HUB_OFFLINE); the export is in {folder}") from None
+    except (HfHubHTTPError, OSError) as exc:  # no token, no access, no network
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TunelabError(f"--push-to-hub {repo_id} failed ({first}); the export is in {folder}") from None
+    return commit.commit_url

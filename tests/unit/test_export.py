@@ -78,3 +78,31 @@ def test_exports_that_cannot_work_are_refused_and_leave_nothing(make_config, cap
     with pytest.raises(TunelabError, match="disagrees with PyTorch"):
         tunelab.export(head, "onnx", out=tmp_path / "never", tolerance=-1.0)
     assert not (tmp_path / "never").exists() and not (tmp_path / "never.tmp").exists()
+
+
+def test_push_to_hub_uploads_the_export_folder_and_says_so_when_offline(make_config, monkeypatch, capsys):
+    """No network here: the upload is checked at huggingface_hub's API (the calls tunelab makes), and the offline
+    refusal is the library's own (HF_HUB_OFFLINE)."""
+    import huggingface_hub
+
+    run = tunelab.train(make_config(method="head", name="push", train={"max_steps": 1})).path
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["export", str(run), "--push-to-hub", "acme/sentiment-head"]) == 2
+    err = capsys.readouterr().err
+    assert "--push-to-hub acme/sentiment-head" in err and "the export is in" in err and "Traceback" not in err
+    assert (run / "export-hf" / "export.json").exists()  # the export itself was written before the upload
+
+    calls = []
+
+    class Commit:
+        commit_url = "https://huggingface.co/acme/sentiment-head/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append((repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(kw) or Commit())
+    assert main(["export", str(run), "--push-to-hub", "acme/sentiment-head", "--private"]) == 0
+    assert "uploaded to the Hugging Face Hub: https://huggingface.co/acme/sentiment-head/commit/abc" in \
+        capsys.readouterr().out
+    (repo, create), upload = calls
+    assert repo == "acme/sentiment-head" and create["private"] is True and create["exist_ok"] is True
+    assert upload["repo_id"] == "acme/sentiment-head" and upload["folder_path"] == str(run / "export-hf")
