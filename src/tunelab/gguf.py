@@ -287,8 +287,8 @@ def export_gguf(path: Path, config, target: Path, quant: str, prompts: int = 32)
                 f"rendered identically by the GGUF's chat template: {result['prompts_identical']:.0%}); nothing "
                 f"was written but {target / 'parity.json'}")
         (tmp / "Modelfile").write_text(modelfile(name, template, generator.tokenizer))
-        (tmp / MARKER).write_text(json.dumps({"format": "gguf", "run": str(path), "quants": sorted(record)},
-                                             indent=2))
+        quants = sorted(f.stem.removeprefix("model-") for f in tmp.glob("model-*.gguf"))
+        (tmp / MARKER).write_text(json.dumps({"format": "gguf", "run": str(path), "quants": quants}, indent=2))
         info.update(result)
 
     with torch.inference_mode():

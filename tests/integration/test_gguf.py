@@ -1,6 +1,7 @@
 """Integration: a LoRA SFT run on SmolLM2 exported to GGUF by llama.cpp's converter and run by llama.cpp
-(llama-cpp-python): the f16 file answers the run's test prompts as the trained model does, a q8_0 file adds its
-agreement and perplexity ratio to parity.json, and a wrong chat template inside the file fails the check."""
+(llama-cpp-python): the f16 file answers the run's test prompts as the trained model does, and a wrong chat
+template inside the file fails the check. (q8_0 and q4_k_m go through the same code; bench/gguf.py exports and
+times all three — a second quantization here would add minutes to the suite.)"""
 import json
 
 import pytest
@@ -20,7 +21,7 @@ def run(tmp_path_factory):
     cfg = {"model": {"name": "smollm2-135m", "max_length": 128}, "task": "sft",
            "data": {"train": "sample:translate_en_fr", "prompt": "en", "response": "fr",
                     "instruction": "Translate this English user-interface text into French.",
-                    "split": {"validation": 0, "test": 0.02, "seed": 42}},
+                    "split": {"validation": 0, "test": 0.012, "seed": 42}},
            "method": {"name": "lora", "r": 8, "alpha": 16},
            "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-4},
            "eval": {"max_new_tokens": 12, "max_generate": 4, "forgetting": None},
@@ -30,26 +31,26 @@ def run(tmp_path_factory):
     return tunelab.train(path).path
 
 
-def test_f16_and_q8_0_exports_answer_like_the_trained_model(run, capsys):
+def test_f16_export_answers_like_the_trained_model(run, capsys):
+    (run / "export-gguf").mkdir()
+    (run / "export-gguf" / "export.json").write_text(json.dumps({"format": "gguf", "quants": ["q8_0"]}))
+    (run / "export-gguf" / "model-q8_0.gguf").write_bytes(b"an earlier export")
     assert main(["export", str(run), "--format", "gguf", "--quant", "f16"]) == 0
     out = capsys.readouterr().out
     assert "ollama create NAME -f" in out and "identical greedy answers" in out
     folder = run / "export-gguf"
     assert (folder / "model-f16.gguf").stat().st_size > 200e6  # 135M parameters in 16 bits
-    assert main(["export", str(run), "--format", "gguf", "--quant", "q8_0"]) == 0
-    parity = json.loads((folder / "parity.json").read_text())
-    assert set(parity) == {"f16", "q8_0"} and (folder / "model-f16.gguf").exists()  # the first file was kept
-    f16, q8 = parity["f16"], parity["q8_0"]
+    assert (folder / "model-q8_0.gguf").read_bytes() == b"an earlier export"  # other quantizations are kept
+    f16 = json.loads((folder / "parity.json").read_text())["f16"]
     assert f16["prompts"] >= 8 and f16["identical"] >= gguf.AGREEMENT
     assert f16["prompts_identical"] == 1.0 and f16["prompt_tokens_identical"] == 1.0
     assert f16["perplexity_ratio"] == pytest.approx(1.0, abs=0.02)
-    assert 0.9 < q8["perplexity_ratio"] < 1.2 and q8["bytes"] < 0.6 * f16["bytes"]
     # the embedded chat template renders a user message as training did, with the fixed instruction
     reader = __import__("gguf").GGUFReader(str(folder / "model-f16.gguf"))
     field = reader.fields["tokenizer.chat_template"]
     assert "Translate this English user-interface text into French." in bytes(field.parts[field.data[0]]).decode()
     modelfile = (folder / "Modelfile").read_text()
-    assert "FROM ./model-q8_0.gguf" in modelfile and "{{ .Prompt }}" in modelfile
+    assert "FROM ./model-f16.gguf" in modelfile and "{{ .Prompt }}" in modelfile
 
 
 def test_a_wrong_template_in_the_file_fails_the_check(run, tmp_path, monkeypatch, capsys):
