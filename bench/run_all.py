@@ -36,6 +36,7 @@ def main() -> None:
     cls = run("classify.py")
     frozen = run("frozen.py")["results"]
     peers = run("peers.py", "--repeats", "3")  # LLaMA-Factory side by side; its venv is created once
+    run("gguf.py")  # llama.cpp on the exported GGUF next to tunelab generate (its table is in docs/performance.md)
     pr, pt, pl = peers["ratios"], peers["summary"]["tunelab"], peers["summary"]["llamafactory"]
     t, r = sft["results"]["tunelab"], sft["results"]["recipe"]
     tc = sft["results"].get("tunelab+compile", {})

@@ -328,6 +328,17 @@ def config_fields() -> str:
     walk(Config, "")
     return _table(["key", "default", "what it does"], rows)
 
+def gguf_speed() -> str:
+    rec = _load(BENCH / "gguf.json")
+    rows = [[name, r["tokens_per_s"], f"{r['vs_tunelab_single']}×", r.get("file_mb"),
+             f"{r['parity_identical']:.0%}" if "parity_identical" in r else None,
+             f"{r['perplexity_ratio']:.4f}" if "perplexity_ratio" in r else None]
+            for name, r in rec["results"].items()]
+    return (_table([f"greedy generation, {rec['prompts']} test prompts, ≤ {rec['max_new_tokens']} new tokens",
+                    "tokens/s", "× tunelab one at a time", "GGUF MB", "identical answers", "perplexity ratio"],
+                   rows) + f"\n\nllama-cpp-python {rec['llama_cpp_python']}, {rec['threads']} threads on both "
+                           f"sides. {_machine(rec)}")
+
 
 RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict": compare_sentiment_verdict,
              "compare-curves": compare_curves, "compare-translate-fr": compare_translate_fr,
@@ -335,6 +346,7 @@ RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict"
              "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
              "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary, "peers": peers,
+             "gguf-speed": gguf_speed,
              "config-fields": config_fields}
 
 
