@@ -73,6 +73,8 @@ def _interval(g: dict, digits: int) -> str | None:
 
 def _compare_table(rec: dict, digits: int = 4, probe: bool = False) -> str:
     """One row per compare entry (its seeds pooled), from the analysis in the report's results.json."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from tunelab.stats import p_text  # p at the resampling floor reads "p ≤ 0.002", as in the report
     analysis = rec["result"]["analysis"]
     name = {"f1_macro": "macro F1", "chrf": "chrF", "accuracy": "accuracy"}.get(analysis["metric"], analysis["metric"])
     rows = []
@@ -84,7 +86,7 @@ def _compare_table(rec: dict, digits: int = 4, probe: bool = False) -> str:
         value = f"{g['mean']:.{digits}f}" + (f" ± {g['std']:.{digits}f}" if seeds > 1 else "")
         vs = g.get("vs_best")
         verdict = "**best**" if g["name"] == analysis["best"] else None if not vs else \
-            f"{'tied' if vs['tied'] else 'worse'}, p = {vs['p']:.2g}"
+            f"{'tied' if vs['tied'] else 'worse'}, {p_text(vs['p'])}"
         last = f"{g['probe']['accuracy']:.3f}" if probe and g.get("probe") else \
             f"×{g['forgetting']:.3f}" if g.get("forgetting") else None
         rows.append([f"`{g['name']}`", g["model"], value, _interval(g, digits), verdict, _params(g["params"]),
