@@ -92,12 +92,13 @@ def check_data(config, overrides=()):
     return check(config if isinstance(config, Config) else load_config(config, overrides))
 
 
-def export(run_path, format="hf", *, merge=False, out=None, tolerance=None):
-    """Export a finished run as a Hugging Face folder (`merge=True` folds the adapter in) or ONNX (parity-checked
-    against PyTorch with onnxruntime); returns what was written and measured."""
+def export(run_path, format="hf", *, merge=False, out=None, tolerance=None, quant="f16"):
+    """Export a finished run as a Hugging Face folder (`merge=True` folds the adapter in), ONNX (parity-checked
+    against PyTorch with onnxruntime) or GGUF (`quant`; parity-checked with llama.cpp); returns what was written
+    and measured."""
     from .export import export as _export
 
-    return _export(run_path, format, merge=merge, out=out, tolerance=tolerance)
+    return _export(run_path, format, merge=merge, out=out, tolerance=tolerance, quant=quant)
 
 
 def serve(runs, host="127.0.0.1", port=8000, *, api_key=None, limits=None):
