@@ -80,6 +80,10 @@ def test_runs_llama_cpp_cannot_hold_are_refused(make_config, tiny_llama, tmp_pat
                                            train={"max_steps": 1}, eval={"max_new_tokens": 2})).path
     assert main(["export", str(prompt_run), "--format", "gguf"]) == 2
     assert "is a `prompt` run, which llama.cpp cannot hold" in capsys.readouterr().err
+    from tunelab.errors import RunError
+
+    with pytest.raises(RunError, match="cannot hold"):  # the Python API takes the same options
+        tunelab.export(prompt_run, "gguf", quant="q8_0")
     clf = tunelab.train(make_config(method="head", name="gg-clf", train={"max_steps": 1})).path
     assert main(["export", str(clf), "--format", "gguf"]) == 2
     assert "GGUF export handles decoder-only generative runs" in capsys.readouterr().err
