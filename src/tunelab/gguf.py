@@ -253,10 +253,10 @@ def export_gguf(path: Path, config, target: Path, quant: str, prompts: int = 32)
 
     def fill(tmp: Path) -> None:
         old = target if (target / MARKER).exists() else None
-        if old is not None:  # earlier quantizations stay (hard links: no copy of the weights)
-            for f in old.iterdir():
+        if old is not None:  # earlier quantizations stay: their GGUFs hard-linked (no copy of the weights), the
+            for f in old.iterdir():  # small files copied — they are rewritten here and must not change in place
                 if f.is_file() and f.name != name:
-                    os.link(f, tmp / f.name)
+                    (os.link if f.suffix == ".gguf" else shutil.copy2)(f, tmp / f.name)
         hf = tmp / ".hf"
         generator.model.save_pretrained(hf)
         tokenizer = generator.tokenizer

@@ -108,6 +108,7 @@ class Generator:
 
         total, count = 0.0, 0
         pad, device = self.tokenizer.pad_token_id, self.model.device
+        keeps_logits = self._keeps_logits
         for chunk in _length_batches(rows, max_tokens):
             width = max(len(r["input_ids"]) for r in chunk)
             ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in chunk], device=device)
@@ -121,7 +122,7 @@ class Generator:
                 trained = torch.tensor([r["completion_mask"] + [0] * (width - len(r["input_ids"])) for r in chunk],
                                        device=device)
                 target = torch.where(trained.bool(), ids, -100)[:, 1:]  # position i predicts token i + 1
-                if self._keeps_logits:  # logits of the trained positions only, flattened (transformers' mask form)
+                if keeps_logits:  # logits of the trained positions only, flattened (transformers' mask form)
                     keep = torch.nn.functional.pad(target.ne(-100), (0, 1))
                     logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
                     target = target[target.ne(-100)]
