@@ -216,3 +216,27 @@ def test_hub_options_travel_in_the_spec_and_need_hub_data():
     assert parse_hub(data.test) == ("acme/reviews", "test", {"name": "en", "revision": "v1.0"})
     with pytest.raises(Exception, match="data.config and data.revision apply to hub: data"):
         Config.model_validate({**cfg, "data": {"train": "a.jsonl", "config": "en"}})
+
+
+def test_streamed_rows_from_files_and_the_hub_cache(tmp_path, monkeypatch):
+    """data.streaming's reader: rows one at a time with their row numbers, from JSON Lines, CSV, Parquet and a Hub
+    dataset in the local cache (offline), the same type rules as the table readers."""
+    import pandas as pd
+
+    from tunelab.data.stream import TextStream, open_rows
+    from tunelab.errors import DataError
+
+    rows = [{"text": f"document {i}"} for i in range(5)]
+    _hub_cache(tmp_path, monkeypatch, "acme/corpus", {"train": rows})
+    assert [t for t in TextStream("hub:acme/corpus", "text").texts()] == [r["text"] for r in rows]
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    assert [n for n, _ in open_rows(str(tmp_path / "d.csv"))] == [2, 3, 4, 5, 6]  # row 1 is the header
+    assert [r["text"] for _, r in open_rows(str(tmp_path / "d.parquet"))] == [r["text"] for r in rows]
+    stream = TextStream(str(tmp_path / "d.csv"), "text", held_out=frozenset({"document 2"}), limit=3)
+    assert list(stream.texts()) == ["document 0", "document 1", "document 3"] and stream.counts["leaked"] == 1
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n\n{"text": "b"\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 3: not valid JSON"):
+        list(open_rows(str(tmp_path / "bad.jsonl")))
+    with pytest.raises(DataError, match=r"data\.streaming reads \.jsonl"):
+        open_rows(str(write_jsonl(tmp_path / "x.json", rows)))

@@ -200,3 +200,46 @@ def test_forgetting_is_measured_on_general_text_by_default(make_config, tiny_lla
                        data={"train": str(docs), "split": {"validation": 0, "test": 0.2}, "leakage": "ignore"},
                        train={"max_steps": 1}, eval={"forgetting": str(docs)})
     assert tunelab.train(path).metrics["forgetting"]["skipped"] == "this text is part of the training data"
+
+
+def test_causal_lm_streaming_trains_from_a_stream(make_config, tiny_llama, tmp_path, monkeypatch):
+    """data.streaming: the train file is read row by row while training (never as a table), leaked documents are
+    skipped and counted, and the same documents give the same model as the whole-file run with the same order."""
+    from tunelab.data import load as load_module
+
+    docs = [{"text": " ".join(WORDS[(i + j) % 8] for j in range(4 + i % 9)) + f" {i}"} for i in range(40)]
+    held = [{"text": "slow sharp dull fine"}, {"text": docs[3]["text"]}]  # the second one leaks
+    train = write_jsonl(tmp_path / "docs.jsonl", docs)
+    test = write_jsonl(tmp_path / "test.jsonl", held)
+    common = dict(task="causal_lm", method={"name": "lora", "r": 4}, model={"name": str(tiny_llama),
+                  "max_length": 16}, train={"max_steps": 3, "packing": False, "batch_size": 2})
+    path = make_config(name="stream", data={"train": str(train), "test": str(test), "streaming": True}, **common)
+    real = load_module.read_table
+    monkeypatch.setattr(load_module, "read_table",  # only the test file is read as a whole table
+                        lambda spec: real(spec) if spec != str(train) else pytest.fail("train read as a table"))
+    result = tunelab.train(path)
+    enc = result.metrics["train"]["encoded"]["train"]
+    assert enc["streamed"] and enc["leaked_skipped"] == 1
+    assert 6 <= enc["examples"] <= 40  # 3 steps × 2 rows consumed (plus the stream's read-ahead)
+    assert result.manifest["examples"]["train"] is None and result.manifest["examples"]["test"] == 2
+    assert result.metrics["test"]["perplexity"] > 1
+
+
+def test_streaming_config_and_row_errors(make_config, tiny_llama, tmp_path):
+    train = write_jsonl(tmp_path / "docs.jsonl", [{"text": "good bad"}] * 3 + [{"text": 7}])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "fine"}])
+    path = make_config(name="s1", task="causal_lm", model={"name": str(tiny_llama)},
+                       data={"train": str(train), "streaming": True})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "data.streaming needs train.max_steps" in str(err.value)
+    assert "data.streaming needs data.validation and/or data.test" in str(err.value)
+    path = make_config(name="s2", task="sft", model={"name": str(tiny_llama)}, train={"max_steps": 2},
+                       data={"train": str(train), "test": str(test), "streaming": True})
+    with pytest.raises(ConfigError, match="data.streaming applies to task\\(s\\) causal_lm, not sft"):
+        load_config(path)
+    path = make_config(name="s3", task="causal_lm", model={"name": str(tiny_llama), "max_length": 8},
+                       train={"max_steps": 5, "batch_size": 4},
+                       data={"train": str(train), "test": str(test), "streaming": True})
+    with pytest.raises(TunelabError, match=r"docs\.jsonl, row 4: `text` holds an integer \(7\), not text"):
+        tunelab.train(path)

@@ -130,10 +130,20 @@ class Config(Section):
         if self.train.packing and trait(method, "VIRTUAL_TOKENS"):
             problems.append(f"train.packing cannot be used with method {method}: its virtual tokens would be shared by "
                             f"every packed example (PEFT ignores position ids)")
+        if self.data.streaming:
+            if not task.STREAMING:
+                streams = ", ".join(n for n, t in TASKS.items() if t.STREAMING)
+                problems.append(f"data.streaming applies to task(s) {streams}, not {self.task}")
+            if self.train.max_steps is None:
+                problems.append("data.streaming needs train.max_steps: a stream has no known length, so epochs "
+                                "cannot be counted")
+            if self.data.validation is None and self.data.test is None:
+                problems.append("data.streaming needs data.validation and/or data.test: a stream is read once, in "
+                                "order, and is not split")
         problems += task.check(self)
         if problems:
             raise ValueError("; ".join(problems))
-        no_validation = self.data.validation is None and self.data.split.validation == 0
+        no_validation = self.data.validation is None and (self.data.split.validation == 0 or self.data.streaming)
         if self.train.early_stopping_patience is not None and no_validation:
             raise ValueError("train.early_stopping_patience needs validation data (data.validation or "
                              "data.split.validation > 0)")

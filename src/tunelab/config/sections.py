@@ -106,6 +106,12 @@ class DataConfig(Section):
     error naming the row — it usually means the wrong column was named."""
     max_train_examples: int | None = Field(None, ge=1)
     """Use only this many training examples (a fixed-seed sample), e.g. for a quick try."""
+    streaming: bool = False
+    """Read data.train as a stream (`datasets` streaming): rows are read, type-checked and tokenized while training
+    consumes them, so a corpus larger than memory trains (task causal_lm). Needs train.max_steps (a stream has no
+    known length) and data.validation / data.test files (a stream is not split); train rows whose text is in
+    validation or test are skipped as they stream by, and counted. A Hub dataset streams from the Hub, or from the
+    local datasets cache offline."""
     # --- task: sft
     format: Literal["auto", "alpaca", "prompt_response", "messages"] = "auto"
     """sft row layout: `alpaca` (instruction, optional input, output), `prompt_response` (`prompt` and

@@ -22,6 +22,9 @@ def check(config) -> dict:
     # than the model takes (the report counts those: over_max_length)
     tokenizer.model_max_length = int(1e9)
     report = {"task": config.task, "max_length": config.model.max_length, "splits": {}, "leakage": {}}
+    if splits.stream is not None:  # data.streaming: the first rows of the stream stand for train (checked as read)
+        splits.train = stream_head(splits.stream, STREAM_HEAD)
+        report["streamed_head"] = STREAM_HEAD
     for name in ("train", "validation", "test"):
         frame = getattr(splits, name)
         if not len(frame):
@@ -51,8 +54,29 @@ def check(config) -> dict:
     return report
 
 
+STREAM_HEAD = 1000
+
+
+def stream_head(stream, n: int):
+    """The first `n` train documents of a stream as a table (leaked ones kept, so the check can report them)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from .splits import add_text_key
+    from .types import ROW
+
+    head = dataclasses.replace(stream, held_out=frozenset(), limit=n, counts={"read": 0, "leaked": 0})
+    frame = pd.DataFrame({stream.column: list(head.texts())})
+    frame.insert(0, ROW, range(1, len(frame) + 1))
+    return add_text_key(frame, stream.column, None)
+
+
 def format_report(report: dict, source: str) -> str:
     lines = [f"{source}: task {report['task']}, model.max_length {report['max_length']}"]
+    if "streamed_head" in report:
+        lines.append(f"  train is streamed (data.streaming): its first {report['streamed_head']:,} documents are "
+                     f"checked here; the rest are checked as training reads them")
     for name, info in report["splits"].items():
         t = info["tokens"]
         rows = f" → {info['rows']:,} rows (one per assistant turn)" if "rows" in info else ""

@@ -30,9 +30,12 @@ class Splits:
     leaks: dict[str, int] = field(default_factory=dict)
     replay: pd.DataFrame | None = None
     """sft: general text (`text` column) mixed into training against forgetting (data.replay)."""
+    stream: object | None = None
+    """data.streaming: the training rows as a `data.stream.TextStream` (read while training); `train` is empty."""
 
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+    def sizes(self) -> dict[str, int | None]:
+        train = None if self.stream is not None else len(self.train)  # a stream's length is not known beforehand
+        return {"train": train, "validation": len(self.validation), "test": len(self.test)}
 
 
 def file_hash(spec: str) -> str:
@@ -42,7 +45,9 @@ def file_hash(spec: str) -> str:
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for p in files:
-        h.update(p.read_bytes())
+        with open(p, "rb") as f:  # in chunks: a streamed corpus may not fit in memory
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -240,8 +245,11 @@ def text_table(spec: str, column: str, numbers_as_text: bool = False) -> pd.Data
 
 
 def text_splits(config) -> Splits:
-    """Raw text documents (causal_lm)."""
+    """Raw text documents (causal_lm); with data.streaming, the train documents stay a stream (read while
+    training) and validation/test are the given files."""
     data = config.data
+    if data.streaming:
+        return _streamed_text_splits(config)
     split, files = _split_source(data.train, data.validation, data.test, config,
                                  lambda s: text_table(s, data.text, data.numbers_as_text))
     if data.max_train_examples and len(split["train"]) > data.max_train_examples:
@@ -249,6 +257,28 @@ def text_splits(config) -> Splits:
     splits = Splits(split["train"], split["validation"], split["test"], [], files)
     _check_leakage(splits, data)
     return splits
+
+
+def _streamed_text_splits(config) -> Splits:
+    from .readers import parse_hub
+    from .stream import TextStream
+
+    data = config.data
+    files, given = {}, {}
+    for name in ("validation", "test"):
+        spec = getattr(data, name)
+        given[name] = text_table(spec, data.text, data.numbers_as_text) if spec else None
+        if spec:
+            files[spec] = file_hash(spec)
+    if data.train.startswith(HUB):  # not downloaded to be hashed: the revision read is what identifies it
+        files[data.train] = f"streamed@{parse_hub(data.train)[2]['revision'] or 'latest'}"
+    else:
+        files[data.train] = file_hash(data.train)
+    empty = pd.DataFrame({ROW: [], data.text: [], "_text_key": []})
+    held_out = frozenset(k for f in given.values() if f is not None for k in f["_text_key"])
+    stream = TextStream(data.train, data.text, data.numbers_as_text, held_out, data.max_train_examples)
+    return Splits(empty, given["validation"] if given["validation"] is not None else empty,
+                  given["test"] if given["test"] is not None else empty, [], files, stream=stream)
 
 
 def preference_splits(config, prompts_only: bool = False) -> Splits:

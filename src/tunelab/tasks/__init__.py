@@ -58,6 +58,8 @@ class Task(Protocol):
     """eval.earlier_task (a linear probe on an earlier task's data) applies."""
     BASELINE: bool
     """`tunelab eval --base CONFIG` measures its untrained model."""
+    STREAMING: bool
+    """data.streaming applies: the train rows can be read, checked and tokenized as training consumes them."""
 
     def check(self, config) -> list[str]: ...
     def load_splits(self, config): ...
@@ -75,7 +77,7 @@ TASKS: dict[str, Task] = {}
 
 _DEFAULTS = {"AUTO_HEAD": None, "PACKING": False, "PACKING_DEFAULT": False, "GROUP_BY_LENGTH": False,
              "DEFAULT_METHOD": None, "SECTION": None, "SECTION_REQUIRED": False, "EARLIER_TASK": False,
-             "BASELINE": False, "CAUSAL_LM": False, "SERVES": None, "DATA_FIELDS": frozenset()}
+             "BASELINE": False, "STREAMING": False, "CAUSAL_LM": False, "SERVES": None, "DATA_FIELDS": frozenset()}
 
 
 def register(module) -> None:

@@ -18,6 +18,7 @@ PEFT_TASK_TYPE = "CAUSAL_LM"
 AUTO_HEAD = "causal-lm"  # the head it builds (checked to exist before any work)
 CAUSAL_LM, SERVES, BASELINE = True, "generate", True
 PACKING = PACKING_DEFAULT = True  # raw text packs without changing what an example is
+STREAMING = True  # a document is one row: nothing needs the whole file before training
 
 
 def check(config) -> list[str]:

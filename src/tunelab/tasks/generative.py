@@ -116,11 +116,33 @@ def build_trainer(task, config, splits, model_dir: str, run, extra_callbacks=())
         if e.truncated or e.dropped:
             print(f"tunelab: {name}: {e.truncated} example(s) cut and {e.dropped} dropped at "
                   f"model.max_length={max_length} (data.overflow: {config.data.overflow})")
-    if "train" not in encoded or not encoded["train"].rows:
+    if splits.stream is not None:  # data.streaming: read, checked and tokenized as the Trainer asks for rows
+        encoded["train"] = EncodedSplit([])
+    elif "train" not in encoded or not encoded["train"].rows:
         raise TunelabError(f"no training example fits in model.max_length={max_length}")
     sets = {name: datasets.Dataset.from_list(e.rows) for name, e in encoded.items() if e.rows}
+    if splits.stream is not None:
+        sets["train"] = _streamed_rows(config, splits.stream, tokenizer, encoded["train"])
     trainer = getattr(task, "make_trainer", sft_trainer)(config, run, model, tokenizer, sets, extra_callbacks)
     return trainer, tokenizer, params, encoded, sets
+
+
+def _streamed_rows(config, stream, tokenizer, counts: EncodedSplit):
+    """An IterableDataset of token rows encoded one document at a time from `stream` (a data.stream.TextStream);
+    documents cut or dropped at model.max_length are counted in `counts` as they go by."""
+    import datasets
+
+    def rows():
+        for text in stream.texts():
+            e = encode_text([text], tokenizer, config.model.max_length, config.data.overflow,
+                            split_long=config.packing)
+            counts.truncated += e.truncated
+            counts.dropped += e.dropped
+            yield from e.rows
+
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                                  "completion_mask": datasets.List(datasets.Value("int8"))})
+    return datasets.IterableDataset.from_generator(rows, features=features)
 
 
 def fit_generative(task, ctx) -> tuple[dict, dict]:
@@ -137,6 +159,13 @@ def fit_generative(task, ctx) -> tuple[dict, dict]:
                                   / stats["runtime_s"], 1)
     stats["encoded"] = {name: {"examples": len(e.rows), "truncated": e.truncated, "dropped": e.dropped}
                         for name, e in encoded.items()}
+    if ctx.splits.stream is not None:  # documents read from the stream (every pass), and those skipped as leaks
+        c = ctx.splits.stream.counts
+        stats["encoded"]["train"] = {**stats["encoded"]["train"], "examples": c["read"] - c["leaked"],
+                                     "streamed": True, "leaked_skipped": c["leaked"]}
+        if c["leaked"]:
+            print(f"tunelab: leakage: skipped {c['leaked']} streamed train document(s) whose text is also in "
+                  f"validation/test (data.streaming)")
     # the Trainer evaluated every checkpoint and (usually) restored the best: its loss is the best metric
     if "validation" in sets:
         last_eval = next((r["eval_loss"] for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
