@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uvicorn's log level (info logs every request)")
     sv.set_defaults(fn=commands.serve)
 
+    u = sub.add_parser("ui", help="a local web app: set up, start, watch, compare and try runs in the browser")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--runs-dir", default="runs", help="the folder of runs it lists and starts jobs in")
+    u.add_argument("--api-key-file", metavar="FILE", help="require the key on the first line of FILE (or set "
+                                                          "TUNELAB_API_KEY); needed for a non-loopback --host")
+    u.add_argument("--api-key", help="the key itself (visible in the process list: prefer --api-key-file)")
+    u.add_argument("--max-upload-mb", type=float, default=50, help="largest data file sent from the browser")
+    u.set_defaults(fn=commands.ui)
+
     c = sub.add_parser("compare", help="run several methods on the same data and split; write report.md/.html")
     c.add_argument("config")
     c.add_argument("--methods", help="comma-separated, e.g. features,head,last_layers,full,lora,prompt,icl_0,icl_k,"

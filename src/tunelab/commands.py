@@ -287,6 +287,14 @@ def serve(args) -> int:
     return 0
 
 
+def ui(args) -> int:
+    from .serve import read_api_key
+    from .ui import ui
+
+    ui(args.host, args.port, args.runs_dir, read_api_key(args.api_key, args.api_key_file), args.max_upload_mb)
+    return 0
+
+
 def models(args) -> int:
     from .models import PACKAGED
 

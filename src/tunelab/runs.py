@@ -28,9 +28,9 @@ __all__ = ["MARKER", "RunDir", "check_output", "default_dir", "load_run", "now",
 STATUS = "status.json"
 # Every top-level entry a run directory can hold that tunelab writes (train, eval, merge, export). Only these are
 # removed by --overwrite.
-OWNED = ("config.yaml", STATUS, LOCK, "metrics.jsonl", "metrics.json", "manifest.json", "model", "checkpoints",
-         "loss.png", "rewards.png", "samples.jsonl", "tensorboard", "evaluations", "merged", "predictions_*.jsonl",
-         "export-*", "*.tmp", ".*.partial-*", ".*.old-*")
+OWNED = ("config.yaml", STATUS, LOCK, "progress.json", "metrics.jsonl", "metrics.json", "manifest.json", "model",
+         "checkpoints", "loss.png", "rewards.png", "samples.jsonl", "tensorboard", "evaluations", "merged",
+         "predictions_*.jsonl", "export-*", "*.tmp", ".*.partial-*", ".*.old-*")
 
 
 def write_json(path: Path, obj) -> None:

@@ -36,6 +36,33 @@ class JsonlLogger(TrainerCallback):
                 f.write(json.dumps(record) + "\n")
 
 
+class ProgressFile(TrainerCallback):
+    """RUN/progress.json after every optimizer step: step, total steps, seconds since training began and the
+    estimated seconds left — what `tunelab ui` shows while a run trains (written atomically)."""
+
+    def __init__(self, path: Path):
+        self.path, self.began, self.first_step = path, None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.began, self.first_step = time.time(), state.global_step  # a resumed run starts at its checkpoint
+        self._write(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._write(state)
+
+    def _write(self, state):
+        if not state.is_world_process_zero or self.began is None:
+            return
+        elapsed = time.time() - self.began
+        done = state.global_step - self.first_step
+        left = (state.max_steps - state.global_step) * elapsed / done if done > 0 else None
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"step": state.global_step, "max_steps": state.max_steps,
+                                   "elapsed_s": round(elapsed, 1), "eta_s": None if left is None else round(left, 1),
+                                   "updated": time.time()}))
+        tmp.replace(self.path)
+
+
 class LossProgress(ProgressCallback):
     """The Trainer's progress bar (steps, eta) with the latest loss beside it, and one line per evaluation."""
 

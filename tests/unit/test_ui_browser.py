@@ -1,0 +1,199 @@
+"""`tunelab ui` driven in a real browser (Playwright on the system's headless Chromium) against a real `tunelab ui`
+process on loopback: the form, a validation error, a run started and watched to `completed` with its loss chart,
+the playground, and a second run stopped (left `interrupted`). Screenshots of every page go to
+$TUNELAB_UI_SCREENSHOTS (the README's come from there: `TUNELAB_UI_SCREENSHOTS=docs/images pytest -k browser`)
+or to the test's folder."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import sample_rows, write_jsonl
+
+playwright = pytest.importorskip("playwright.sync_api")
+BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+pytestmark = pytest.mark.skipif(BROWSER is None, reason="no headless Chromium (apt-get install "
+                                                        "chromium-headless-shell; CI installs it)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ui(tmp_path):
+    """A `tunelab ui` process in `tmp_path` (its runs folder tmp_path/runs); yields its base URL."""
+    port = _free_port()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "ui", "--port", str(port), "--runs-dir", "runs"],
+                            cwd=tmp_path, env=env, stdout=open(tmp_path / "ui.log", "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("tunelab ui exited: " + (tmp_path / "ui.log").read_text())
+            time.sleep(0.25)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+    for job in (tmp_path / "runs" / ".ui" / "jobs").glob("*.json"):  # no training process outlives the test
+        import json
+
+        try:
+            os.killpg(json.loads(job.read_text())["pid"], 9)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=BROWSER)
+        page = b.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(30_000)
+        yield page
+        b.close()
+
+
+def _shots(tmp_path) -> Path:
+    out = Path(os.environ.get("TUNELAB_UI_SCREENSHOTS") or tmp_path / "screenshots")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _wait_state(page, url: str, state: str, timeout: float = 180) -> None:
+    """Reload the run page until its state badge says `state` (the page also refreshes itself while running)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        page.goto(url)
+        if page.locator("#state").inner_text().strip() == state:
+            return
+        time.sleep(1)
+    pytest.fail(f"{url} did not reach {state}: it says {page.locator('#state').inner_text()}\n"
+                + page.locator("body").inner_text()[:3000])
+
+
+def test_classification_run_from_form_to_playground_and_stop(ui, browser, tmp_path, tiny_bert):
+    page, shots = browser, _shots(tmp_path)
+    data = write_jsonl(tmp_path / "reviews.jsonl", sample_rows(160))
+    page.goto(ui + "/")
+    assert page.locator("#empty").is_visible()  # no runs: a clear page
+    page.screenshot(path=shots / "ui-empty.png")
+
+    # the form: method head (its own options appear), a bad learning rate refused inline with the CLI's words
+    page.goto(ui + "/new")
+    page.select_option("#method", "head")
+    page.wait_for_url("**/new?*method=head*")  # the form was redrawn for head: LoRA's options are gone
+    assert page.locator("[id='method.r']").count() == 0
+    page.fill("#name", "tiny")
+    page.fill("[id='model.name']", str(tiny_bert))
+    page.fill("[id='model.max_length']", "64")
+    page.fill("[id='data.train']", str(data))
+    page.fill("[id='train.max_steps']", "6")
+    page.fill("[id='train.batch_size']", "16")
+    page.fill("[id='train.logging_steps']", "1")
+    page.select_option("[id='train.precision']", "fp32")
+    page.fill("[id='train.lr']", "-1")
+    page.click("#validate")
+    error = page.locator("[id='error-train.lr']")
+    assert "greater than 0" in error.inner_text()
+    page.screenshot(path=shots / "ui-new-run-error.png", full_page=False)
+    page.fill("[id='train.lr']", "0.001")
+    page.click("#validate")
+    assert page.locator("#valid").is_visible() and "lr: 0.001" in page.locator("#yaml").inner_text()
+    page.screenshot(path=shots / "ui-new-run.png", full_page=True)
+
+    # start it; the run page watches it to completed, with the loss chart drawn
+    page.click("#start-train")
+    page.wait_for_url(ui + "/runs/tiny")
+    _wait_state(page, ui + "/runs/tiny", "completed")
+    chart = page.locator("#loss-chart")
+    assert chart.is_visible() and chart.evaluate("img => img.naturalWidth") > 100
+    assert page.locator("#metrics").is_visible() and page.locator("#confusion").is_visible()
+    page.screenshot(path=shots / "ui-run.png", full_page=True)
+
+    # the playground: probabilities per label
+    page.fill("#try-text", "a wonderful, moving film")
+    page.click("#try")
+    rows = page.locator("#probabilities tr")
+    assert rows.count() == 3  # header + negative + positive
+    labels = {rows.nth(i).locator("td").first.inner_text() for i in (1, 2)}
+    assert labels == {"negative", "positive"}
+    page.wait_for_function("document.getElementById('loss-chart').complete")  # the chart is drawn on request
+    page.screenshot(path=shots / "ui-playground.png", full_page=True)
+
+    # the runs table lists it with its metric
+    page.goto(ui + "/")
+    assert "accuracy" in page.locator("#runs").inner_text()
+    page.screenshot(path=shots / "ui-runs.png")
+
+    # a second, long run: started, seen running, stopped → interrupted, and offered a resume
+    page.goto(ui + "/new?method=head")
+    page.fill("#name", "long")
+    page.fill("[id='model.name']", str(tiny_bert))
+    page.fill("[id='data.train']", str(data))
+    page.fill("[id='train.max_steps']", "100000")
+    page.fill("[id='train.batch_size']", "4")
+    page.select_option("[id='train.precision']", "fp32")
+    page.click("#start-train")
+    page.wait_for_url(ui + "/runs/long")
+    end = time.time() + 120
+    while time.time() < end and not page.locator("#progress").count():
+        time.sleep(1)
+        page.goto(ui + "/runs/long")
+    assert page.locator("#progress").count(), page.locator("body").inner_text()[:2000]
+    assert "/ 100000" in page.locator("#progress").inner_text()
+    page.screenshot(path=shots / "ui-running.png", full_page=True)
+    page.click("#stop")
+    _wait_state(page, ui + "/runs/long", "interrupted", timeout=60)
+    end = time.time() + 60  # the process writes `interrupted`, then exits: Resume is offered once it is gone
+    while time.time() < end and not page.locator("#resume").count():
+        time.sleep(1)
+        page.goto(ui + "/runs/long")
+    assert page.locator("#resume").is_visible()
+    assert "stopped by the user" in page.locator("#run-error").inner_text()
+    page.screenshot(path=shots / "ui-interrupted.png", full_page=True)
+
+
+def test_generative_run_base_and_tuned_side_by_side(ui, browser, tmp_path, tiny_llama):
+    """A generative run (trained here through the API, as the UI's job would) answers next to its base model."""
+    import tunelab
+
+    page, shots = browser, _shots(tmp_path)
+    rows = [{"prompt": f"say {w}", "response": f"{w} {w}"} for w in ["good", "bad", "great", "awful"] * 10]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    import yaml
+
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_llama), "max_length": 32}, "task": "sft",
+        "data": {"train": str(data), "split": {"validation": 0.1, "test": 0.1}, "leakage": "ignore",
+                 "prompt_format": "alpaca"},
+        "method": {"name": "lora", "r": 4}, "train": {"max_steps": 3, "precision": "fp32"},
+        "eval": {"forgetting": None, "max_generate": 2, "max_new_tokens": 4},
+        "output": {"dir": str(tmp_path / "runs" / "gen")}}))
+    tunelab.train(cfg)
+    page.goto(ui + "/runs/gen")
+    assert page.locator("#state").inner_text() == "completed"
+    page.fill("#try-text", "say good")
+    page.fill("input[name=max_new_tokens]", "6")
+    page.click("#try")
+    side = page.locator("#before-after")
+    assert side.is_visible()
+    assert page.locator("#try-error").count() == 0
+    assert page.locator("#base-answer").count() == 1 and page.locator("#tuned-answer").count() == 1
+    assert "### Instruction" in page.locator("#before-after + details pre").text_content()
+    page.screenshot(path=shots / "ui-before-after.png", full_page=True)
