@@ -117,3 +117,32 @@ def test_key_and_host(tmp_path, monkeypatch):
     assert locked.get("/", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     opened = locked.get("/", params={"key": "s3cret"})
     assert opened.status_code == 200 and locked.get("/").status_code == 200  # the cookie it set
+
+
+def test_data_check_and_compare_job_from_the_form(client, tmp_path, tiny_bert, monkeypatch):
+    """Check data prints `tunelab data check`; Start compare launches `tunelab compare` as its own process (the
+    command is recorded; the process is stopped at once) and its page shows the job."""
+    import time
+
+    from conftest import sample_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(60))
+    form = {"name": "cmp", "task": "classify", "method": "head", "f:model.name": str(tiny_bert),
+            "f:data.train": str(data), "f:train.max_steps": "2", "action": "check"}
+    checked = client.post("/new", data=form)
+    assert checked.status_code == 200 and 'id="data-report"' in checked.text
+    report = checked.text[checked.text.index('id="data-report"'):]
+    assert "labels: negative" in report and "leakage: none" in report
+    started = client.post("/new", data={**form, "action": "compare", "f:compare.methods": "[head]"},
+                          follow_redirects=False)
+    assert started.status_code == 303 and started.headers["location"] == "/groups/compare-cmp"
+    job = client.app.state.jobs.job("cmp")
+    assert job["kind"] == "compare" and job["cmd"][2:5] == ["tunelab", "compare", job["config"]]
+    assert job["cmd"][-2:] == ["--out", str(tmp_path / "runs" / "compare-cmp")]
+    page = client.get("/groups/compare-cmp")
+    assert page.status_code == 200 and "compare job started from this UI" in page.text
+    client.post("/stop", params={"run": "cmp", "back": "/groups/compare-cmp"})
+    end = time.time() + 30
+    while time.time() < end and client.app.state.jobs.job("cmp")["alive"]:
+        time.sleep(0.3)
+    assert not client.app.state.jobs.job("cmp")["alive"]

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import re
-import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import yaml
@@ -18,26 +16,11 @@ from fastapi.templating import Jinja2Templates
 from ..errors import TunelabError
 from . import forms
 from .jobs import Jobs, NotAllowed, check_name, list_groups, list_runs, read_json, read_jsonl, run_info, run_path
+from .playground import Playground, try_run
 
 TEMPLATES = Path(__file__).parent / "templates"
 SERVED = {".png", ".svg", ".html", ".json", ".jsonl", ".md", ".yaml", ".csv"}
 KEY_COOKIE = "tunelab_ui_key"
-
-
-class Playground:
-    """Finished runs loaded for the Try-it panel (the two most recent), and the base models for before/after."""
-
-    def __init__(self, keep: int = 2):
-        self.keep, self.loaded, self.lock = keep, OrderedDict(), threading.Lock()
-
-    def get(self, key: str, load):
-        with self.lock:
-            if key not in self.loaded:
-                self.loaded[key] = load()
-                while len(self.loaded) > self.keep:
-                    self.loaded.popitem(last=False)
-            self.loaded.move_to_end(key)
-            return self.loaded[key]
 
 
 def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, max_upload_mb: float = 50,
@@ -117,11 +100,11 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, max_up
         return FileResponse(target)
 
     @app.post("/stop")
-    def stop(run: str):
-        run_id = run
-        jobs.stop(run_id)
+    def stop(run: str, back: str = ""):
+        jobs.stop(run)
         time.sleep(0.5)
-        return RedirectResponse(f"/runs/{run_id}", status_code=303)
+        target = back if re.fullmatch(r"/groups/[A-Za-z0-9._-]+", back) else f"/runs/{run}"
+        return RedirectResponse(target, status_code=303)
 
     @app.post("/resume")
     def resume(run: str):
@@ -132,19 +115,26 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, max_up
         jobs.start("train", run_id, Path(job["config"]), resume=True)
         return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
-    @app.api_route("/runs/{run_id:path}", methods=["GET", "POST"], response_class=HTMLResponse)
-    async def run_page(request: Request, run_id: str):
+    @app.get("/runs/{run_id:path}", response_class=HTMLResponse)
+    def run_get(request: Request, run_id: str):
+        return run_page(request, run_id, None)
+
+    @app.post("/runs/{run_id:path}", response_class=HTMLResponse)
+    async def run_try(request: Request, run_id: str):
+        """The playground's form: the page again, with the run's answer."""
+        from starlette.concurrency import run_in_threadpool
+
+        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        path = run_path(root, run_id)
+        tried = await run_in_threadpool(try_run, playground, path, form) if (path / "status.json").exists() else None
+        return await run_in_threadpool(run_page, request, run_id, tried)
+
+    def run_page(request: Request, run_id: str, tried: dict | None):
         path = run_path(root, run_id)
         job = jobs.job(run_id) if "/" not in run_id else None
         if not (path / "status.json").exists() and not job:
             return page(request, "message.html", 404, title="No such run",
                         message=f"{run_id}: there is no run here (no status.json under {path}).")
-        tried = None
-        if request.method == "POST":
-            form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
-            from starlette.concurrency import run_in_threadpool
-
-            tried = await run_in_threadpool(try_run, path, form)
         info = run_info(path, full=True) if (path / "status.json").exists() else None
         records, warnings = read_jsonl(path / "metrics.jsonl")
         metrics, problem = read_json(path / "metrics.json")
@@ -159,47 +149,6 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, max_up
                     has_loss=any("loss" in r or "eval_loss" in r for r in records), config_text=config_text,
                     samples=samples, plots=plots, tried=tried, refresh=alive, now=int(time.time()),
                     kind=_kind(config_text))
-
-    def try_run(path: Path, form: dict) -> dict:
-        """The playground: the run's answer (and the base model's, for generative runs) to the typed text."""
-        import tunelab
-
-        text = form.get("text", "").strip()
-        out = {"text": text}
-        if not text:
-            out["error"] = "type some text first"
-            return out
-        if len(text) > 20_000:
-            out["error"] = "at most 20,000 characters"
-            return out
-        try:
-            engine = playground.get(str(path), lambda: tunelab.load(path))
-            if hasattr(engine, "predict_proba"):
-                probs = engine.predict_proba([text])[0]
-                out["probabilities"] = sorted(probs.items(), key=lambda kv: -kv[1])
-                return out
-            max_new = min(int(form.get("max_new_tokens") or 64), 512)
-            sample = form.get("do_sample") == "on"
-            temperature = float(form.get("temperature") or 0.7)
-            top_p = float(form.get("top_p") or 0.95)
-            prompt = engine.render(text)  # what `tunelab serve` renders for one user message
-            kw = dict(max_new_tokens=max_new, do_sample=sample, temperature=temperature, top_p=top_p,
-                      strip=engine.config.task != "causal_lm")
-            out["prompt"] = prompt
-            out["tuned"] = engine.generate([prompt], **kw)[0]
-            with engine.adapter_disabled() as switched_off:
-                if switched_off is not None:
-                    out["base"] = switched_off.generate([prompt], **kw)[0]
-            if "base" not in out:
-                from ..tasks.generate import Generator
-
-                base = playground.get(f"base:{engine.config.model.name}", lambda: Generator.base(engine.config))
-                out["base"] = base.generate([prompt], **kw)[0]
-        except (TunelabError, ValueError) as exc:
-            out["error"] = str(exc)
-        except Exception as exc:  # noqa: BLE001 — the page says what failed
-            out["error"] = f"{type(exc).__name__}: {exc}"
-        return out
 
     # ------------------------------------------------------------------------------------------- compare
 
