@@ -37,6 +37,7 @@ def main() -> None:
     frozen = run("frozen.py")["results"]
     peers = run("peers.py", "--repeats", "3")  # LLaMA-Factory side by side; its venv is created once
     run("gguf.py")  # llama.cpp on the exported GGUF next to tunelab generate (its table is in docs/performance.md)
+    run("chat_turns.py")  # multi-turn chat in one pass vs one example per answer (README, docs/generative.md)
     pr, pt, pl = peers["ratios"], peers["summary"]["tunelab"], peers["summary"]["llamafactory"]
     t, r = sft["results"]["tunelab"], sft["results"]["recipe"]
     tc = sft["results"].get("tunelab+compile", {})

@@ -342,13 +342,25 @@ def gguf_speed() -> str:
                            f"sides. {_machine(rec)}")
 
 
+def chat_turns() -> str:
+    rec = _load(BENCH / "chat_turns.json")
+    r = rec["results"]
+    before, after = r["per_turn"], r["one_pass"]
+    return (f"On the shipped chit-chat (`{rec['config']}`, {after['examples_per_epoch']} conversations), one pass "
+            f"trains the same {after['trained_tokens_per_epoch']:,} answer tokens from {after['tokens_per_epoch']:,} "
+            f"tokens per epoch instead of {before['tokens_per_epoch']:,} in {before['examples_per_epoch']:,} "
+            f"per-turn examples: {after['tokens_per_s']} real tokens/s (before: {before['tokens_per_s']}), so an epoch "
+            f"takes about {after['epoch_s_projected']:.0f} s instead of {before['epoch_s_projected']:.0f} s — "
+            f"{rec['epoch_speedup']}× faster. {_machine(rec)}")
+
+
 RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict": compare_sentiment_verdict,
              "compare-curves": compare_curves, "compare-translate-fr": compare_translate_fr,
              "compare-translate-fr-verdict": compare_translate_fr_verdict,
              "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
              "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary, "peers": peers,
-             "gguf-speed": gguf_speed,
+             "gguf-speed": gguf_speed, "chat-turns": chat_turns,
              "config-fields": config_fields}
 
 
