@@ -25,7 +25,7 @@ def _run(script: str, *args: str) -> dict:
     return json.loads((RESULTS / script.replace(".py", ".json")).read_text())
 
 
-def _saved(script: str) -> dict:
+def _saved(script: str, *_args: str) -> dict:  # --summary-only: the arguments a run would take
     return json.loads((RESULTS / script.replace(".py", ".json")).read_text())
 
 

@@ -146,3 +146,15 @@ def test_data_check_and_compare_job_from_the_form(client, tmp_path, tiny_bert, m
     while time.time() < end and client.app.state.jobs.job("cmp")["alive"]:
         time.sleep(0.3)
     assert not client.app.state.jobs.job("cmp")["alive"]
+
+
+def test_a_job_that_died_before_its_run_existed_says_so(client, tmp_path):
+    jobs = tmp_path / "runs" / ".ui" / "jobs"
+    jobs.mkdir(parents=True)
+    gone = 2 ** 22 + 7  # above the kernel's pid_max: no such process
+    (jobs / "early.json").write_text(json.dumps({"name": "early", "kind": "train", "pid": gone, "config": "x.yaml",
+                                                 "cmd": [], "started": 0}))
+    (jobs / "early.log").write_text("tunelab: error: model folder /nowhere does not exist\n")
+    page = client.get("/runs/early")
+    assert page.status_code == 200
+    assert "did not start" in page.text and "model folder /nowhere does not exist" in page.text
