@@ -25,7 +25,7 @@ CONFIG = ROOT / "examples" / "chat-lora.yaml"
 
 
 def run(mode: str, steps: int) -> dict:
-    from sft import Timer
+    from sft import train_timed
 
     from tunelab.config import load_config
     from tunelab.data.conversations import resolve_prompt_format
@@ -46,13 +46,7 @@ def run(mode: str, steps: int) -> dict:
     trainer, _, _, encoded, _ = TASKS["sft"].build_trainer(config, load_splits(config), resolve(config.model.name),
                                                            run_dir)
     train = encoded["train"]
-    timer = Timer(trainer.data_collator)
-    trainer.data_collator = timer
-    trainer.add_callback(timer.callback)
-    trainer.args.save_strategy = "no"
-    trainer.args.eval_strategy = "no"
-    trainer.train()
-    measured = timer.result(1, 1, None)
+    measured = train_timed(trainer).result(1, 1, None)
     epoch_tokens = sum(len(r["input_ids"]) for r in train.rows)
     return {"mode": mode, "examples_per_epoch": len(train.rows), "tokens_per_epoch": epoch_tokens,
             "trained_tokens_per_epoch": sum(sum(r["completion_mask"]) for r in train.rows),

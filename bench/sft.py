@@ -83,6 +83,17 @@ class Timer:
         return out
 
 
+def train_timed(trainer) -> Timer:
+    """Train `trainer` (no saving, no evaluation) with its steps timed and its tokens counted."""
+    timer = Timer(trainer.data_collator)
+    trainer.data_collator = timer
+    trainer.add_callback(timer.callback)
+    trainer.args.save_strategy = "no"
+    trainer.args.eval_strategy = "no"
+    trainer.train()
+    return timer
+
+
 def _param_split(model) -> tuple[int, int]:
     head = model.get_output_embeddings().weight.numel()
     body = sum(p.numel() for n, p in model.named_parameters()
@@ -110,12 +121,7 @@ def run_tunelab(args) -> dict:
     run = RunDir(WORK / "sft-tunelab")
     run.path.mkdir(parents=True, exist_ok=True)
     trainer, *_ = TASKS[config.task].build_trainer(config, load_splits(config), resolve(config.model.name), run)
-    timer = Timer(trainer.data_collator)
-    trainer.data_collator = timer
-    trainer.add_callback(timer.callback)
-    trainer.args.save_strategy = "no"
-    trainer.args.eval_strategy = "no"
-    trainer.train()
+    timer = train_timed(trainer)
     # the matmul peak measured again in this process, right after the timed steps (it drifts between runs on a
     # shared machine); MFU uses the higher of that and the suite's own measurement
     import torch

@@ -108,19 +108,23 @@ def _text(path: Path) -> str:
                         f"the file as UTF-8") from None
 
 
+def jsonl_row(path: Path, number: int, line: str) -> dict:
+    """One line of a JSON Lines file as its object; DataError naming the line otherwise."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows, lines = [], []
     for number, line in enumerate(_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-        lines.append(number)
+        if line.strip():
+            rows.append(jsonl_row(path, number, line))
+            lines.append(number)
     frame = pd.DataFrame(rows)
     frame.insert(0, ROW, lines)
     return frame

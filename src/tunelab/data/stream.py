@@ -7,13 +7,12 @@ message, the same rules as the whole-file readers."""
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from .readers import HUB, parse_hub, resolve_path
+from .readers import HUB, jsonl_row, parse_hub, resolve_path
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -30,15 +29,8 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{path}, line {number}: not UTF-8; save the file as UTF-8") from None
             if not line:
                 return
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-            yield number, row
+            if line.strip():
+                yield number, jsonl_row(path, number, line)
 
 
 def _csv(path: Path) -> Iterator[tuple[int, dict]]:

@@ -7,6 +7,7 @@ own files in `.ui/`: `configs/NAME.yaml` (the YAML a job runs), `jobs/NAME.json`
 its pid and output), `uploads/` (files sent from the browser)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -103,7 +104,10 @@ class RunInfo:
     kind: str = "train"
 
 
-def _size_mb(path: Path) -> float:
+@functools.lru_cache(maxsize=4096)
+def _size_mb(path: Path, stamp: float) -> float:
+    """Megabytes under `path`; `stamp` (status.json's mtime) keys the cache, so the runs page, which refreshes
+    every two seconds while a job runs, walks a finished run's model folder once."""
     total = 0
     for p in path.rglob("*"):
         try:
@@ -150,7 +154,8 @@ def run_info(path: Path, full: bool = False) -> RunInfo:
     if manifest:
         info.seconds = manifest.get("wall_time_s")
     if full or info.state == "completed":
-        info.size_mb = _size_mb(path / "model") if (path / "model").exists() else None
+        stamp = (path / "status.json").stat().st_mtime if status is not None else 0.0
+        info.size_mb = _size_mb(path / "model", stamp) if (path / "model").exists() else None
     return info
 
 
