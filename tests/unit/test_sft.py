@@ -287,6 +287,81 @@ def test_compiled_blocks_train_the_same_adapter(make_config, tiny_llama, tmp_pat
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(trainer.model)[1])
 
 
+def test_compile_auto_rule(monkeypatch):
+    """train.compile auto: on only where Inductor can run and the run is long enough to pay back the compile time;
+    true/false are obeyed; each decision says why."""
+    from tunelab import compiling
+
+    assert compiling.decide("auto", compiling.MIN_STEPS, None)[0] is True
+    off, why = compiling.decide("auto", compiling.MIN_STEPS - 1, None)
+    assert off is False and "too few" in why
+    assert compiling.decide("auto", None, None) == (False, "off: the number of steps is unknown")
+    assert compiling.decide("auto", 10**6, "no C++ compiler found")[1] == "off: no C++ compiler found"
+    assert compiling.decide(True, 1, "anything")[0] is True and compiling.decide(False, 10**6, None)[0] is False
+    if not torch.cuda.is_available():  # this CPU: a compiler and Python's headers are here (the suite compiles)
+        assert compiling.unsupported() is None
+        monkeypatch.delenv("CXX", raising=False)
+        monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+        assert "no C++ compiler" in compiling.unsupported()
+
+
+def test_compile_auto_counts_the_planned_steps(make_config, tiny_llama, tmp_path, monkeypatch):
+    """The decision uses the optimizer steps the Trainer will take (packed rows / batch / accumulation × epochs)
+    and lands in metrics.json; a short run stays uncompiled."""
+    from tunelab import compiling
+    from tunelab.config import load_config
+    from tunelab.methods.freezing import transformer_blocks
+    from tunelab.runs import RunDir
+    from tunelab.tasks import TASKS, load_splits
+
+    rows = [{"prompt": f"say {w}", "response": w} for w in ["good", "bad", "great", "awful", "fine"] * 8]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    path = make_config(method={"name": "lora", "r": 4, "dropout": 0.0}, model={"name": str(tiny_llama)}, task="sft",
+                       data={"train": str(data), "split": {"validation": 0, "test": 0.2}, "leakage": "ignore"},
+                       train={"epochs": 3, "batch_size": 4, "grad_accum": 2}, eval={"max_new_tokens": 2})
+    config = load_config(path)
+    assert config.train.compile == "auto"
+    trainer, *_ = TASKS["sft"].build_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "x"))
+    train_rows = len(trainer.train_dataset)  # 32 of the 40 (20% test)
+    assert compiling.planned_steps(trainer) == (-(-train_rows // 4) // 2) * 3 == 12
+    assert trainer.compiled is False and "12 steps are too few" in trainer.compile_decision["reason"]
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in transformer_blocks(trainer.model)[1])
+    result = tunelab.train(path)
+    assert result.metrics["train"]["compile"] == trainer.compile_decision
+    monkeypatch.setattr(compiling, "MIN_STEPS", 12)  # the same run counted as long enough
+    trainer, *_ = TASKS["sft"].build_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "y"))
+    assert trainer.compiled is True and trainer.compile_decision["reason"].startswith("on: 12 steps")
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(trainer.model)[1])
+
+
+def test_compiled_training_validates_uncompiled(make_config, tiny_llama, tmp_path):
+    """Validation passes of a compiled run run eagerly: without gradients the blocks would compile again (a second
+    graph per block, tens of seconds on a CPU, for a pass that runs a few times per run); packed rows are padded to
+    model.max_length so training compiles one shape."""
+    import torch._dynamo
+
+    from tunelab.config import load_config
+    from tunelab.runs import RunDir
+    from tunelab.tasks import TASKS, load_splits
+
+    rows = [{"prompt": f"say {w}", "response": w} for w in ["good", "bad", "great", "awful", "fine"] * 8]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    path = make_config(method={"name": "lora", "r": 4, "dropout": 0.0}, model={"name": str(tiny_llama),
+                                                                               "max_length": 48}, task="sft",
+                       data={"train": str(data), "split": {"validation": 0.2, "test": 0.2}, "leakage": "ignore"},
+                       train={"max_steps": 2, "compile": True, "packing": True})
+    config = load_config(path)
+    trainer, *_ = TASKS["sft"].build_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "x"))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert batch["input_ids"].shape[1] == 48
+    trainer.args.save_strategy = trainer.args.eval_strategy = "no"
+    trainer.train()
+    compiled = torch._dynamo.utils.counters["frames"]["total"]
+    assert compiled > 0
+    assert "eval_loss" in trainer.evaluate()
+    assert torch._dynamo.utils.counters["frames"]["total"] == compiled
+
+
 def test_trl_keeps_its_metrics_where_tunelab_writes_them(make_config, tiny_llama, tmp_path):
     """tasks/sft_trainer.record_metrics writes TRL's private metric store (the CPU loss path replaces TRL's);
     this fails if TRL renames it, and checks the values reach TRL's logs."""

@@ -123,7 +123,7 @@ class Config(Section):
                             f"{self.task}.py)")
         if not task.PACKING:
             problems += [f"train.{key} applies to tasks {', '.join(n for n, t in TASKS.items() if t.PACKING)}, "
-                         f"not {self.task}" for key in ("packing", "compile") if getattr(self.train, key)]
+                         f"not {self.task}" for key in ("packing", "compile") if getattr(self.train, key) is True]
         if self.train.early_stopping_patience and not trait(method, "LOAD_BEST"):
             problems.append(f"train.early_stopping_patience cannot be used with method {method}: the Trainer cannot "
                             f"restore its checkpoints, so the final model is kept")

@@ -233,10 +233,11 @@ class TrainConfig(Section):
     reuse their output every epoch (the frozen part then sees no dropout). Off: every epoch runs the whole model."""
     cache_frozen_mb: int = Field(2048, ge=0)
     """Memory bound for that cache (estimated before it is built); over it, training runs uncached."""
-    compile: bool = False
-    """sft, causal_lm: torch.compile each transformer block for training (regional compilation). Measured on the
-    2-core CPU (bench/sft.py): 1.4× the tokens/s and −0.5 GB peak RSS for smollm2 LoRA, after tens of seconds of
-    compiling. Off by default: the compile time dominates short runs."""
+    compile: bool | Literal["auto"] = "auto"
+    """sft, causal_lm: torch.compile each transformer block for training (regional compilation; validation passes
+    run uncompiled). `auto`: on when Inductor can run here (Linux CPU with a C++ compiler, or CUDA with Triton) and
+    the run has enough optimizer steps to pay back the compile time (tunelab/compiling.py: the break-even measured
+    by bench/compile.py); the decision and its reason are in metrics.json (`train.compile`)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower (always on for qlora)."""
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)

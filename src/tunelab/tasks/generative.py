@@ -105,11 +105,6 @@ def build_trainer(task, config, splits, model_dir: str, run, extra_callbacks=())
         tokenizer.pad_token = tokenizer.eos_token
     model, params = prepare_method(config, model, new_modules, model_dir, task.PEFT_TASK_TYPE)
     fp32_trainable(model)
-    if config.train.compile:  # in place: the state dict, checkpoints and the saved model keep their keys
-        from ..methods.freezing import transformer_blocks
-
-        for block in transformer_blocks(model)[1]:
-            block.compile()
     encoded = _encode_train_validation(task, config, splits, tokenizer)
     max_length = config.model.max_length
     for name, e in encoded.items():
@@ -124,6 +119,13 @@ def build_trainer(task, config, splits, model_dir: str, run, extra_callbacks=())
     if splits.stream is not None:
         sets["train"] = _streamed_rows(config, splits.stream, tokenizer, encoded["train"])
     trainer = getattr(task, "make_trainer", sft_trainer)(config, run, model, tokenizer, sets, extra_callbacks)
+    if task.PACKING:  # train.compile (the decision needs the packed row count the trainer made)
+        from .. import compiling
+        from .sft_trainer import PackedRows
+
+        trainer.compile_decision = compiling.apply(trainer, config.train.compile)
+        if trainer.compiled and isinstance(trainer.data_collator, PackedRows):
+            trainer.data_collator.width = config.model.max_length  # one shape: no recompile for a shorter row
     return trainer, tokenizer, params, encoded, sets
 
 
@@ -150,6 +152,8 @@ def fit_generative(task, ctx) -> tuple[dict, dict]:
     trainer, tokenizer, params, encoded, sets = build_trainer(task, config, ctx.splits, ctx.model_dir, ctx.run,
                                                               ctx.callbacks)
     stats = fit(trainer, config, ctx.run, ctx.resume, tokenizer)
+    if getattr(trainer, "compile_decision", None):
+        stats["compile"] = trainer.compile_decision
 
     def tokens(rows):  # real tokens, not padding: prompt + response (+ decoder targets for seq2seq)
         return sum(len(r["input_ids"]) + len(r.get("labels", ())) for r in rows)

@@ -15,6 +15,16 @@ from trl import SFTTrainer as _TRLSFTTrainer
 
 
 class SFTTrainer(_TRLSFTTrainer):
+    compiled = False  # set by tunelab.compiling.apply
+
+    def evaluate(self, *args, **kwargs):
+        """Validation runs the blocks uncompiled: without gradients they would compile again (another graph, tens
+        of seconds on a CPU) for a pass that runs a few times per run."""
+        if not self.compiled:
+            return super().evaluate(*args, **kwargs)
+        with torch.compiler.set_stance("force_eager"):
+            return super().evaluate(*args, **kwargs)
+
     def _own_loss(self, model) -> bool:
         from peft import PeftModel
 
@@ -89,13 +99,14 @@ class PackedRows:
     The tail of a short row is padding with its own position ids (a separate segment nobody attends to) and no
     loss; the first token of every example has no loss either (it would be predicted from the previous one)."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, width: int | None = None):
         self.pad = pad_token_id
+        self.width = width  # every batch padded to this width (compiled blocks: one shape); None: the longest row
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        width = max(len(e["input_ids"]) for e in examples)
+        width = max([len(e["input_ids"]) for e in examples] + [self.width or 0])
         ids, labels, positions = [], [], []
         for e in examples:
             n = len(e["input_ids"])

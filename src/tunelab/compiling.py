@@ -1,0 +1,93 @@
+"""train.compile: torch.compile each transformer block for training (regional compilation), and the `auto` rule.
+
+Compiling fuses the elementwise work of a block (norms, SiLU·up, rotary embeddings, residual adds) into a few
+generated kernels: fewer passes over memory and fewer saved activations. It costs a one-off compile at the first
+step (Inductor keeps the generated code in its on-disk cache, so a second run of the same shapes compiles in a few
+seconds) and pays back per step. `auto` compiles when the platform has what Inductor needs and the run has enough
+optimizer steps to pay the compile back: MIN_STEPS, the break-even measured by bench/compile.py (a cold cache, the
+sft LoRA benchmark job, the slowest gain measured — on a CPU without bf16 — so the rule errs towards not compiling).
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import sysconfig
+from pathlib import Path
+
+MIN_STEPS = 150
+"""Optimizer steps from which `auto` compiles. bench/results/compile.json (smollm2 LoRA, batch 4 × 256, a 2-core
+AVX2-only CPU, where compiling gains least: 1.09× per step, −0.7 GB peak RSS) measured a break-even of 121 steps
+with a cold Inductor cache and 18 with a warm one; rounded up, since single steps vary by ±10% there."""
+
+
+def unsupported() -> str | None:
+    """Why Inductor cannot compile here (None: it can). CPU: Linux with a C++ compiler and Python's headers; GPU:
+    CUDA with Triton importable."""
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed (Inductor generates Triton kernels for CUDA)"
+        return None
+    if platform.system() != "Linux":
+        return f"Inductor's CPU backend is only relied on under Linux here, not {platform.system()}"
+    compiler = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    if compiler is None:
+        return "no C++ compiler found (g++, c++ or clang++; Inductor compiles CPU kernels with it)"
+    include = sysconfig.get_paths().get("include")
+    if not include or not (Path(include) / "Python.h").exists():
+        return f"Python's C headers are missing ({include}/Python.h; e.g. the python3-dev package)"
+    return None
+
+
+def planned_steps(trainer) -> int | None:
+    """Optimizer steps the run will take, as the Trainer counts them (None: unknown, e.g. a stream of rows)."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    try:
+        rows = len(trainer.train_dataset)
+    except TypeError:  # an iterable dataset has no length
+        return None
+    batches = math.ceil(rows / (args.per_device_train_batch_size * args.world_size))
+    return math.ceil(max(batches // args.gradient_accumulation_steps, 1) * args.num_train_epochs)
+
+
+def decide(setting, steps: int | None, why_not: str | None) -> tuple[bool, str]:
+    """(compile or not, the reason in words) for train.compile `setting` (True, False or "auto")."""
+    if setting is False:
+        return False, "off (train.compile: false)"
+    if setting is True:
+        return True, "on (train.compile: true)"
+    if why_not:
+        return False, f"off: {why_not}"
+    if steps is None:
+        return False, "off: the number of steps is unknown"
+    if steps < MIN_STEPS:
+        return False, f"off: {steps} steps are too few to pay back the compile time (auto compiles from {MIN_STEPS})"
+    return True, f"on: {steps} steps (auto compiles from {MIN_STEPS}, bench/compile.py)"
+
+
+def compile_blocks(model) -> None:
+    """torch.compile every transformer block in place: the state dict, checkpoints and the saved model keep their
+    keys (`Module.compile`, not a wrapper module)."""
+    from .methods.freezing import transformer_blocks
+
+    for block in transformer_blocks(model)[1]:
+        block.compile()
+
+
+def apply(trainer, setting) -> dict:
+    """Decide for this trainer's run and compile if so; the decision for metrics.json."""
+    why_not = unsupported() if setting == "auto" else None
+    on, reason = decide(setting, planned_steps(trainer), why_not)
+    if on:
+        compile_blocks(trainer.model)
+    trainer.compiled = on
+    if setting == "auto":
+        print(f"tunelab: train.compile auto: {reason}")
+    return {"on": on, "reason": reason}
