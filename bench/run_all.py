@@ -38,6 +38,7 @@ def main() -> None:
     peers = run("peers.py", "--repeats", "3")  # LLaMA-Factory side by side; its venv is created once
     run("gguf.py")  # llama.cpp on the exported GGUF next to tunelab generate (its table is in docs/performance.md)
     run("chat_turns.py")  # multi-turn chat in one pass vs one example per answer (README, docs/generative.md)
+    comp = run("compile.py")  # train.compile's break-even: the rule behind `auto` (tunelab/compiling.py)
     pr, pt, pl = peers["ratios"], peers["summary"]["tunelab"], peers["summary"]["llamafactory"]
     t, r = sft["results"]["tunelab"], sft["results"]["recipe"]
     tc = sft["results"].get("tunelab+compile", {})
@@ -52,6 +53,9 @@ def main() -> None:
         ("sft LoRA smollm2 with train.compile: tokens/s, MFU, peak RSS", "—",
          f"{sft.get('speedup_compiled_tokens_per_s')}× ({tc.get('tokens_per_s')} tok/s), "
          f"{100 * (tc.get('mfu_bf16_peak') or 0):.1f}%, {tc.get('peak_rss_mb')} MB"),
+        ("train.compile: steady speed-up, break-even steps (empty / filled compile cache)", "—",
+         f"{comp.get('steady_speedup')}×, {comp['break_even_steps']['cold']} / {comp['break_even_steps']['warm']} "
+         f"steps"),
         ("classify full minilm: examples/s vs recipe", "≥ 5×, accuracy ≥ recipe",
          f"{cls['speedup_examples_per_s'].get('full')}× ({c['tunelab-full'].get('examples_per_s')} vs "
          f"{c['recipe-full'].get('examples_per_s')}); accuracy {c['tunelab-full'].get('accuracy')} vs "

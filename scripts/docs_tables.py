@@ -354,13 +354,26 @@ def chat_turns() -> str:
             f"{rec['epoch_speedup']}× faster. {_machine(rec)}")
 
 
+def compile_break_even() -> str:
+    rec = _load(BENCH / "compile.json")
+    rows = [[side, r.get("step_s", [None])[0], r.get("steady_step_s"),
+             r.get("compile_overhead_s") if r.get("compiled") else None, r.get("break_even_steps"),
+             r.get("peak_rss_mb")]
+            for side, r in rec["results"].items()]
+    b = rec["break_even_steps"]
+    return (_table([f"LoRA SFT job of bench/peers.py, {rec['settings']['steps']} steps", "first step s",
+                    "steady step s", "compile overhead s", "break-even steps", "peak RSS MB"], rows)
+            + f"\n\nCompiled blocks: {rec['steady_speedup']}× per step; compiling pays back after {b['cold']} steps "
+              f"with an empty Inductor cache, {b['warm']} with a filled one. {_machine(rec)}")
+
+
 RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict": compare_sentiment_verdict,
              "compare-curves": compare_curves, "compare-translate-fr": compare_translate_fr,
              "compare-translate-fr-verdict": compare_translate_fr_verdict,
              "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
              "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary, "peers": peers,
-             "gguf-speed": gguf_speed, "chat-turns": chat_turns,
+             "gguf-speed": gguf_speed, "chat-turns": chat_turns, "compile": compile_break_even,
              "config-fields": config_fields}
 
 

@@ -382,3 +382,36 @@ def test_trl_keeps_its_metrics_where_tunelab_writes_them(make_config, tiny_llama
     logged = [r for r in trainer.state.log_history if "loss" in r]
     assert logged and all(0 <= r["mean_token_accuracy"] <= 1 and r["entropy"] > 0 for r in logged)
     assert logged[-1]["num_tokens"] == trainer._total_train_tokens > 0
+
+
+def test_validation_loss_in_slices_equals_one_piece(make_config, tiny_llama, tmp_path, monkeypatch):
+    """Without gradients the LM head runs in slices of labelled tokens (bounded memory for a 64-row validation
+    batch); the loss, entropy and accuracy are those of one piece, and training (with gradients) is unchanged."""
+    from tunelab.config import load_config
+    from tunelab.runs import RunDir
+    from tunelab.tasks import TASKS, load_splits, sft_trainer
+
+    rows = [{"prompt": f"say {w}", "response": f"{w} {w} {w}"} for w in ["good", "bad", "great", "awful", "fine"] * 8]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    path = make_config(method={"name": "lora", "r": 4, "dropout": 0.0}, model={"name": str(tiny_llama)}, task="sft",
+                       data={"train": str(data), "split": {"validation": 0, "test": 0}, "leakage": "ignore"},
+                       train={"max_steps": 2})
+    config = load_config(path)
+    trainer, *_ = TASKS[config.task].build_trainer(config, load_splits(config), str(tiny_llama),
+                                                   RunDir(tmp_path / "x"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(16)])
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    trainer.model.eval()
+    seen = {}
+    for size in (100_000, 7):  # one piece, then slices of 7 labelled tokens (several slices)
+        monkeypatch.setattr(sft_trainer, "SLICE", size)
+        trainer._metrics["eval"].clear()
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, dict(batch))
+        seen[size] = (loss.item(), trainer._metrics["eval"]["entropy"][-1],
+                      trainer._metrics["eval"]["mean_token_accuracy"][-1])
+    assert labelled > 7
+    assert seen[7] == pytest.approx(seen[100_000], rel=1e-5)
+    trainer.model.train()
+    with torch.enable_grad():
+        assert trainer.compute_loss(trainer.model, dict(batch)).item() == pytest.approx(seen[7][0], rel=1e-5)

@@ -96,7 +96,7 @@ class Generator:
         return [text.strip() for text in out] if strip else out
 
     @torch.inference_mode()
-    def loss(self, rows: list[dict], max_tokens: int = 2048) -> float:
+    def loss(self, rows: list[dict], max_tokens: int = 1024) -> float:
         """Mean cross-entropy per trained token over encoded rows (decoder-only: `input_ids` +
         `completion_mask`; encoder-decoder: `input_ids` + `labels`).
 
@@ -132,8 +132,8 @@ class Generator:
             if target.dim() > 1:  # every position kept: the rows' trained ones, flattened
                 selected = target.ne(-100)
                 logits, target = logits[selected], target[selected]
-            # in slices: cross_entropy's log-softmax is another copy of the logits (400 MB for 2,048 tokens of a
-            # 49k vocabulary in fp32), a slice's is 1/8 of that
+            # in slices: cross_entropy's log-softmax is another copy of the logits (200 MB for 1,024 tokens of a
+            # 49k vocabulary in fp32), a slice's is 1/4 of that
             for a in range(0, len(target), 256):
                 total += F.cross_entropy(logits[a:a + 256].float(), target[a:a + 256], reduction="sum").item()
             count += len(target)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer as _TRLSFTTrainer
 
+SLICE = 1024  # labelled tokens per LM-head slice where no gradient is kept (validation) and for the metrics
+
 
 class SFTTrainer(_TRLSFTTrainer):
     compiled = False  # set by tunelab.compiling.apply
@@ -50,19 +52,31 @@ class SFTTrainer(_TRLSFTTrainer):
         target = labels[:, 1:]
         mask = target != -100
         # calling the backbone directly skips the autocast wrapper accelerate puts on the model's forward
+        head = causal_lm.get_output_embeddings()
         with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            hidden = backbone(**inputs).last_hidden_state[:, :-1]
-            logits = causal_lm.get_output_embeddings()(hidden[mask]).float()  # [labelled tokens, vocab]
+            hidden = backbone(**inputs).last_hidden_state[:, :-1][mask]
         target = target[mask]
         count = mask.sum()
-        loss = F.cross_entropy(logits, target, reduction="sum") / (
-            count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        # The LM head in slices of SLICE labelled tokens: without gradients (validation) each slice's logits are
+        # dropped after use — a validation batch of 64 packed rows would otherwise hold logits and their
+        # log-softmax for ~8k tokens × 49k vocabulary (2+ GB in fp32). With gradients the logits are kept for the
+        # backward pass anyway: one piece.
+        size = max(len(target), 1) if torch.is_grad_enabled() else SLICE
+        loss, entropy, correct = 0.0, torch.zeros(()), torch.zeros((), dtype=torch.long)
+        for a in range(0, max(len(target), 1), size):
+            with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+                logits = head(hidden[a:a + size]).float()  # [labelled tokens, vocab]
+            t = target[a:a + size]
+            loss = loss + F.cross_entropy(logits, t, reduction="sum")
+            with torch.no_grad():  # the metrics TRL logs: mean entropy and top-1 accuracy on the labelled tokens
+                for b in range(0, len(t), SLICE):  # log-softmax and its exp: two more copies of a slice
+                    logp = logits[b:b + SLICE].detach().log_softmax(-1)
+                    entropy += -(logp.exp() * logp).sum()
+                correct += (logits.detach().argmax(-1) == t).sum()
+        loss = loss / (count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        with torch.no_grad():  # the metrics TRL logs: mean entropy and top-1 accuracy on the labelled tokens
-            logp = logits.log_softmax(-1)
-            entropy = -(logp.exp() * logp).sum(-1).sum()
-            correct = (logits.argmax(-1) == target).sum()
+        with torch.no_grad():
             n = self.accelerator.gather_for_metrics(count).sum()
             entropy = self.accelerator.gather_for_metrics(entropy).sum()
             correct = self.accelerator.gather_for_metrics(correct).sum()
