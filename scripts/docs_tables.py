@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -292,12 +293,17 @@ def peers() -> str:
             for side, name in (("tunelab", "tunelab"), ("llamafactory", "LLaMA-Factory 0.9.5"))]
     r = rec["ratios"]
     runs = st["repeats"]
+    phases = [run["phases_rss_mb"] for run in rec["runs"]["tunelab"] if run.get("phases_rss_mb")]
+    by_phase = ", ".join(f"{k} {statistics.median(p.get(k, 0) for p in phases):,.0f}" for k in phases[0]) \
+        if phases else None
     return (_table([f"LoRA SFT, {st['steps']} steps" + (f", median (min–max) of {runs} runs" if runs > 1 else
                                                        ", one run"), "real tokens/s", "train s",
                     "training-phase peak RSS MB", "whole-process peak RSS MB", "wall s"], rows)
             + f"\n\ntunelab / LLaMA-Factory: real tokens/s {r['tokens_per_s']}×, whole-process peak RSS "
               f"{r['peak_rss']}×, training-phase peak RSS {r['train_phase_rss']}× "
-              f"({'bf16' if st['bf16'] else 'fp32: this CPU has no fast bf16'}).\n\n{_machine(rec)}")
+              f"({'bf16' if st['bf16'] else 'fp32: this CPU has no fast bf16'})."
+            + (f" tunelab's peak RSS by phase (MB, median): {by_phase}." if by_phase else "")
+            + f"\n\n{_machine(rec)}")
 
 
 def bench_summary() -> str:

@@ -1,4 +1,4 @@
-"""Peak memory per phase of a run (startup, data, train, evaluate), for manifest.json.
+"""Peak memory per phase of a run (startup, data, load, train, evaluate), for manifest.json.
 
 Linux keeps a process's peak resident set (VmHWM in /proc/self/status) and lets the process reset it by writing
 5 to /proc/self/clear_refs, so each phase's own peak is read without a sampling thread. Where that reset is not
@@ -36,6 +36,20 @@ def _gpu():
     return torch if torch is not None and torch.cuda.is_available() else None
 
 
+_running: "_Phase | None" = None  # the phase now measured, for split()
+
+
+def split(name: str) -> None:
+    """Record the running phase's peak so far as its own phase `name` and measure the rest afresh: the Trainer's
+    on_train_begin splits `load` (model loaded, data tokenized, trainer built) off `train`. No phase running: no-op."""
+    phase = _running
+    if phase is None:
+        return
+    phase.peaks.mark(name)
+    _gpu_mark(phase.peaks, name)
+    phase.__enter__()
+
+
 class PhasePeaks:
     """`with peaks.phase("train"): ...`; `peaks.record()` → {"peak_rss_mb": MB, "peak_rss_mb_by_phase": {phase: MB},
     "peak_rss_reset": bool, "peak_gpu_mb_by_phase": {...}}. The whole run's peak is the largest phase's: resetting
@@ -63,11 +77,19 @@ class PhasePeaks:
         return out
 
 
+def _gpu_mark(peaks: PhasePeaks, name: str) -> None:
+    gpu = _gpu()
+    if gpu is not None:
+        peaks.gpu[name] = gpu.cuda.max_memory_allocated() / 2**20
+
+
 class _Phase:
     def __init__(self, peaks: PhasePeaks, name: str):
         self.peaks, self.name = peaks, name
 
     def __enter__(self):
+        global _running
+        _running = self
         self.peaks.reset_works &= _reset()
         gpu = _gpu()
         if gpu is not None:
@@ -75,10 +97,10 @@ class _Phase:
         return self
 
     def __exit__(self, *exc):
+        global _running
+        _running = None
         self.peaks.mark(self.name)
-        gpu = _gpu()
-        if gpu is not None:
-            self.peaks.gpu[self.name] = gpu.cuda.max_memory_allocated() / 2**20
+        _gpu_mark(self.peaks, self.name)
         return False
 
 

@@ -6,10 +6,38 @@ import json
 from pathlib import Path
 
 
+def read_log(path: Path) -> tuple[list[dict], list[str]]:
+    """The records of a metrics.jsonl, and one warning per line that is not a JSON object with a step (skipped):
+    the runs pages of `tunelab ui` show what is readable and say what was not."""
+    records, warnings = [], []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        return [], [f"{path.name} cannot be read ({exc})"]
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            warnings.append(f"{path.name}, line {number}: not valid JSON (skipped)")
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            records.append(record)
+        else:
+            warnings.append(f"{path.name}, line {number}: not a log record with a step (skipped)")
+    return records, warnings
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+    """The records of a metrics.jsonl tunelab wrote (none if it is missing); a damaged line is an error here —
+    reports and plots are not drawn from a log that lost lines without saying so."""
+    records, warnings = read_log(path)
+    if warnings:
+        raise ValueError(f"{path}: " + "; ".join(warnings))
+    return records
 
 
 def plot_loss(records: list[dict], out: Path, title: str = "") -> bool:

@@ -66,7 +66,9 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
     started = time.time()
     try:
         fit = getattr(METHODS[config.method.name], "train_run", None) or task.fit
-        with peaks.phase("train"):  # the model loaded, the data tokenized, training, the saved model written
+        # the model loaded, the data tokenized (split off as `load` when the Trainer starts), training, the saved
+        # model written
+        with peaks.phase("train"):
             params, stats = fit(ctx)
         if not main:
             return RunResult(out, config, {}, {})

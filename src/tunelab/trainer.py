@@ -58,9 +58,9 @@ def prepare_method(config, model, new_modules: list[str], model_dir: str, task_t
 def callbacks(config, run, has_validation: bool) -> list:
     from transformers import EarlyStoppingCallback
 
-    from .trainer_callbacks import JsonlLogger, ProgressFile
+    from .trainer_callbacks import JsonlLogger, LoadPhase, ProgressFile
 
-    out = [JsonlLogger(run.path / "metrics.jsonl"), ProgressFile(run.path / "progress.json")]
+    out = [LoadPhase(), JsonlLogger(run.path / "metrics.jsonl"), ProgressFile(run.path / "progress.json")]
     if config.train.early_stopping_patience and has_validation:
         out.append(EarlyStoppingCallback(config.train.early_stopping_patience))
     return out

@@ -36,6 +36,15 @@ class JsonlLogger(TrainerCallback):
                 f.write(json.dumps(record) + "\n")
 
 
+class LoadPhase(TrainerCallback):
+    """Peak memory up to the first step (model, data, trainer) as the manifest's `load` phase, apart from `train`."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from .memory import split
+
+        split("load")
+
+
 class ProgressFile(TrainerCallback):
     """RUN/progress.json after every optimizer step: step, total steps, seconds since training began and the
     estimated seconds left — what `tunelab ui` shows while a run trains (written atomically)."""

@@ -58,6 +58,22 @@ def test_pages_for_no_runs_a_failed_run_and_damaged_files(client, tmp_path):
     assert missing.status_code == 404 and "there is no run here" in missing.text
 
 
+def test_runs_are_found_where_runs_live_and_nowhere_else(tmp_path):
+    """The runs list: top-level runs, compare entries (DIR/runs/NAME) and search trials (DIR/trials/NNN); not a
+    status.json inside a run's own folders (a run is not entered), in a hidden folder, or deeper than four levels."""
+    from tunelab.ui import jobs
+
+    runs = tmp_path / "runs"
+    _run(runs / "plain")
+    _run(runs / "cmp" / "runs" / "lora")
+    _run(runs / "study" / "trials" / "003")
+    _run(runs / "plain" / "model" / "copied-run")  # e.g. a run folder a user copied into a model folder
+    _run(runs / ".ui" / "jobs" / "x")
+    _run(runs / "a" / "b" / "c" / "d" / "too-deep")
+    assert sorted(r.name for r in jobs.list_runs(runs)) == ["cmp/runs/lora", "plain", "study/trials/003"]
+    assert jobs.list_runs(tmp_path / "nothing") == []
+
+
 def test_the_form_is_the_config(client, tmp_path):
     """Every field of the config sections a run reads is on the form, with its help; the chosen method's own
     options appear; a bad value comes back beside its field in the CLI's words; a good form is the YAML run."""

@@ -14,8 +14,9 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Red
 from fastapi.templating import Jinja2Templates
 
 from ..errors import TunelabError
+from ..plots import read_log
 from . import forms
-from .jobs import Jobs, NotAllowed, check_name, list_groups, list_runs, read_json, read_jsonl, run_info, run_path
+from .jobs import Jobs, NotAllowed, check_name, list_groups, list_runs, read_json, run_info, run_path
 from .playground import Playground, try_run
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -84,7 +85,7 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, max_up
         from ..plots import plot_loss
 
         path = run_path(root, run_id)
-        records, _ = read_jsonl(path / "metrics.jsonl")
+        records, _ = read_log(path / "metrics.jsonl")
         buf = io.BytesIO()
         if not plot_loss(records, buf, title=run_id):
             return Response(status_code=204)
@@ -136,7 +137,7 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, max_up
             return page(request, "message.html", 404, title="No such run",
                         message=f"{run_id}: there is no run here (no status.json under {path}).")
         info = run_info(path, full=True) if (path / "status.json").exists() else None
-        records, warnings = read_jsonl(path / "metrics.jsonl")
+        records, warnings = read_log(path / "metrics.jsonl")
         metrics, problem = read_json(path / "metrics.json")
         progress, _ = read_json(path / "progress.json")
         problems = (info.problems if info else []) + warnings + ([problem] if problem else [])

@@ -63,30 +63,6 @@ def read_json(path: Path) -> tuple[dict | None, str | None]:
     return (data, None) if isinstance(data, dict) else (None, f"{path.name} does not hold a JSON object")
 
 
-def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
-    """The records of a metrics.jsonl, and one warning per line that is not a JSON object (skipped)."""
-    records, warnings = [], []
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return [], []
-    except OSError as exc:
-        return [], [f"{path.name} cannot be read ({exc})"]
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            warnings.append(f"{path.name}, line {number}: not valid JSON (skipped)")
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-        else:
-            warnings.append(f"{path.name}, line {number}: not a log record with a step (skipped)")
-    return records, warnings
-
-
 @dataclass
 class RunInfo:
     name: str
@@ -163,17 +139,30 @@ def list_runs(root: Path) -> list[RunInfo]:
     """Every run folder under `root` (also those a compare or search folder holds), newest first; `name` is the
     run's path under `root`."""
     found = []
-    if not root.exists():
-        return found
-    for status in sorted(root.glob("**/status.json")):
-        rel = status.parent.relative_to(root)
-        if len(rel.parts) > 4 or any(part.startswith(".") for part in rel.parts):
-            continue
-        info = run_info(status.parent)
-        info.name = rel.as_posix()
+    for folder in _run_folders(root):
+        info = run_info(folder)
+        info.name = folder.relative_to(root).as_posix()
         found.append(info)
     found.sort(key=lambda r: r.started or "", reverse=True)
     return found
+
+
+def _run_folders(root: Path, depth: int = 4):
+    """Folders holding a status.json, at most `depth` levels under `root`, hidden folders left out. A run folder is
+    not entered (runs hold no runs; its model and checkpoints can be thousands of files, and the runs page lists
+    the runs every two seconds while a job runs); compare and search folders are (DIR/runs/NAME, DIR/trials/NNN)."""
+    stack = [(root, 0)]
+    while stack:
+        folder, level = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        if any(e.name == "status.json" and e.is_file() for e in entries):
+            yield folder
+        elif level < depth:
+            stack += [(Path(e.path), level + 1) for e in entries
+                      if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
 
 
 def list_groups(root: Path) -> list[dict]:
