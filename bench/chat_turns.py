@@ -19,19 +19,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, WORK, emit, ratio, run_child, table, write  # noqa: E402
+from _common import ROOT, emit, ratio, run_child, table, write  # noqa: E402
 
 CONFIG = ROOT / "examples" / "chat-lora.yaml"
 
 
 def run(mode: str, steps: int) -> dict:
-    from sft import train_timed
+    from sft import build_tunelab, train_timed
 
     from tunelab.config import load_config
     from tunelab.data.conversations import resolve_prompt_format
-    from tunelab.models import resolve
-    from tunelab.runs import RunDir
-    from tunelab.tasks import TASKS, load_splits, sft
+    from tunelab.tasks import sft
 
     config = load_config(CONFIG, [f"train.max_steps={steps}", "train.logging_steps=1000"])
     if mode == "per_turn":  # the previous behaviour: one example per assistant turn
@@ -40,11 +38,7 @@ def run(mode: str, steps: int) -> dict:
             return [sft.encode_turn(conv, i, tokenizer, fmt, data, max_length) for i in range(len(conv.turns))]
 
         sft.encode_rows = per_turn
-    WORK.mkdir(parents=True, exist_ok=True)
-    run_dir = RunDir(WORK / f"chat-{mode}")
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    trainer, _, _, encoded, _ = TASKS["sft"].build_trainer(config, load_splits(config), resolve(config.model.name),
-                                                           run_dir)
+    trainer, _, _, encoded, _ = build_tunelab(config, f"chat-{mode}")
     train = encoded["train"]
     measured = train_timed(trainer).result(1, 1, None)
     epoch_tokens = sum(len(r["input_ids"]) for r in train.rows)

@@ -37,17 +37,11 @@ def config(steps: int, compiled: bool) -> dict:
 
 
 def run_side(steps: int, compiled: bool) -> dict:
-    from sft import train_timed
+    from sft import build_tunelab, train_timed
 
     from tunelab.config import Config
-    from tunelab.models import resolve
-    from tunelab.runs import RunDir
-    from tunelab.tasks import TASKS, load_splits
 
-    cfg = Config.model_validate(config(steps, compiled))
-    run = RunDir(WORK / "compile")
-    run.path.mkdir(parents=True, exist_ok=True)
-    trainer, *_ = TASKS[cfg.task].build_trainer(cfg, load_splits(cfg), resolve(cfg.model.name), run)
+    trainer, *_ = build_tunelab(Config.model_validate(config(steps, compiled)), "compile")
     timer = train_timed(trainer)
     times = timer.step_times
     return {"compiled": trainer.compiled, "bf16": bool(trainer.args.bf16), "step_s": [round(t, 3) for t in times],

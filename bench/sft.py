@@ -94,6 +94,18 @@ def train_timed(trainer) -> Timer:
     return timer
 
 
+def build_tunelab(config, name: str) -> tuple:
+    """tunelab's trainer for `config` (a Config) as `tunelab train` builds it, writing under bench/.runs/NAME;
+    returns build_trainer's (trainer, tokenizer, params, encoded, datasets)."""
+    from tunelab.models import resolve
+    from tunelab.runs import RunDir
+    from tunelab.tasks import TASKS, load_splits
+
+    run = RunDir(WORK / name)
+    run.path.mkdir(parents=True, exist_ok=True)
+    return TASKS[config.task].build_trainer(config, load_splits(config), resolve(config.model.name), run)
+
+
 def _param_split(model) -> tuple[int, int]:
     head = model.get_output_embeddings().weight.numel()
     body = sum(p.numel() for n, p in model.named_parameters()
@@ -112,15 +124,8 @@ def _config(args) -> dict:
 
 def run_tunelab(args) -> dict:
     from tunelab.config import Config
-    from tunelab.models import resolve
-    from tunelab.runs import RunDir
-    from tunelab.tasks import TASKS, load_splits
 
-    config = Config.model_validate(_config(args))
-    WORK.mkdir(parents=True, exist_ok=True)
-    run = RunDir(WORK / "sft-tunelab")
-    run.path.mkdir(parents=True, exist_ok=True)
-    trainer, *_ = TASKS[config.task].build_trainer(config, load_splits(config), resolve(config.model.name), run)
+    trainer, *_ = build_tunelab(Config.model_validate(_config(args)), "sft-tunelab")
     timer = train_timed(trainer)
     # the matmul peak measured again in this process, right after the timed steps (it drifts between runs on a
     # shared machine); MFU uses the higher of that and the suite's own measurement
