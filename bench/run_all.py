@@ -36,7 +36,7 @@ def main() -> None:
     cls = run("classify.py")
     frozen = run("frozen.py")["results"]
     peers = run("peers.py", "--repeats", "3")  # LLaMA-Factory side by side; its venv is created once
-    run("gguf.py")  # llama.cpp on the exported GGUF next to tunelab generate (its table is in docs/performance.md)
+    run("llamacpp.py")  # llama.cpp on the exported GGUF next to tunelab generate (its table is in docs/performance.md)
     run("chat_turns.py")  # multi-turn chat in one pass vs one example per answer (README, docs/generative.md)
     comp = run("compile.py")  # train.compile's break-even: the rule behind `auto` (tunelab/compiling.py)
     pr, pt, pl = peers["ratios"], peers["summary"]["tunelab"], peers["summary"]["llamafactory"]

@@ -337,7 +337,7 @@ def config_fields() -> str:
     return _table(["key", "default", "what it does"], rows)
 
 def gguf_speed() -> str:
-    rec = _load(BENCH / "gguf.json")
+    rec = _load(BENCH / "llamacpp.json")
     rows = [[name, r["tokens_per_s"], f"{r['vs_tunelab_single']}×", r.get("file_mb"),
              f"{r['parity_identical']:.0%}" if "parity_identical" in r else None,
              f"{r['perplexity_ratio']:.4f}" if "perplexity_ratio" in r else None]

@@ -1,6 +1,6 @@
 """Integration: a LoRA SFT run on SmolLM2 exported to GGUF by llama.cpp's converter and run by llama.cpp
 (llama-cpp-python): the f16 file answers the run's test prompts as the trained model does, and a wrong chat
-template inside the file fails the check. (q8_0 and q4_k_m go through the same code; bench/gguf.py exports and
+template inside the file fails the check. (q8_0 and q4_k_m go through the same code; bench/llamacpp.py exports and
 times all three — a second quantization here would add minutes to the suite.)"""
 import json
 

@@ -8,7 +8,7 @@ EOS, with the same number of threads; generated tokens are counted with each sid
 tunelab is measured one request at a time (latency, what a chat user sees) and in its default batches of 16
 (throughput); llama.cpp (llama-cpp-python, one sequence) one request at a time.
 
-    python bench/gguf.py [--prompts 32] [--run RUN]          → bench/results/gguf.json
+    python bench/llamacpp.py [--prompts 32] [--run RUN]          → bench/results/llamacpp.json
 """
 from __future__ import annotations
 
@@ -99,9 +99,9 @@ def main() -> None:
     print(table([[k, v["tokens_per_s"], v["vs_tunelab_single"], v.get("file_mb", ""),
                   f"{v['parity_identical']:.0%}" if "parity_identical" in v else ""] for k, v in results.items()],
                 ["", "tokens/s", "× tunelab (1 at a time)", "file MB", "parity"]))
-    write("gguf", {"run": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
-                   "prompts": len(prompts), "max_new_tokens": max_new, "threads": threads,
-                   "llama_cpp_python": llama_cpp.__version__, "results": results})
+    write("llamacpp", {"run": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+                       "prompts": len(prompts), "max_new_tokens": max_new, "threads": threads,
+                       "llama_cpp_python": llama_cpp.__version__, "results": results})
 
 
 if __name__ == "__main__":
