@@ -415,3 +415,60 @@ def test_validation_loss_in_slices_equals_one_piece(make_config, tiny_llama, tmp
     trainer.model.train()
     with torch.enable_grad():
         assert trainer.compute_loss(trainer.model, dict(batch)).item() == pytest.approx(seen[7][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_fused_head_loss_equals_the_plain_loss_without_holding_the_logits(trainable_head):
+    """The LM head's loss in slices with the gradient taken in the forward pass: the same loss, entropy, top-1
+    count and gradients (hidden states and, when the head trains, its weight) as cross-entropy on the whole
+    logits — and no [tokens, vocabulary] tensor is kept for the backward pass (the head called as a module, the
+    path for LoRA-wrapped heads, keeps one: the check can see it)."""
+    import torch.nn.functional as F
+
+    from tunelab.tasks.sft_trainer import head_loss
+
+    torch.manual_seed(0)
+    tokens, width, vocab = 37, 16, 50
+    hidden0, weight0 = torch.randn(tokens, width), torch.randn(vocab, width) * 0.5
+    target = torch.randint(0, vocab, (tokens,))
+
+    def saved_shapes(fn):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            out = fn()
+        return out, shapes
+
+    hidden, head = hidden0.clone().requires_grad_(), torch.nn.Linear(width, vocab, bias=False)
+    head.weight.data = weight0.clone()
+    head.weight.requires_grad_(trainable_head)
+    (loss, entropy, correct), shapes = saved_shapes(lambda: head_loss(hidden, head, target, torch.float32, size=5))
+    (loss * 0.3).backward()
+
+    ref_hidden, ref_weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_(trainable_head)
+    logits = ref_hidden @ ref_weight.T
+    ref = F.cross_entropy(logits, target, reduction="sum")
+    (ref * 0.3).backward()
+    logp = logits.detach().log_softmax(-1)
+
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert entropy.item() == pytest.approx(-(logp.exp() * logp).sum().item(), rel=1e-5)
+    assert correct.item() == (logits.argmax(-1) == target).sum().item()
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad)
+    if trainable_head:
+        torch.testing.assert_close(head.weight.grad, ref_weight.grad)
+    assert all(s[-1] != vocab for s in shapes), shapes  # no logits (…, vocabulary) kept, not even one slice's
+
+    class Wrapped(torch.nn.Module):  # a head that is not a plain Linear (LoRA on lm_head): called as a module
+        def __init__(self):
+            super().__init__()
+            self.inner = head
+
+        def forward(self, x):
+            return self.inner(x)
+
+    hidden.grad = None
+    (loss2, entropy2, correct2), shapes2 = saved_shapes(
+        lambda: head_loss(hidden, Wrapped(), target, torch.float32, size=5))
+    assert (loss2.item(), entropy2.item(), correct2.item()) == pytest.approx(
+        (loss.item(), entropy.item(), correct.item()), rel=1e-5)
+    assert (tokens, vocab) in shapes2

@@ -4,7 +4,9 @@
   row; without a varlen flash-attention kernel (CPUs) that is one (batch·max_length)² masked attention.
 - `SFTTrainer.compute_loss` on CPU: the LM head runs on the positions that carry a label only, in the autocast
   dtype, with the ordinary cross-entropy. TRL's fused head scores *every* position off Triton devices, in fp32
-  tiles with entropy; on this 2-core CPU it took half of each step (7.5 of 15 s at batch 8 × 256).
+  tiles with entropy; on this 2-core CPU it took half of each step (7.5 of 15 s at batch 8 × 256). The head's
+  cross-entropy runs in slices with its gradient taken in the forward pass (`head_loss`), so the step's logits
+  are never held whole: −0.57 GB peak RSS on the peers job of bench/peers.py (3.67 → 3.10 GB, same s/step).
   On CUDA/XPU TRL's own fused head (Triton) is kept.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer as _TRLSFTTrainer
 
-SLICE = 1024  # labelled tokens per LM-head slice where no gradient is kept (validation) and for the metrics
+SLICE = 256  # labelled tokens per LM-head slice (logits of one slice: 256 × vocabulary, 50 MB for SmolLM2 in fp32)
 
 
 class SFTTrainer(_TRLSFTTrainer):
@@ -34,7 +36,11 @@ class SFTTrainer(_TRLSFTTrainer):
         # prompt-learning PEFT models insert virtual tokens in their own forward: leave them to TRL
         if isinstance(unwrapped, PeftModel) and unwrapped.peft_config[unwrapped.active_adapter].is_prompt_learning:
             return False
-        return self.args.device.type == "cpu"
+        if self.args.device.type != "cpu":
+            return False
+        # models that change the head's logits in their own forward (soft-capping, a scale) keep TRL's path
+        config = unwrapped.config
+        return not getattr(config, "final_logit_softcapping", None) and not getattr(config, "logit_scale", None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         """The documented hook; any argument a later TRL adds goes through to it unchanged."""
@@ -57,22 +63,8 @@ class SFTTrainer(_TRLSFTTrainer):
             hidden = backbone(**inputs).last_hidden_state[:, :-1][mask]
         target = target[mask]
         count = mask.sum()
-        # The LM head in slices of SLICE labelled tokens: without gradients (validation) each slice's logits are
-        # dropped after use — a validation batch of 64 packed rows would otherwise hold logits and their
-        # log-softmax for ~8k tokens × 49k vocabulary (2+ GB in fp32). With gradients the logits are kept for the
-        # backward pass anyway: one piece.
-        size = max(len(target), 1) if torch.is_grad_enabled() else SLICE
-        loss, entropy, correct = 0.0, torch.zeros(()), torch.zeros((), dtype=torch.long)
-        for a in range(0, max(len(target), 1), size):
-            with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-                logits = head(hidden[a:a + size]).float()  # [labelled tokens, vocab]
-            t = target[a:a + size]
-            loss = loss + F.cross_entropy(logits, t, reduction="sum")
-            with torch.no_grad():  # the metrics TRL logs: mean entropy and top-1 accuracy on the labelled tokens
-                for b in range(0, len(t), SLICE):  # log-softmax and its exp: two more copies of a slice
-                    logp = logits[b:b + SLICE].detach().log_softmax(-1)
-                    entropy += -(logp.exp() * logp).sum()
-                correct += (logits.detach().argmax(-1) == t).sum()
+        dtype = torch.bfloat16 if self.args.bf16 else hidden.dtype
+        loss, entropy, correct = head_loss(hidden, head, target, dtype)
         loss = loss / (count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
@@ -88,6 +80,86 @@ class SFTTrainer(_TRLSFTTrainer):
             record_metrics(self, mode, (entropy / n).item() if n > 0 else 0.0,
                            (correct / n).item() if n > 0 else 0.0, tokens)
         return loss
+
+
+def head_loss(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor, dtype: torch.dtype,
+              size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the LM head on labelled tokens (matmul in `dtype`, softmax in fp32), with the sum of
+    their entropies and the count of top-1 hits, the logits existing one slice of `size` tokens at a time.
+
+    A plain head (a bias-free Linear: every causal LM tunelab knows) with gradients: each slice's gradient is
+    computed in the forward pass and its logits dropped — what Liger's fused linear cross-entropy does on GPUs,
+    here in plain PyTorch — so the step's logits, their log-softmax and its gradient (three [tokens, vocabulary]
+    fp32 tensors: 600 MB for 1,000 labelled tokens of SmolLM2) are never held at once. Any other head (one with
+    LoRA or a bias) is called as a module, in slices without gradients and in one piece with them."""
+    size = size or SLICE
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    if not (isinstance(head, torch.nn.Linear) and head.bias is None):
+        return _module_slices(hidden, head, target, dtype, (len(target) or 1) if grad else size)
+    if grad:
+        return _FusedHeadLoss.apply(hidden, head.weight, target, dtype, size)
+    return _head_slices(hidden, head.weight, target, dtype, size, grads=False)[:3]
+
+
+def _module_slices(hidden, head, target, dtype, size):
+    loss, entropy = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long)
+    for a in range(0, len(target), size):
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = head(hidden[a:a + size]).float()
+        t = target[a:a + size]
+        loss = loss + F.cross_entropy(logits, t, reduction="sum")
+        with torch.no_grad():
+            logp = logits.detach().log_softmax(-1)
+            entropy -= torch.dot(logp.exp().flatten(), logp.flatten())
+            correct += (logits.detach().argmax(-1) == t).sum()
+    return loss, entropy, correct
+
+
+def _head_slices(hidden, weight, target, dtype, size, grads: bool, need_hidden=True, need_weight=False):
+    w = weight.to(dtype)
+    loss, entropy = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long)
+    grad_h = torch.empty_like(hidden) if grads and need_hidden else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32) if grads and need_weight else None
+    rows = torch.arange(min(size, max(len(target), 1)))
+    for a in range(0, len(target), size):
+        h, t = hidden[a:a + size].to(dtype), target[a:a + size]
+        logits = (h @ w.T).float()  # [slice, vocabulary]
+        correct += (logits.argmax(-1) == t).sum()
+        logp = logits.log_softmax(-1)
+        del logits
+        loss -= logp[rows[:len(t)], t].sum()
+        p = logp.exp()
+        entropy -= torch.dot(p.flatten(), logp.flatten())  # Σ p·log p without a third [slice, vocabulary] tensor
+        del logp
+        if grads:  # d(Σ cross-entropy)/d logits = softmax − one-hot
+            p[rows[:len(t)], t] -= 1
+            g = p.to(dtype)
+            if grad_h is not None:
+                grad_h[a:a + size] = (g @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += (g.T @ h).float()
+        del p
+    return loss, entropy, correct, grad_h, grad_w
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, dtype, size):
+        loss, entropy, correct, grad_h, grad_w = _head_slices(
+            hidden, weight, target, dtype, size, grads=True,
+            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1])
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(entropy, correct)
+        return loss, entropy, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _entropy, _correct):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None)
 
 
 def record_metrics(trainer, mode: str, entropy: float, accuracy: float, tokens: int | None) -> None:
