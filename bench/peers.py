@@ -5,7 +5,8 @@ The job: SmolLM2-135M-Instruct, the shipped EN→FR training split (the rows `tu
 as LLaMA-Factory's alpaca JSON), LoRA r 8 / alpha 16 / dropout 0 on q,k,v,o, batch 4, sequence 256, packing,
 learning rate 5e-4, 30 steps; bf16 where the CPU is fast at it (`tunelab.precision.fast_bf16`), else fp32 on both
 sides. Each tool otherwise runs with its defaults: tunelab evaluates the saved model (test loss, generations,
-forgetting) after training, LLaMA-Factory only trains (`do_train`).
+forgetting) after training, LLaMA-Factory only trains (`do_train`) and checkpoints activations (its default). A
+third side, tunelab with `train.gradient_checkpointing: true`, shows the same trade made by tunelab.
 
 LLaMA-Factory lives in its own venv (.cache/peers/llamafactory), created here from PyPI with the pins below and
 the workarounds its CPU install needs (see ../shared/KNOWN.md): torchvision and torchaudio uninstalled (their wheels
@@ -181,13 +182,16 @@ class Watch:
                 "tail": "".join(tail)[-2000:] if code else None}
 
 
-def run_tunelab(steps: int, bf16: bool, i: int) -> dict:
+def run_tunelab(steps: int, bf16: bool, i: int, checkpointing: bool = False) -> dict:
     import yaml
 
-    out = WORK / "peers" / f"tunelab-{i}"
+    name = "tunelab-checkpointing" if checkpointing else "tunelab"
+    out = WORK / "peers" / f"{name}-{i}"
     shutil.rmtree(out, ignore_errors=True)
-    path = WORK / "peers" / "tunelab.yaml"
-    path.write_text(yaml.safe_dump(tunelab_config(steps, bf16, out)))
+    config = tunelab_config(steps, bf16, out)
+    config["train"]["gradient_checkpointing"] = checkpointing
+    path = WORK / "peers" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     res = Watch([sys.executable, "-m", "tunelab", "train", str(path)], env).run()
     if res["exit"]:
@@ -245,12 +249,14 @@ def main() -> None:
     _stub_torchaudio()
     model = lf_model(bf16)
     data = lf_data(tunelab_config(args.steps, bf16, WORK / "peers" / "unused"))
-    runs = {"tunelab": [], "llamafactory": []}
+    runs = {"tunelab": [], "tunelab+checkpointing": [], "llamafactory": []}
     for i in range(args.repeats):  # alternating, so a drift of the machine touches both sides alike
         print(f"\n--- llamafactory, run {i + 1}/{args.repeats}", flush=True)
         runs["llamafactory"].append(run_llamafactory(cli, args.steps, bf16, model, data, i))
         print(f"\n--- tunelab, run {i + 1}/{args.repeats}", flush=True)
         runs["tunelab"].append(run_tunelab(args.steps, bf16, i))
+        print(f"\n--- tunelab with gradient checkpointing, run {i + 1}/{args.repeats}", flush=True)
+        runs["tunelab+checkpointing"].append(run_tunelab(args.steps, bf16, i, checkpointing=True))
     summary = {side: _summary(r) for side, r in runs.items()}
     t, lf = summary["tunelab"], summary["llamafactory"]
 
@@ -262,13 +268,18 @@ def main() -> None:
             for side, s in summary.items()]
     print("\n" + table(rows, [f"LoRA SFT, {args.steps} steps, median (min–max) of {args.repeats}", "real tok/s",
                               "train s", "train-phase RSS MB", "whole-process RSS MB", "wall s"]))
-    ratios = {"tokens_per_s": ratio(med(t, "tokens_per_s"), med(lf, "tokens_per_s")),
-              "peak_rss": ratio(med(t, "peak_rss_mb"), med(lf, "peak_rss_mb")),
-              "train_phase_rss": ratio(med(t, "train_phase_rss_mb"), med(lf, "train_phase_rss_mb"))}
-    print(f"tunelab / LLaMA-Factory: real tokens/s {ratios['tokens_per_s']}×, whole-process peak RSS "
-          f"{ratios['peak_rss']}×, training-phase peak RSS {ratios['train_phase_rss']}× (bf16: {bf16})")
+    def ratios_of(side: dict) -> dict:
+        return {"tokens_per_s": ratio(med(side, "tokens_per_s"), med(lf, "tokens_per_s")),
+                "peak_rss": ratio(med(side, "peak_rss_mb"), med(lf, "peak_rss_mb")),
+                "train_phase_rss": ratio(med(side, "train_phase_rss_mb"), med(lf, "train_phase_rss_mb"))}
+
+    ratios = ratios_of(t)
+    ratios_checkpointing = ratios_of(summary["tunelab+checkpointing"])
+    for name, r in (("tunelab", ratios), ("tunelab with gradient checkpointing", ratios_checkpointing)):
+        print(f"{name} / LLaMA-Factory: real tokens/s {r['tokens_per_s']}×, whole-process peak RSS "
+              f"{r['peak_rss']}×, training-phase peak RSS {r['train_phase_rss']}× (bf16: {bf16})")
     payload = {"settings": {**vars(args), **JOB, "bf16": bf16, "pins": PINS}, "runs": runs, "summary": summary,
-               "ratios": ratios}
+               "ratios": ratios, "ratios_checkpointing": ratios_checkpointing}
     print(f"wrote {write('peers', payload)}")
 
 

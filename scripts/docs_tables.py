@@ -290,8 +290,10 @@ def peers() -> str:
 
     rows = [[name, cell(side, "tokens_per_s"), cell(side, "train_s"), cell(side, "train_phase_rss_mb"),
              cell(side, "peak_rss_mb"), cell(side, "wall_s")]
-            for side, name in (("tunelab", "tunelab"), ("llamafactory", "LLaMA-Factory 0.9.5"))]
-    r = rec["ratios"]
+            for side, name in (("tunelab", "tunelab"), ("tunelab+checkpointing", "tunelab, gradient checkpointing"),
+                               ("llamafactory", "LLaMA-Factory 0.9.5 (checkpoints activations by default)"))
+            if side in summary]
+    r, rc = rec["ratios"], rec.get("ratios_checkpointing")
     runs = st["repeats"]
     phases = [run["phases_rss_mb"] for run in rec["runs"]["tunelab"] if run.get("phases_rss_mb")]
     by_phase = ", ".join(f"{k} {statistics.median(p.get(k, 0) for p in phases):,.0f}" for k in phases[0]) \
@@ -302,6 +304,8 @@ def peers() -> str:
             + f"\n\ntunelab / LLaMA-Factory: real tokens/s {r['tokens_per_s']}×, whole-process peak RSS "
               f"{r['peak_rss']}×, training-phase peak RSS {r['train_phase_rss']}× "
               f"({'bf16' if st['bf16'] else 'fp32: this CPU has no fast bf16'})."
+            + (f" With gradient checkpointing: real tokens/s {rc['tokens_per_s']}×, whole-process peak RSS "
+               f"{rc['peak_rss']}×, training-phase peak RSS {rc['train_phase_rss']}×." if rc else "")
             + (f" tunelab's peak RSS by phase (MB, median): {by_phase}." if by_phase else "")
             + f"\n\n{_machine(rec)}")
 

@@ -159,17 +159,21 @@ def _tuned_generator(name, tiny_llama):
     return config, Generator(config, AutoTokenizer.from_pretrained(tiny_llama), model.eval())
 
 
-def test_generator_loss_projects_only_the_trained_positions(tiny_llama):
-    """The vocabulary projection runs on trained tokens only (logits_to_keep), in length-sorted batches."""
+def test_generator_loss_projects_only_the_trained_positions(tiny_llama, monkeypatch):
+    """The vocabulary projection runs on trained tokens only (head_loss, in slices), in length-sorted batches."""
+    from tunelab.tasks import sft_trainer
+
     _, gen = _tuned_generator("lora", tiny_llama)
     rows = [{"input_ids": list(range(5, 5 + n)), "completion_mask": [0] * (n - 3) + [1] * 3} for n in (30, 6, 12, 4)]
     seen = []
-    head = gen.model.get_output_embeddings()
-    handle = head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
-    try:
-        value = gen.loss(rows, max_tokens=24)
-    finally:
-        handle.remove()
+    projected = sft_trainer.head_loss
+
+    def head_loss(hidden, *args, **kwargs):
+        seen.append(tuple(hidden.shape))
+        return projected(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(sft_trainer, "head_loss", head_loss)
+    value = gen.loss(rows, max_tokens=24)
     # each row's 3 trained tokens are predicted from the 3 positions before them: 12 projected, not 52 * 4
     assert sum(shape[0] for shape in seen) == 12 and all(len(shape) == 2 for shape in seen)
     assert len(seen) == 3  # lengths 4, 6, 12 | ... : (4, 6) fit 24 padded tokens, 12 then 30 do not

@@ -101,14 +101,18 @@ class Generator:
         `completion_mask`; encoder-decoder: `input_ids` + `labels`).
 
         Rows are batched by length (at most `max_tokens` padded tokens per batch, so little is spent on padding),
-        and a decoder-only model projects onto its vocabulary only at the trained positions (`logits_to_keep` as a
-        mask): with a 49k vocabulary the logits of every position, not the model, would be most of an evaluation
-        batch's memory and a fifth of its compute."""
+        and a decoder-only model projects onto its vocabulary only at the trained positions, 256 at a time
+        (`head_loss`; `logits_to_keep` as a mask where the head cannot be called on its own): with a 49k
+        vocabulary the logits of every position, not the model, would be most of an evaluation batch's memory
+        and a fifth of its compute."""
         import torch.nn.functional as F
+
+        from .sft_trainer import backbone_and_head, head_loss
 
         total, count = 0.0, 0
         pad, device = self.tokenizer.pad_token_id, self.model.device
         keeps_logits = self._keeps_logits
+        split = backbone_and_head(self.model) if keeps_logits and not self.encoder_decoder else None
         for chunk in _length_batches(rows, max_tokens):
             width = max(len(r["input_ids"]) for r in chunk)
             ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in chunk], device=device)
@@ -122,6 +126,14 @@ class Generator:
                 trained = torch.tensor([r["completion_mask"] + [0] * (width - len(r["input_ids"])) for r in chunk],
                                        device=device)
                 target = torch.where(trained.bool(), ids, -100)[:, 1:]  # position i predicts token i + 1
+                if split is not None:
+                    backbone, head = split
+                    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+                    keep = target.ne(-100)
+                    summed = head_loss(hidden[keep], head, target[keep], hidden.dtype)[0]
+                    total += summed.item()
+                    count += int(keep.sum())
+                    continue
                 if keeps_logits:  # logits of the trained positions only, flattened (transformers' mask form)
                     keep = torch.nn.functional.pad(target.ne(-100), (0, 1))
                     logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits

@@ -38,9 +38,7 @@ class SFTTrainer(_TRLSFTTrainer):
             return False
         if self.args.device.type != "cpu":
             return False
-        # models that change the head's logits in their own forward (soft-capping, a scale) keep TRL's path
-        config = unwrapped.config
-        return not getattr(config, "final_logit_softcapping", None) and not getattr(config, "logit_scale", None)
+        return backbone_and_head(unwrapped) is not None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         """The documented hook; any argument a later TRL adds goes through to it unchanged."""
@@ -51,14 +49,10 @@ class SFTTrainer(_TRLSFTTrainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         inputs["use_cache"] = False
-        causal_lm = self.accelerator.unwrap_model(model)
-        if hasattr(causal_lm, "get_base_model"):
-            causal_lm = causal_lm.get_base_model()
-        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        backbone, head = backbone_and_head(self.accelerator.unwrap_model(model))
         target = labels[:, 1:]
         mask = target != -100
         # calling the backbone directly skips the autocast wrapper accelerate puts on the model's forward
-        head = causal_lm.get_output_embeddings()
         with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
             hidden = backbone(**inputs).last_hidden_state[:, :-1][mask]
         target = target[mask]
@@ -80,6 +74,21 @@ class SFTTrainer(_TRLSFTTrainer):
             record_metrics(self, mode, (entropy / n).item() if n > 0 else 0.0,
                            (correct / n).item() if n > 0 else 0.0, tokens)
         return loss
+
+
+def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """A causal LM (or a PEFT model around one) as its backbone — hidden states, with any LoRA layers inside — and
+    its output head, for `head_loss`; None for models whose logits are more than the head's output (soft-capping,
+    a logit scale), which are left to their own forward."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None or getattr(config, "final_logit_softcapping", None) \
+            or getattr(config, "logit_scale", None) or getattr(config, "is_encoder_decoder", False):
+        return None
+    return backbone, head
 
 
 def head_loss(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor, dtype: torch.dtype,
