@@ -180,6 +180,10 @@ def _plain_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console command: on jemalloc where the system has it (tunelab/allocator.py)
+        from .allocator import use_jemalloc
+
+        use_jemalloc()
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .errors import TunelabError

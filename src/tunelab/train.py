@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, distributed
+from .allocator import loaded
 from .config import Config, load_config
 from .errors import TunelabError
 from .memory import PhasePeaks, release
@@ -122,7 +123,7 @@ def _manifest(config: Config, splits, params: dict, train_stats: dict, wall: flo
         "wall_time_s": round(wall, 2), "train_time_s": train_stats.get("runtime_s"),
         "examples_per_s": train_stats.get("examples_per_s"), "tokens_per_s": train_stats.get("tokens_per_s"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "bf16": use_bf16(config),
+        "threads": torch.get_num_threads(), "bf16": use_bf16(config), "allocator": loaded(),
     }
     if torch.cuda.is_available():
         manifest["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -1,5 +1,6 @@
 """End to end on the tiny model: each method trains, saves a complete run, and predicts as it evaluated."""
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -313,3 +314,38 @@ def test_earlier_task_probe_measures_encoder_forgetting(make_config, tmp_path):
     assert full["drop"] == pytest.approx(full["base_accuracy"] - full["accuracy"])
     skipped = train(make_config(method="features", name="probe-feat", eval=task)).metrics["forgetting"]
     assert "frozen" in skipped["skipped"]
+
+
+def test_allocator_plan():
+    """The console command re-executes itself on jemalloc once, on Linux, where the library exists — not when
+    asked for the system allocator, not when jemalloc is already preloaded, never twice."""
+    from tunelab.allocator import MARKER, plan
+
+    lib = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    env = plan({"LD_PRELOAD": "/x/other.so", "HOME": "/h"}, lib, "linux")
+    assert env["LD_PRELOAD"] == f"{lib} /x/other.so" and env["HOME"] == "/h" and env[MARKER]
+    assert plan({}, lib, "linux")["LD_PRELOAD"] == lib
+    assert plan(env, lib, "linux") is None  # the re-executed process
+    assert plan({"TUNELAB_MALLOC": "system"}, lib, "linux") is None
+    assert plan({"LD_PRELOAD": "libjemalloc.so.2"}, lib, "linux") is None
+    assert plan({}, None, "linux") is None and plan({}, lib, "darwin") is None
+
+
+def test_console_command_runs_on_jemalloc_where_installed():
+    """A process that calls use_jemalloc() comes back on jemalloc, with its own arguments (skipped where the
+    system has no libjemalloc: CI installs it)."""
+    import subprocess
+    import sys
+
+    from tunelab.allocator import library
+
+    if library() is None:
+        pytest.skip("no libjemalloc on this system (apt-get install libjemalloc2)")
+    code = ("import sys; from tunelab import allocator; allocator.use_jemalloc(); "
+            "print(allocator.loaded(), sys.argv[1:])")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "TUNELAB_MALLOC", "_TUNELAB_ALLOCATOR")}
+    out = subprocess.run([sys.executable, "-c", code, "a b"], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "jemalloc ['a b']"
+    out = subprocess.run([sys.executable, "-c", code, "x"], env={**env, "TUNELAB_MALLOC": "system"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "system ['x']"
