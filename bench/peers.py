@@ -6,7 +6,9 @@ as LLaMA-Factory's alpaca JSON), LoRA r 8 / alpha 16 / dropout 0 on q,k,v,o, bat
 learning rate 5e-4, 30 steps; bf16 where the CPU is fast at it (`tunelab.precision.fast_bf16`), else fp32 on both
 sides. Each tool otherwise runs with its defaults: tunelab evaluates the saved model (test loss, generations,
 forgetting) after training, LLaMA-Factory only trains (`do_train`) and checkpoints activations (its default). A
-third side, tunelab with `train.gradient_checkpointing: true`, shows the same trade made by tunelab.
+third side, tunelab with `train.gradient_checkpointing: true`, shows the same trade made by tunelab. tunelab runs as
+its command does for a user: on jemalloc where libjemalloc is installed (tunelab/allocator.py; the allocator is
+recorded per run); LLaMA-Factory on the C library's allocator, as its command runs.
 
 LLaMA-Factory lives in its own venv (.cache/peers/llamafactory), created here from PyPI with the pins below and
 the workarounds its CPU install needs (see ../shared/KNOWN.md): torchvision and torchaudio uninstalled (their wheels
@@ -202,7 +204,7 @@ def run_tunelab(steps: int, bf16: bool, i: int, checkpointing: bool = False) -> 
     return {**res, "train_s": train["runtime_s"], "tokens_per_s": train["tokens_per_s"], "steps": train["steps"],
             "train_phase_rss_mb": (manifest.get("peak_rss_mb_by_phase") or {}).get("train"),
             "phases_rss_mb": manifest.get("peak_rss_mb_by_phase"), "evaluate_s": metrics.get("evaluate_s"),
-            "bf16": train.get("bf16")}
+            "bf16": train.get("bf16"), "allocator": manifest.get("allocator")}
 
 
 def run_llamafactory(cli: Path, steps: int, bf16: bool, model: Path, data: Path, i: int) -> dict:

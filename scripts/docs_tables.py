@@ -295,9 +295,13 @@ def peers() -> str:
             if side in summary]
     r, rc = rec["ratios"], rec.get("ratios_checkpointing")
     runs = st["repeats"]
-    phases = [run["phases_rss_mb"] for run in rec["runs"]["tunelab"] if run.get("phases_rss_mb")]
-    by_phase = ", ".join(f"{k} {statistics.median(p.get(k, 0) for p in phases):,.0f}" for k in phases[0]) \
-        if phases else None
+    def by_phase_of(side: str) -> str | None:
+        phases = [run["phases_rss_mb"] for run in rec["runs"].get(side, []) if run.get("phases_rss_mb")]
+        return ", ".join(f"{k} {statistics.median(p.get(k, 0) for p in phases):,.0f}" for k in phases[0]) \
+            if phases else None
+
+    by_phase, by_phase_checkpointing = by_phase_of("tunelab"), by_phase_of("tunelab+checkpointing")
+    allocators = sorted({run["allocator"] for runs in rec["runs"].values() for run in runs if run.get("allocator")})
     return (_table([f"LoRA SFT, {st['steps']} steps" + (f", median (min–max) of {runs} runs" if runs > 1 else
                                                        ", one run"), "real tokens/s", "train s",
                     "training-phase peak RSS MB", "whole-process peak RSS MB", "wall s"], rows)
@@ -307,6 +311,8 @@ def peers() -> str:
             + (f" With gradient checkpointing: real tokens/s {rc['tokens_per_s']}×, whole-process peak RSS "
                f"{rc['peak_rss']}×, training-phase peak RSS {rc['train_phase_rss']}×." if rc else "")
             + (f" tunelab's peak RSS by phase (MB, median): {by_phase}." if by_phase else "")
+            + (f" With gradient checkpointing: {by_phase_checkpointing}." if by_phase_checkpointing else "")
+            + (f" tunelab's allocator: {', '.join(allocators)}." if allocators else "")
             + f"\n\n{_machine(rec)}")
 
 
