@@ -472,3 +472,16 @@ def test_fused_head_loss_equals_the_plain_loss_without_holding_the_logits(traina
     assert (loss2.item(), entropy2.item(), correct2.item()) == pytest.approx(
         (loss.item(), entropy.item(), correct.item()), rel=1e-5)
     assert (tokens, vocab) in shapes2
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_head_loss_stays_on_the_hidden_states_device(grad):
+    """head_loss also computes the evaluation loss on GPUs: its sums live on the hidden states' device (checked on
+    PyTorch's `meta` device, which a CPU-made accumulator would not be on)."""
+    from tunelab.tasks.sft_trainer import head_loss
+
+    hidden = torch.randn(7, 4, device="meta").requires_grad_(grad)
+    head = torch.nn.Linear(4, 11, bias=False, device="meta")
+    with torch.set_grad_enabled(grad):
+        out = head_loss(hidden, head, torch.zeros(7, dtype=torch.long, device="meta"), torch.float32, size=3)
+    assert [o.device.type for o in out] == ["meta"] * 3

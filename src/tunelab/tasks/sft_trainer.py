@@ -111,8 +111,9 @@ def head_loss(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor,
 
 
 def _module_slices(hidden, head, target, dtype, size):
-    loss, entropy = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
-    correct = torch.zeros((), dtype=torch.long)
+    device = hidden.device
+    loss, entropy = torch.zeros((), device=device), torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for a in range(0, len(target), size):
         with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             logits = head(hidden[a:a + size]).float()
@@ -126,12 +127,12 @@ def _module_slices(hidden, head, target, dtype, size):
 
 
 def _head_slices(hidden, weight, target, dtype, size, grads: bool, need_hidden=True, need_weight=False):
-    w = weight.to(dtype)
-    loss, entropy = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
-    correct = torch.zeros((), dtype=torch.long)
+    w, device = weight.to(dtype), hidden.device
+    loss, entropy = torch.zeros((), device=device), torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     grad_h = torch.empty_like(hidden) if grads and need_hidden else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32) if grads and need_weight else None
-    rows = torch.arange(min(size, max(len(target), 1)))
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads and need_weight else None
+    rows = torch.arange(min(size, max(len(target), 1)), device=device)
     for a in range(0, len(target), size):
         h, t = hidden[a:a + size].to(dtype), target[a:a + size]
         logits = (h @ w.T).float()  # [slice, vocabulary]
