@@ -6,7 +6,8 @@
   dtype, with the ordinary cross-entropy. TRL's fused head scores *every* position off Triton devices, in fp32
   tiles with entropy; on this 2-core CPU it took half of each step (7.5 of 15 s at batch 8 × 256). The head's
   cross-entropy runs in slices with its gradient taken in the forward pass (`head_loss`), so the step's logits
-  are never held whole: −0.57 GB peak RSS on the peers job of bench/peers.py (3.67 → 3.10 GB, same s/step).
+  are never held whole (4 fp32 steps of the bench/peers.py job, measured once when it was written: peak RSS
+  3.67 → 3.10 GB at the same s/step; bench/peers.py measures whole runs).
   On CUDA/XPU TRL's own fused head (Triton) is kept.
 """
 from __future__ import annotations
