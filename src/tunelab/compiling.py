@@ -82,12 +82,13 @@ def compile_blocks(model) -> None:
 
 
 def apply(trainer, setting) -> dict:
-    """Decide for this trainer's run and compile if so; the decision for metrics.json."""
+    """Decide for this trainer's run and compile if so; the decision (for metrics.json) is kept as
+    `trainer.compile_decision` and returned."""
     why_not = unsupported() if setting == "auto" else None
     on, reason = decide(setting, planned_steps(trainer), why_not)
     if on:
         compile_blocks(trainer.model)
-    trainer.compiled = on
     if setting == "auto":
         print(f"tunelab: train.compile auto: {reason}")
-    return {"on": on, "reason": reason}
+    trainer.compile_decision = {"on": on, "reason": reason}
+    return trainer.compile_decision

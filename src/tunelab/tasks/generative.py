@@ -123,8 +123,7 @@ def build_trainer(task, config, splits, model_dir: str, run, extra_callbacks=())
         from .. import compiling
         from .sft_trainer import PackedRows
 
-        trainer.compile_decision = compiling.apply(trainer, config.train.compile)
-        if trainer.compiled and isinstance(trainer.data_collator, PackedRows):
+        if compiling.apply(trainer, config.train.compile)["on"] and isinstance(trainer.data_collator, PackedRows):
             trainer.data_collator.width = config.model.max_length  # one shape: no recompile for a shorter row
     return trainer, tokenizer, params, encoded, sets
 

@@ -20,7 +20,11 @@ SLICE = 256  # labelled tokens per LM-head slice (logits of one slice: 256 × vo
 
 
 class SFTTrainer(_TRLSFTTrainer):
-    compiled = False  # set by tunelab.compiling.apply
+    compile_decision: dict | None = None  # set by tunelab.compiling.apply
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self.compile_decision and self.compile_decision["on"])
 
     def evaluate(self, *args, **kwargs):
         """Validation runs the blocks uncompiled: without gradients they would compile again (another graph, tens
