@@ -295,13 +295,15 @@ def peers() -> str:
             if side in summary]
     r, rc = rec["ratios"], rec.get("ratios_checkpointing")
     runs = st["repeats"]
+
     def by_phase_of(side: str) -> str | None:
         phases = [run["phases_rss_mb"] for run in rec["runs"].get(side, []) if run.get("phases_rss_mb")]
         return ", ".join(f"{k} {statistics.median(p.get(k, 0) for p in phases):,.0f}" for k in phases[0]) \
             if phases else None
 
     by_phase, by_phase_checkpointing = by_phase_of("tunelab"), by_phase_of("tunelab+checkpointing")
-    allocators = sorted({run["allocator"] for runs in rec["runs"].values() for run in runs if run.get("allocator")})
+    allocators = sorted({run["allocator"] for side_runs in rec["runs"].values() for run in side_runs
+                         if run.get("allocator")})
     return (_table([f"LoRA SFT, {st['steps']} steps" + (f", median (min–max) of {runs} runs" if runs > 1 else
                                                        ", one run"), "real tokens/s", "train s",
                     "training-phase peak RSS MB", "whole-process peak RSS MB", "wall s"], rows)
