@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..attention import use_stacked_gqa
 from ..errors import TunelabError
 from ..metrics import generation_metrics, perplexity
 from ..precision import base_dtype, fp32_trainable
@@ -69,6 +70,7 @@ def load_causal_lm(config, model_dir: str):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **{"dtype": base_dtype(config), **load_kwargs(config)})
+    use_stacked_gqa(model)
     return tokenizer, model, []
 
 
