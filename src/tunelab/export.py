@@ -97,7 +97,7 @@ def _load(path: Path, config):
     else:
         raise RunError(f"{path} is a `{config.task}` run; ONNX export handles classifiers and decoder-only "
                        f"generative runs ({', '.join(tasks_with_trait('CAUSAL_LM'))})")
-    loaded = task.load(path, config)
+    loaded = task.load(path, config, full_precision=True)
     model = loaded.model
     if trait(method, "MERGEABLE"):
         model = model.merge_and_unload()

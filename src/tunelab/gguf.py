@@ -242,7 +242,7 @@ def export_gguf(path: Path, config, target: Path, quant: str, prompts: int = 32)
         raise RunError(f"{path} is a `{method}` run, which llama.cpp cannot hold (its trained part is not a weight "
                        f"of the model); GGUF export takes {', '.join(with_trait('MERGEABLE'))} runs (merged first) "
                        f"and full-model runs")
-    generator = task.load(path, config)
+    generator = task.load(path, config, full_precision=True)
     if trait(method, "MERGEABLE"):
         generator.model = generator.model.merge_and_unload().eval()
     generator.model = generator.model.float().cpu().eval()

@@ -38,7 +38,7 @@ def merge(run_path, out: str | Path | None = None, tolerance: float = TOLERANCE)
     if not task.CAUSAL_LM and task.SERVES != "classify":
         raise RunError(f"{path} is a `{config.task}` run; merge handles classifiers and causal-LM runs "
                        f"({', '.join(tasks_with_trait('CAUSAL_LM'))})")
-    loaded = task.load(path, config)
+    loaded = task.load(path, config, full_precision=True)
     if task.CAUSAL_LM:
         samples, outputs = _samples(path, "prompt"), _next_token_logits
     else:

@@ -1,5 +1,7 @@
 """Every parameter-efficient method: what trains, and that a saved-and-reloaded run computes exactly what the
 in-memory model computed (greedy generations of a causal LM, class logits of a classifier)."""
+import json
+
 import pytest
 import torch
 
@@ -254,3 +256,30 @@ def test_qlora_refuses_the_inits_that_decompose_full_precision_weights():
 
     with pytest.raises(ValidationError, match="init pissa decomposes full-precision weights"):
         METHODS["qlora"].Options(init="pissa")
+
+
+@pytest.mark.parametrize("name", list(GENERATIVE))
+def test_bf16_runs_are_evaluated_as_generate_loads_them(name, make_config, tiny_llama, tmp_path):
+    """A frozen-base run trained in bf16 is evaluated, generates and serves with its base in bf16 under autocast,
+    as it trained: the test predictions are what `tunelab.load(run).generate` gives, the test loss is the fp32
+    reload's to bf16 rounding, and merge/export (`full_precision`) still load every weight in fp32."""
+    import tunelab
+    from conftest import write_jsonl
+    from tunelab.tasks import TASKS, load_splits, sft
+
+    rows = [{"prompt": f"say {w}", "response": w} for w in ["good", "bad", "great", "awful", "fine"] * 8]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    path = make_config(method={"name": name, **GENERATIVE[name]}, model={"name": str(tiny_llama)}, task="sft",
+                       data={"train": str(data), "split": {"validation": 0, "test": 0.25}, "leakage": "ignore"},
+                       train={"max_steps": 3, "precision": "bf16", "lr": 0.05}, eval={"max_new_tokens": 3})
+    result = tunelab.train(path)
+    assert result.metrics["test"]["precision"] == "bf16"
+    gen = tunelab.load(result.path)
+    assert gen.bf16 and torch.bfloat16 in {p.dtype for p in gen.model.parameters()}
+    saved = [json.loads(x) for x in (result.path / "predictions_test.jsonl").read_text().split("\n") if x]
+    assert gen.generate([s["prompt"] for s in saved], max_new_tokens=3) == [s["generated"] for s in saved]
+    full = TASKS["sft"].load(result.path, result.config, full_precision=True)
+    assert not full.bf16 and all(p.dtype == torch.float32 for p in full.model.parameters())
+    test_rows = sft.encode(result.config, load_splits(result.config).test, gen.tokenizer).rows
+    assert gen.loss(test_rows) == pytest.approx(result.metrics["test"]["loss"], rel=1e-6)
+    assert gen.loss(test_rows) == pytest.approx(full.loss(test_rows), rel=0.03)

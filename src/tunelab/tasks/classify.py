@@ -90,7 +90,7 @@ def evaluate(ctx, stats: dict) -> dict:
     return metrics
 
 
-def load(path, config):
+def load(path, config, full_precision: bool = False):
     from .classifier import Classifier
 
     return Classifier.from_saved(path, config)

@@ -19,8 +19,8 @@ def _auto_class(task: str):
     return AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
 
 
-def _load_base(config):
-    """The untrained model of a config, fp32 (seq2seq from an encoder: bert2bert, as training built it)."""
+def _load_base(config, dtype=torch.float32):
+    """The untrained model of a config, in `dtype` (seq2seq from an encoder: bert2bert, as training built it)."""
     from ..models import resolve
 
     directory = resolve(config.model.name)
@@ -31,7 +31,7 @@ def _load_base(config):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory), _auto_class(config.task).from_pretrained(
-        directory, dtype=torch.float32)
+        directory, dtype=dtype)
 
 
 class Generator:
@@ -41,6 +41,9 @@ class Generator:
         from ..models.saved import place
 
         self.config, self.tokenizer, self.model, self.path = config, tokenizer, place(model).eval(), path
+        # a base loaded in bf16 (what training ran: base_dtype) runs under bf16 autocast, as in training, so the
+        # fp32 parts (adapter weights, virtual tokens) meet bf16 activations the way they did there
+        self.bf16 = any(p.dtype == torch.bfloat16 for p in self.model.parameters())
         self.demonstrations = None  # method icl: solved examples put before each prompt
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         # decoder-only: pad on the left so every prompt ends at the edge; encoder-decoder: the encoder reads it all
@@ -49,7 +52,8 @@ class Generator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     @classmethod
-    def from_saved(cls, path, config) -> "Generator":
+    def from_saved(cls, path, config, dtype=torch.float32) -> "Generator":
+        """The run's saved model; `dtype` is its base's (a full model is always fp32)."""
         from transformers import AutoTokenizer
 
         from ..models.saved import load_saved
@@ -58,16 +62,23 @@ class Generator:
         if config.method.name == "icl":  # nothing was trained: the base model, prompted with demonstrations
             from ..methods.demonstrations import load
 
-            generator = cls(config, *_load_base(config), path)
+            generator = cls(config, *_load_base(config, dtype), path)
             generator.demonstrations = load(model_dir, config.method)
             return generator
-        model = load_saved(model_dir, _auto_class(config.task), lambda: _load_base(config)[1])
+        model = load_saved(model_dir, _auto_class(config.task), lambda: _load_base(config, dtype)[1])
         return cls(config, AutoTokenizer.from_pretrained(model_dir), model, path)
 
     @classmethod
-    def base(cls, config) -> "Generator":
+    def base(cls, config, dtype=torch.float32) -> "Generator":
         """The untrained model of a config, for before/after comparisons."""
-        return cls(config, *_load_base(config))
+        return cls(config, *_load_base(config, dtype))
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    def _autocast(self):
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
@@ -89,7 +100,8 @@ class Generator:
                       "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos}
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
-            ids = self.model.generate(**enc, **kwargs)
+            with self._autocast():
+                ids = self.model.generate(**enc, **kwargs)
             new = ids if self.encoder_decoder else ids[:, enc["input_ids"].shape[1]:]
             for k, text in zip(batch, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
                 out[k] = text
@@ -97,6 +109,11 @@ class Generator:
 
     @torch.inference_mode()
     def loss(self, rows: list[dict], max_tokens: int = 1024) -> float:
+        """Mean cross-entropy per trained token over encoded rows (see `_loss`), in the model's precision."""
+        with self._autocast():
+            return self._loss(rows, max_tokens)
+
+    def _loss(self, rows: list[dict], max_tokens: int) -> float:
         """Mean cross-entropy per trained token over encoded rows (decoder-only: `input_ids` +
         `completion_mask`; encoder-decoder: `input_ids` + `labels`).
 

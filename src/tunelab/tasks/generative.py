@@ -180,10 +180,22 @@ def fit_generative(task, ctx) -> tuple[dict, dict]:
     return params, stats
 
 
+def inference_dtype(task, config, full_precision: bool = False):
+    """The dtype a finished run's base is loaded in to evaluate, generate and serve: the one training loaded it in
+    (`base_dtype`: bf16 for a frozen base with bf16 on, run under bf16 autocast as in training), so a run's test
+    metrics are what `generate`/`serve` give; fp32 for `full_precision` (merge and export fold weights in fp32),
+    for fp32 runs and for tasks that build their own model (seq2seq)."""
+    import torch
+
+    if full_precision or hasattr(task, "load_model"):
+        return torch.float32
+    return base_dtype(config)
+
+
 def evaluate_generative(task, ctx, stats: dict) -> dict:
     """Validation loss (the Trainer's, in training precision); test loss/perplexity and generation metrics of the
-    saved model reloaded in fp32 (overall and per dataset of a multitask mix) — the numbers `tunelab eval --base`
-    computes for the untrained model."""
+    saved model reloaded as `generate` loads it (`inference_dtype`; overall and per dataset of a multitask mix) —
+    the numbers `tunelab eval --base` computes for the untrained model."""
     from .generate import Generator
 
     config, splits = ctx.config, ctx.splits
@@ -191,9 +203,10 @@ def evaluate_generative(task, ctx, stats: dict) -> dict:
     loss = stats.pop("validation_loss", None)
     if loss is not None:
         metrics["validation"] = perplexity(loss)
-    generator = Generator.from_saved(ctx.run.path, config)
+    generator = Generator.from_saved(ctx.run.path, config, inference_dtype(task, config))
     if len(splits.test):
         metrics["test"], rows = test_metrics(task, config, splits.test, generator)
+        metrics["test"]["precision"] = generator.precision
         if rows is not None:
             names = list(rows.pop("_task"))
             if len(set(names)) > 1:
@@ -248,9 +261,11 @@ def forgetting(config, tuned, base=None) -> dict:
         with tuned.adapter_disabled() as switched_off:
             before = switched_off.loss(rows) if switched_off is not None else None
     if before is None:
+        import torch
+
         from .generate import Generator
 
-        before = (base or Generator.base(config)).loss(rows)
+        before = (base or Generator.base(config, torch.bfloat16 if tuned.bf16 else torch.float32)).loss(rows)
     return {"data": spec, "documents": len(frame), "base_perplexity": perplexity(before)["perplexity"],
             "perplexity": perplexity(after)["perplexity"], "ratio": math.exp(min(after - before, 50))}
 
@@ -260,7 +275,8 @@ def evaluate_file(task, path, config, spec: str, **_) -> dict:
     read with the run's data settings — e.g. general text, to measure what fine-tuning made the model forget."""
     from .generate import Generator
 
-    return test_metrics(task, config, task.eval_table(spec, config), Generator.from_saved(path, config))[0]
+    return test_metrics(task, config, task.eval_table(spec, config),
+                        Generator.from_saved(path, config, inference_dtype(task, config)))[0]
 
 
 def evaluate_base(task, config) -> dict:
@@ -270,7 +286,7 @@ def evaluate_base(task, config) -> dict:
     test = task.load_splits(config).test
     if not len(test):
         raise TunelabError("the config has no test split to evaluate on")
-    return test_metrics(task, config, test, Generator.base(config))[0]
+    return test_metrics(task, config, test, Generator.base(config, inference_dtype(task, config)))[0]
 
 
 def token_lengths(task, config, frame, tokenizer):
@@ -285,10 +301,10 @@ def token_lengths(task, config, frame, tokenizer):
     return np.array([len(r["input_ids"]) + len(r.get("labels", ())) for r in rows])
 
 
-def load(path, config):
+def load(task, path, config, full_precision: bool = False):
     from .generate import Generator
 
-    return Generator.from_saved(path, config)
+    return Generator.from_saved(path, config, inference_dtype(task, config, full_precision))
 
 
 def protocol(task) -> tuple:
@@ -297,8 +313,9 @@ def protocol(task) -> tuple:
     report, token_lengths)."""
     from functools import partial
 
-    return (partial(build_trainer, task), partial(fit_generative, task), partial(evaluate_generative, task), load,
-            partial(evaluate_file, task), partial(evaluate_base, task), report, partial(token_lengths, task))
+    return (partial(build_trainer, task), partial(fit_generative, task), partial(evaluate_generative, task),
+            partial(load, task), partial(evaluate_file, task), partial(evaluate_base, task), report,
+            partial(token_lengths, task))
 
 
 def report(metrics: dict) -> list[str]:

@@ -68,7 +68,7 @@ def evaluate(ctx, stats: dict) -> dict:
     return evaluate_splits(RewardModel.from_saved(ctx.run.path, ctx.config).evaluate, ctx.splits, ctx.run.path)
 
 
-def load(path, config) -> "RewardModel":
+def load(path, config, full_precision: bool = False) -> "RewardModel":
     return RewardModel.from_saved(path, config)
 
 

@@ -145,7 +145,7 @@ def evaluate(ctx, stats: dict) -> dict:
     return metrics
 
 
-def load(path, config):
+def load(path, config, full_precision: bool = False):
     from .generate import Generator
 
     return Generator.from_saved(path, config)

@@ -15,9 +15,10 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
-from peft.helpers import disable_input_dtype_casting
 from trl import SFTTrainer as _TRLSFTTrainer
 
 SLICE = 256  # labelled tokens per LM-head slice (logits of one slice: 256 × vocabulary, 50 MB for SmolLM2 in fp32)
@@ -43,7 +44,7 @@ class SFTTrainer(_TRLSFTTrainer):
         casts straight back (and keeps, per adapter, for the backward): PEFT's own switch turns it off for
         tunelab's loss — its forward (compute_loss) and the step's backward, where checkpointed blocks run their
         forward again."""
-        with disable_input_dtype_casting(model, active=self.args.bf16 and self._own_loss(model)):
+        with adapter_inputs_uncast(model, active=self.args.bf16 and self._own_loss(model)):
             return super().training_step(model, *args, **kwargs)
 
     def _own_loss(self, model) -> bool:
@@ -71,7 +72,7 @@ class SFTTrainer(_TRLSFTTrainer):
         mask = target != -100
         # calling the backbone directly skips the autocast wrapper accelerate puts on the model's forward
         with torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16), \
-                disable_input_dtype_casting(backbone, active=self.args.bf16):  # see training_step
+                adapter_inputs_uncast(backbone, active=self.args.bf16):  # see training_step
             hidden = backbone(**inputs).last_hidden_state[:, :-1][mask]
         target = target[mask]
         count = mask.sum()
@@ -92,6 +93,21 @@ class SFTTrainer(_TRLSFTTrainer):
             record_metrics(self, mode, (entropy / n).item() if n > 0 else 0.0,
                            (correct / n).item() if n > 0 else 0.0, tokens)
         return loss
+
+
+@contextmanager
+def adapter_inputs_uncast(model, active: bool = True):
+    """PEFT's `cast_input_dtype_enabled` switch off, for the duration, on every adapter layer that has it — what
+    `peft.helpers.disable_input_dtype_casting` does, except that PEFT's helper (0.21) raises AttributeError on
+    layers without the switch (IA3's)."""
+    layers = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", None) is True] if active else []
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.cast_input_dtype_enabled = True
 
 
 def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
