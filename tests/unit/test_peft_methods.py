@@ -283,3 +283,19 @@ def test_bf16_runs_are_evaluated_as_generate_loads_them(name, make_config, tiny_
     test_rows = sft.encode(result.config, load_splits(result.config).test, gen.tokenizer).rows
     assert gen.loss(test_rows) == pytest.approx(result.metrics["test"]["loss"], rel=1e-6)
     assert gen.loss(test_rows) == pytest.approx(full.loss(test_rows), rel=0.03)
+
+
+def test_the_lm_head_gets_contiguous_hidden_states(tiny_llama):
+    """transformers hands the LM head the last position as a strided slice; PyTorch's CPU linear on such an input
+    copies the weight once per row (pytorch/pytorch#151934: 0.9 GB and 1.2 s per prefill for SmolLM2 in bf16), so
+    the Generator's head makes it contiguous first."""
+    _, gen = _tuned_generator("lora", tiny_llama)
+    head = gen.model.get_output_embeddings()
+    seen = []
+    spy = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    gen.generate(["the cat sat on the mat", "a dog"], max_new_tokens=3)
+    spy.remove()
+    assert len(seen) >= 3 and all(seen)
+    x = torch.randn(2, 5, head.in_features)[:, -1:, :]
+    assert not x.is_contiguous()
+    torch.testing.assert_close(head(x), x @ head.weight.T)

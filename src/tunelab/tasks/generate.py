@@ -34,6 +34,21 @@ def _load_base(config, dtype=torch.float32):
         directory, dtype=dtype)
 
 
+def _contiguous(module, args):
+    return (args[0].contiguous(), *args[1:]) if args and torch.is_tensor(args[0]) else None
+
+
+def contiguous_head_input(model) -> None:
+    """The LM head gets its hidden states contiguous. transformers hands it the last position as a strided slice
+    (`logits_to_keep`), and PyTorch's CPU `linear` on a non-contiguous 3-D input without bias runs as a `bmm`
+    that copies the weight once per row (pytorch/pytorch#151934): SmolLM2's head on a prefill of 16 prompts in
+    bf16 took 1.16 s and 0.9 GB instead of 5 ms (fp32: 53 ms against 16 ms)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module) and not getattr(head, "_tunelab_contiguous", False):
+        head.register_forward_pre_hook(_contiguous)
+        head._tunelab_contiguous = True
+
+
 class Generator:
     """A generative model ready to generate: `generate(prompts)`, `evaluate(conversations)`."""
 
@@ -44,6 +59,7 @@ class Generator:
         # a base loaded in bf16 (what training ran: base_dtype) runs under bf16 autocast, as in training, so the
         # fp32 parts (adapter weights, virtual tokens) meet bf16 activations the way they did there
         self.bf16 = any(p.dtype == torch.bfloat16 for p in self.model.parameters())
+        contiguous_head_input(self.model)
         self.demonstrations = None  # method icl: solved examples put before each prompt
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         # decoder-only: pad on the left so every prompt ends at the edge; encoder-decoder: the encoder reads it all
