@@ -30,11 +30,12 @@ def test_stacked_gqa_equals_sdpa_on_packed_rows_with_its_gradients(monkeypatch):
     ids, pos = _packed_batch()
     plain, stacked = _gqa_model(), _gqa_model()
     assert use_stacked_gqa(stacked) and stacked.config._attn_implementation == NAME
-    seen = []
+    seen, masks = [], []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def spy(query, key, value, **kw):
         seen.append((query.shape[1], key.shape[1], kw.get("attn_mask") is not None))
+        masks.append(kw.get("attn_mask"))
         return sdpa(query, key, value, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
@@ -47,6 +48,9 @@ def test_stacked_gqa_equals_sdpa_on_packed_rows_with_its_gradients(monkeypatch):
     # transformers repeats the two key/value heads to four query heads; the stacked form runs on the two
     assert out["plain"][2] == [(4, 4, True)] * 2
     assert out["stacked"][2] == [(2, 2, True)] * 2
+    # both layers got one tiled mask, made once in the query's dtype (each layer's own copy would be kept for the
+    # backward)
+    assert masks[-1] is masks[-2] and masks[-1].dtype == torch.float32 and masks[-1].shape == (2, 1, 24, 12)
     torch.testing.assert_close(out["stacked"][0], out["plain"][0], rtol=1e-5, atol=1e-5)
     for n, g in out["plain"][1].items():
         torch.testing.assert_close(out["stacked"][1][n], g, rtol=1e-4, atol=1e-6)
