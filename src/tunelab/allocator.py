@@ -37,9 +37,19 @@ def loaded() -> str:
     return "jemalloc" if "libjemalloc" in maps else "system"
 
 
+CHOICES = ("jemalloc", "system")
+
+
 def plan(env: dict, found: str | None, platform: str = sys.platform) -> dict | None:
-    """The environment to re-execute with, or None to stay as we are."""
-    if platform != "linux" or found is None or env.get(MARKER) or env.get("TUNELAB_MALLOC", "jemalloc") != "jemalloc":
+    """The environment to re-execute with, or None to stay as we are; a TUNELAB_MALLOC that names neither
+    allocator is a TunelabError (not silently the C library's)."""
+    choice = env.get("TUNELAB_MALLOC", "jemalloc")
+    if choice not in CHOICES:
+        from .errors import TunelabError
+
+        raise TunelabError(f"environment variable TUNELAB_MALLOC={choice!r}: expected one of {', '.join(CHOICES)} "
+                          "(unset: jemalloc where libjemalloc is installed)")
+    if platform != "linux" or found is None or env.get(MARKER) or choice != "jemalloc":
         return None
     preload = env.get("LD_PRELOAD", "")
     if "jemalloc" in preload:

@@ -180,13 +180,18 @@ def _plain_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import TunelabError
+
     if argv is None:  # the console command: on jemalloc where the system has it (tunelab/allocator.py)
         from .allocator import use_jemalloc
 
-        use_jemalloc()
+        try:
+            use_jemalloc()
+        except TunelabError as exc:
+            print(f"tunelab: error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .errors import TunelabError
 
     if not args.debug:
         _plain_warnings()

@@ -329,6 +329,12 @@ def test_allocator_plan():
     assert plan({"TUNELAB_MALLOC": "system"}, lib, "linux") is None
     assert plan({"LD_PRELOAD": "libjemalloc.so.2"}, lib, "linux") is None
     assert plan({}, None, "linux") is None and plan({}, lib, "darwin") is None
+    # a value naming neither allocator is refused, wherever it is read (not silently the C library's)
+    from tunelab.errors import TunelabError
+
+    for platform, found in (("linux", lib), ("darwin", None)):
+        with pytest.raises(TunelabError, match=r"TUNELAB_MALLOC='jemaloc': expected one of jemalloc, system"):
+            plan({"TUNELAB_MALLOC": "jemaloc"}, found, platform)
 
 
 def test_console_command_runs_on_jemalloc_where_installed():
@@ -349,3 +355,18 @@ def test_console_command_runs_on_jemalloc_where_installed():
     out = subprocess.run([sys.executable, "-c", code, "x"], env={**env, "TUNELAB_MALLOC": "system"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "system ['x']"
+
+
+def test_console_command_refuses_an_unknown_allocator():
+    """`TUNELAB_MALLOC=jemaloc tunelab ...`: one sentence naming the variable and the choices, exit code 2, no
+    traceback — before anything runs."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TUNELAB_MALLOC": "jemaloc"}
+    env.pop("_TUNELAB_ALLOCATOR", None)
+    out = subprocess.run([sys.executable, "-m", "tunelab", "validate", "nowhere.yaml"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == ("tunelab: error: environment variable TUNELAB_MALLOC='jemaloc': expected one of "
+                                  "jemalloc, system (unset: jemalloc where libjemalloc is installed)")
