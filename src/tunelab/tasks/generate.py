@@ -90,6 +90,11 @@ class Generator:
         return cls(config, *_load_base(config, dtype))
 
     @property
+    def dtype(self):
+        """The dtype it computes in (its base's): what a model to compare it with is loaded in."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    @property
     def precision(self) -> str:
         return "bf16" if self.bf16 else "fp32"
 

@@ -261,11 +261,9 @@ def forgetting(config, tuned, base=None) -> dict:
         with tuned.adapter_disabled() as switched_off:
             before = switched_off.loss(rows) if switched_off is not None else None
     if before is None:
-        import torch
-
         from .generate import Generator
 
-        before = (base or Generator.base(config, torch.bfloat16 if tuned.bf16 else torch.float32)).loss(rows)
+        before = (base or Generator.base(config, tuned.dtype)).loss(rows)
     return {"data": spec, "documents": len(frame), "base_perplexity": perplexity(before)["perplexity"],
             "perplexity": perplexity(after)["perplexity"], "ratio": math.exp(min(after - before, 50))}
 
