@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 import yaml
 
 import tunelab
@@ -113,6 +114,31 @@ def test_two_adapters_share_one_base_and_answer_as_generate_does(runs):
             assert g["probabilities"] == pytest.approx(p, abs=1e-5)
         health = http.get("/health").json()
         assert health["status"] == "ok"
+
+
+def test_a_bf16_run_is_served_as_it_generates(tiny_llama, tmp_path, monkeypatch):
+    """A run trained in bf16 generates with its base in bf16 under autocast; the server's batches run its model
+    directly and must enter the same autocast (else the adapters compute in fp32 and answers drift from
+    `tunelab generate`'s, as a SmolLM2 adapter's did)."""
+    rows = [{"prompt": f"say something about the movie {i}", "response": "good good"} for i in range(20)]
+    data = write_jsonl(tmp_path / "bf16.jsonl", rows)
+    path = tunelab.train(_config(tmp_path, "bf16", tiny_llama, {"name": "lora", "r": 4}, "sft", data, max_steps=3,
+                                 precision="bf16")).path
+    app = create_app([path], Limits())
+    model = app.state.registry.models["bf16"].engine.model
+    assert model.dtype == torch.bfloat16
+    seen = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: seen.append(torch.is_autocast_enabled("cpu"))
+                        or generate(*a, **kw))
+    rendered = tunelab.load(path).render("say something about the film")
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        r = http.post("/v1/completions", json={"model": "bf16", "prompt": rendered, "max_tokens": 4,
+                                               "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert seen == [True]
+    assert r.json()["choices"][0]["text"] == tunelab.load(path).generate([rendered], max_new_tokens=4,
+                                                                         strip=False)[0]
 
 
 def test_bad_requests_get_4xx_in_openai_error_shape_and_the_server_keeps_answering(runs):

@@ -266,7 +266,7 @@ def generate_batch(engine, jobs: list[GenerateJob], mixed: bool) -> None:
                 kwargs["adapter_names"] = [j.adapter for j in group]
             elif group[0].adapter is not None:
                 model.set_adapter(group[0].adapter)
-            with torch.inference_mode():
+            with torch.inference_mode(), engine.autocast():  # as Generator.generate runs it
                 model.generate(**enc, **kwargs)
         except BaseException as exc:
             for j in group:

@@ -98,7 +98,10 @@ class Generator:
     def precision(self) -> str:
         return "bf16" if self.bf16 else "fp32"
 
-    def _autocast(self):
+    def autocast(self):
+        """The context its model runs in (bf16 autocast for a bf16 base): whoever calls `model` directly (the
+        server's batches) enters it too, or a bf16 run's adapters compute in fp32 and its output drifts from
+        `generate`'s."""
         return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.inference_mode()
@@ -121,7 +124,7 @@ class Generator:
                       "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos}
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
-            with self._autocast():
+            with self.autocast():
                 ids = self.model.generate(**enc, **kwargs)
             new = ids if self.encoder_decoder else ids[:, enc["input_ids"].shape[1]:]
             for k, text in zip(batch, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
@@ -131,7 +134,7 @@ class Generator:
     @torch.inference_mode()
     def loss(self, rows: list[dict], max_tokens: int = 1024) -> float:
         """Mean cross-entropy per trained token over encoded rows (see `_loss`), in the model's precision."""
-        with self._autocast():
+        with self.autocast():
             return self._loss(rows, max_tokens)
 
     def _loss(self, rows: list[dict], max_tokens: int) -> float:
