@@ -4,8 +4,8 @@ Compiling fuses the elementwise work of a block (norms, SiLU·up, rotary embeddi
 generated kernels: fewer passes over memory and fewer saved activations. It costs a one-off compile at the first
 step (Inductor keeps the generated code in its on-disk cache, so a second run of the same shapes compiles in a few
 seconds) and pays back per step. `auto` compiles when the platform has what Inductor needs and the run has enough
-optimizer steps to pay the compile back: MIN_STEPS, the break-even measured by bench/compile.py (a cold cache, the
-sft LoRA benchmark job, the slowest gain measured — on a CPU without bf16 — so the rule errs towards not compiling).
+optimizer steps to pay the compile back: MIN_STEPS, the largest break-even bench/compile.py has measured (a cold
+cache, the sft LoRA benchmark job), so the rule errs towards not compiling.
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import shutil
 import sysconfig
 from pathlib import Path
 
-MIN_STEPS = 150
-"""Optimizer steps from which `auto` compiles. bench/results/compile.json (smollm2 LoRA, batch 4 × 256, a 2-core
-AVX2-only CPU, where compiling gains least: 1.09× per step, −0.7 GB peak RSS) measured a break-even of 121 steps
-with a cold Inductor cache and 18 with a warm one; rounded up, since single steps vary by ±10% there."""
+MIN_STEPS = 200
+"""Optimizer steps from which `auto` compiles. bench/compile.py (smollm2 LoRA, batch 4 × 256) measured a cold-cache
+break-even of 121 steps on a 2-core AVX2-only EPYC in fp32 (1.09× per step, 54 s to compile) and of 195 steps on a
+2-core AMX Xeon in bf16 (1.25× per step, but 91 s to compile); warm-cache break-evens 18 and 11 steps. Rounded up
+from the larger, since single steps vary by ±10% on those machines."""
 
 
 def unsupported() -> str | None:
