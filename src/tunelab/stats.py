@@ -26,14 +26,7 @@ def metric_fn(key: str, labels: list[str] | None = None):
     if key == "accuracy":
         return lambda y, p: float((y == p).mean())
     if key in CLASSIFICATION:
-        from sklearn.metrics import precision_recall_fscore_support
-
-        which = {"precision_macro": 0, "recall_macro": 1, "f1_macro": 2}[key]
-
-        def macro(y, p):
-            scores = precision_recall_fscore_support(y, p, labels=labels, zero_division=0)[which]
-            return float(scores.mean())
-        return macro
+        return _macro({"precision_macro": 0, "recall_macro": 1, "f1_macro": 2}[key], labels)
     if key in ("chrf", "bleu"):
         # a corpus score is computed from per-sentence n-gram statistics summed over the corpus (sacrebleu's own
         # paired bootstrap works this way): each example's statistics are extracted once, a resample sums them
@@ -67,6 +60,32 @@ def metric_fn(key: str, labels: list[str] | None = None):
             return float(sum(scores[pair] for pair in zip(y, p)) / max(len(y), 1))
         return mean_rouge
     raise ValueError(f"no per-example statistic for metric {key!r}")
+
+
+def _macro(which: int, labels: list[str] | None):
+    """Macro precision (0), recall (1) or F1 (2) as scikit-learn's `precision_recall_fscore_support(y, p,
+    labels=labels, zero_division=0)[which].mean()` computes it — the same per-label counts, in numpy. The
+    resampling tests call it thousands of times on subsets, and scikit-learn's input validation made one call
+    ~5 ms: three minutes of a small `tunelab compare`. tests/unit/test_stats.py checks it against scikit-learn."""
+    import numpy as np
+
+    fixed = {name: i for i, name in enumerate(labels)} if labels is not None else None
+
+    def macro(y, p):
+        codes = fixed if fixed is not None else {name: i for i, name in enumerate(sorted(set(y) | set(p)))}
+        if not codes:
+            return 0.0
+        yc = np.fromiter((codes.get(v, -1) for v in y), dtype=np.int64, count=len(y))
+        pc = np.fromiter((codes.get(v, -1) for v in p), dtype=np.int64, count=len(p))
+        k = len(codes)
+        true = np.bincount(yc[yc >= 0], minlength=k)
+        pred = np.bincount(pc[pc >= 0], minlength=k)
+        tp = np.bincount(yc[(yc == pc) & (yc >= 0)], minlength=k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = (np.where(pred > 0, tp / pred, 0.0), np.where(true > 0, tp / true, 0.0),
+                     np.where(true + pred > 0, 2 * tp / (true + pred), 0.0))[which]
+        return float(score.mean())
+    return macro
 
 
 def _bootstrap(statistic, n: int) -> tuple[float, float]:

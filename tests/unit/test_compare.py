@@ -325,3 +325,22 @@ def test_generative_compare_with_prompting_baselines(make_config, tiny_llama, ti
     # the trained entry is tested against the best entry that trains nothing
     assert groups["lora"]["vs_prompting"]["entry"] == analysis["prompting"] in ("base", "icl_k", "icl_retrieved")
     assert "vs_prompting" not in groups["base"]
+
+
+@pytest.mark.parametrize("key", ["f1_macro", "precision_macro", "recall_macro"])
+def test_macro_metrics_are_scikit_learn_s(key):
+    """The resampling tests' macro metrics (counted in numpy for speed) equal scikit-learn's on random subsets: with
+    the label list given (a label never predicted, a prediction outside the list) and without it."""
+    import numpy as np
+    from sklearn.metrics import precision_recall_fscore_support
+
+    which = {"precision_macro": 0, "recall_macro": 1, "f1_macro": 2}[key]
+    rng = np.random.default_rng(0)
+    labels = ["neg", "neu", "pos", "never"]
+    for n in (1, 2, 7, 50):
+        for _ in range(20):
+            y = rng.choice(["neg", "neu", "pos"], n).astype(object)
+            p = rng.choice(["neg", "neu", "pos", "other"], n).astype(object)
+            for given in (labels, None):
+                expected = precision_recall_fscore_support(y, p, labels=given, zero_division=0)[which].mean()
+                assert stats.metric_fn(key, given)(y, p) == pytest.approx(float(expected), abs=1e-12)
