@@ -66,7 +66,7 @@ def _macro(which: int, labels: list[str] | None):
     """Macro precision (0), recall (1) or F1 (2) as scikit-learn's `precision_recall_fscore_support(y, p,
     labels=labels, zero_division=0)[which].mean()` computes it — the same per-label counts, in numpy. The
     resampling tests call it thousands of times on subsets, and scikit-learn's input validation made one call
-    ~5 ms: three minutes of a small `tunelab compare`. tests/unit/test_stats.py checks it against scikit-learn."""
+    ~5 ms: three minutes of a small `tunelab compare`. tests/unit/test_compare.py checks it against scikit-learn."""
     import numpy as np
 
     fixed = {name: i for i, name in enumerate(labels)} if labels is not None else None

@@ -42,7 +42,11 @@ def load_kwargs(config) -> dict:
 
 def prepare_method(config, model, new_modules: list[str], model_dir: str, task_type: str):
     """Apply the configured method (freeze / wrap; `task_type`: PEFT's, declared by the task) and report what
-    trains."""
+    trains. Llama-style norms and MLPs get forwards that keep less for the backward (tunelab/fused.py): every task
+    trains through here."""
+    from .fused import use_fused_layers
+
+    use_fused_layers(model)
     try:
         model = METHODS[config.method.name].prepare(model, config.method, new_modules, model_dir=model_dir,
                                                     task_type=task_type)

@@ -114,3 +114,21 @@ def test_only_what_computes_llama_s_norm_and_silu_mlp_is_replaced(tmp_path):
     gelu.save_pretrained(tmp_path)
     copied = copy.deepcopy(gelu)
     assert copied.model.layers[0].input_layernorm.forward.__self__ is copied.model.layers[0].input_layernorm
+
+
+def test_every_trained_model_gets_them(make_config, tiny_llama, tmp_path):
+    """prepare_method, which every task trains through, applies them (here: sft with LoRA on the tiny llama)."""
+    from conftest import write_jsonl
+    from tunelab.config import load_config
+    from tunelab.runs import RunDir
+    from tunelab.tasks import TASKS, load_splits
+
+    rows = [{"prompt": f"say {w} {i}", "response": w} for i in range(6) for w in ["good", "bad"]]
+    path = make_config(method={"name": "lora", "r": 4}, model={"name": str(tiny_llama)}, task="sft",
+                       data={"train": str(write_jsonl(tmp_path / "sft.jsonl", rows)),
+                             "split": {"validation": 0, "test": 0}, "leakage": "ignore"}, train={"max_steps": 1})
+    config = load_config(path)
+    trainer, *_ = TASKS["sft"].build_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "x"))
+    replaced = [type(m).__name__ for m in trainer.model.modules() if "forward" in vars(m)
+                and getattr(m.forward, "__func__", None) in (fused._norm_forward, fused._mlp_forward)]
+    assert "LlamaRMSNorm" in replaced and "LlamaMLP" in replaced

@@ -58,9 +58,6 @@ def load_model(directory: str, labels: list[str], **load_kwargs):
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
-    from ..fused import use_fused_layers
-
-    use_fused_layers(model)
     new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
     return tokenizer, model, new_modules
 

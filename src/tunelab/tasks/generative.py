@@ -68,12 +68,9 @@ def load_causal_lm(config, model_dir: str):
     """Tokenizer, decoder-only model (its base in bf16 for frozen-base methods with bf16 on), no new modules."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..fused import use_fused_layers
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **{"dtype": base_dtype(config), **load_kwargs(config)})
     use_stacked_gqa(model)
-    use_fused_layers(model)
     return tokenizer, model, []
 
 

@@ -30,12 +30,10 @@ def load_policy(config, model_dir: str, task_type: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..fused import use_fused_layers
     from ..trainer import load_kwargs, prepare_method
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **{"dtype": torch.float32, **load_kwargs(config)})
-    use_fused_layers(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model, params = prepare_method(config, model, [], model_dir, task_type)
