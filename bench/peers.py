@@ -19,10 +19,11 @@ no fast bf16, dtype float32 (LLaMA-Factory keeps the frozen base in the checkpoi
 multiplies with PyTorch's reference GEMM: not 5 steps in 13 minutes here).
 
 Reported per run: real (non-padding) tokens/s — both sides count them the same way, with the Trainer's
-`include_num_input_tokens_seen: non_padding` over the Trainer's own train runtime — the train time, the whole
-process's wall time, and peak RSS of the training phase (tunelab: its manifest's `train` phase; LLaMA-Factory:
-sampled between the Trainer's "Running training" and the end of training) and of the whole process
-(`wait4`'s ru_maxrss). With --repeats N both sides run N times, alternating; the summary is the median and the
+`include_num_input_tokens_seen: non_padding` over the Trainer's own train runtime, less on tunelab's side the
+validation pass its Trainer runs at the end of training (`validation_s`, reported; LLaMA-Factory's job has none) —
+the train time, the whole process's wall time, and peak RSS of the training phase (tunelab: its manifest's `train`
+phase; LLaMA-Factory: sampled between the Trainer's "Running training" and the end of training) and of the whole
+process (`wait4`'s ru_maxrss). With --repeats N both sides run N times, alternating; the summary is the median and the
 spread (min–max).
 
     python bench/peers.py [--steps 30] [--repeats 3]       → bench/results/peers.json
@@ -201,7 +202,8 @@ def run_tunelab(steps: int, bf16: bool, i: int, checkpointing: bool = False) -> 
     metrics = json.loads((out / "metrics.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     train = metrics["train"]
-    return {**res, "train_s": train["runtime_s"], "tokens_per_s": train["tokens_per_s"], "steps": train["steps"],
+    return {**res, "train_s": train["runtime_s"], "validation_s": train.get("validation_s"),
+            "tokens_per_s": train["tokens_per_s"], "steps": train["steps"],
             "train_phase_rss_mb": (manifest.get("peak_rss_mb_by_phase") or {}).get("train"),
             "phases_rss_mb": manifest.get("peak_rss_mb_by_phase"), "evaluate_s": metrics.get("evaluate_s"),
             "bf16": train.get("bf16"), "allocator": manifest.get("allocator")}

@@ -30,7 +30,7 @@ def untimed(metrics: dict) -> dict:
     """metrics.json without what is measured rather than computed (times, speeds, which checkpoint was kept)."""
     out = json.loads(json.dumps(metrics))
     out.pop("evaluate_s", None)
-    for key in ("runtime_s", "examples_per_s", "tokens_per_s", "epoch_s", "best_checkpoint"):
+    for key in ("runtime_s", "validation_s", "examples_per_s", "tokens_per_s", "epoch_s", "best_checkpoint"):
         out.get("train", {}).pop(key, None)
     for split in out.values():
         if isinstance(split, dict):

@@ -31,7 +31,9 @@ def _print_result(result) -> None:
     print(f"\nrun: {result.path}")
     print(f"trainable parameters: {params['trainable']:,} / {params['total']:,} ({params['percent']:.3g}%)")
     speed = m["train"].get("examples_per_s")
-    print(f"training: {m['train']['runtime_s']} s" + (f", {speed} examples/s" if speed is not None else ""))
+    validation = m["train"].get("validation_s")
+    print(f"training: {m['train']['runtime_s']} s" + (f" (validation {validation} s)" if validation else "")
+          + (f", {speed} examples/s" if speed is not None else ""))
     if m["train"].get("tokens_per_s"):
         print(f"throughput: {m['train']['tokens_per_s']} real tokens/s")
     for line in TASKS[result.config.task].report(m):

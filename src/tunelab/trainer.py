@@ -129,6 +129,14 @@ def training_args(config, run, has_validation: bool, cls=None, best_metric: str 
     )
 
 
+def per_second(count: float, stats: dict) -> float | None:
+    """`count` (examples, tokens) over the training time: the whole run's (every part of a resumed one; the Trainer's
+    own figure covers its part only) less the validation passes inside it, whose time is `stats["validation_s"]`
+    (what `tunelab train` evaluates after training is `evaluate_s` in metrics.json)."""
+    seconds = stats["runtime_s"] - stats.get("validation_s", 0.0)
+    return round(count / seconds, 2) if seconds > 0 else None
+
+
 def fit(trainer, config, run, resume: bool, tokenizer, files: dict[str, str] | None = None) -> dict:
     """Train (resuming from the last checkpoint if asked), save model + tokenizer (+ `files`, name → text) as one
     folder swapped into place, return the common stats. Times and speeds cover every part of a resumed run."""
@@ -145,14 +153,14 @@ def fit(trainer, config, run, resume: bool, tokenizer, files: dict[str, str] | N
     trainer.add_callback(clock)
     output = trainer.train(resume_from_checkpoint=checkpoint)
     total = output.metrics["train_runtime"] + clock.before  # + the parts before a resume, up to its checkpoint
-    # the whole run's examples over the whole run's time (the Trainer's own figure covers this part only)
     examples = _examples_per_step(trainer) * output.global_step
-    stats = {"runtime_s": round(total, 2), "examples_per_s": round(examples / total, 2) if total else None,
-             # the Trainer's own train_loss averages only the steps since a resume; the last logged loss
-             # (log history is restored from the checkpoint) means the same with or without one
-             "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
-             "steps": output.global_step, "epochs": output.metrics.get("epoch"), "lr": config.lr,
-             "bf16": bool(trainer.args.bf16), "epoch_s": clock.epoch_s, "processes": trainer.args.world_size}
+    stats = {"runtime_s": round(total, 2), "validation_s": round(clock.validation_s, 2)}
+    stats.update({"examples_per_s": per_second(examples, stats),
+                  # the Trainer's own train_loss averages only the steps since a resume; the last logged loss
+                  # (log history is restored from the checkpoint) means the same with or without one
+                  "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
+                  "steps": output.global_step, "epochs": output.metrics.get("epoch"), "lr": config.lr,
+                  "bf16": bool(trainer.args.bf16), "epoch_s": clock.epoch_s, "processes": trainer.args.world_size})
     files = files or {}
     if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
         # sharded weights: every rank takes part in gathering them; the Trainer writes on rank 0

@@ -95,11 +95,12 @@ class LossProgress(ProgressCallback):
 
 
 class TrainClock(TrainerCallback):
-    """Training time, in total and per epoch, across the parts of a resumed run. Each checkpoint records the time up
-    to it (`tunelab_clock.json`) and a resumed run counts on from the checkpoint it restarts from; time spent after
-    the last checkpoint of a killed part is work that is redone, so it is not counted. With evaluation per epoch
-    the Trainer evaluates after on_epoch_end, so an epoch's time leaves evaluation out; with evaluation every N
-    steps it is included."""
+    """Training time, in total and per epoch, across the parts of a resumed run, and the part of it spent on the
+    validation passes the Trainer runs during training (`validation_s`, from their `eval_runtime`). Each checkpoint
+    records the times up to it (`tunelab_clock.json`) and a resumed run counts on from the checkpoint it restarts
+    from; time spent after the last checkpoint of a killed part is work that is redone, so it is not counted. With
+    evaluation per epoch the Trainer evaluates after on_epoch_end, so an epoch's time leaves evaluation out; with
+    evaluation every N steps it is included."""
 
     FILE = "tunelab_clock.json"
 
@@ -112,6 +113,7 @@ class TrainClock(TrainerCallback):
                 saved = {}
         self.before = float(saved.get("train_s", 0.0))
         self.epoch_s: list[float] = list(saved.get("epoch_s", []))
+        self.validation_s = float(saved.get("validation_s", 0.0))
         self._carry = float(saved.get("epoch_partial_s", 0.0))  # the resumed epoch's time before the checkpoint
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -124,10 +126,13 @@ class TrainClock(TrainerCallback):
         self.epoch_s.append(round(self._carry + time.perf_counter() - self._e0, 3))
         self._carry = 0.0
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.validation_s += float((metrics or {}).get("eval_runtime") or 0.0)
+
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             now = time.perf_counter()
             (folder / self.FILE).write_text(json.dumps({
-                "train_s": self.before + now - self._t0, "epoch_s": self.epoch_s,
+                "train_s": self.before + now - self._t0, "epoch_s": self.epoch_s, "validation_s": self.validation_s,
                 "epoch_partial_s": self._carry + now - self._e0}))

@@ -14,7 +14,7 @@ from ..attention import use_stacked_gqa
 from ..errors import TunelabError
 from ..metrics import generation_metrics, perplexity
 from ..precision import base_dtype, fp32_trainable
-from ..trainer import callbacks, fit, load_kwargs, loads_best, prepare_method, training_args
+from ..trainer import callbacks, fit, load_kwargs, loads_best, per_second, prepare_method, training_args
 
 
 @dataclass
@@ -160,8 +160,7 @@ def fit_generative(task, ctx) -> tuple[dict, dict]:
         return sum(len(r["input_ids"]) + len(r.get("labels", ())) for r in rows)
 
     seen = trainer.state.num_input_tokens_seen  # counted by the Trainer, batch by batch, padding left out
-    stats["tokens_per_s"] = round((seen or tokens(encoded["train"].rows) * (stats["epochs"] or 1))
-                                  / stats["runtime_s"], 1)
+    stats["tokens_per_s"] = per_second(seen or tokens(encoded["train"].rows) * (stats["epochs"] or 1), stats)
     stats["encoded"] = {name: {"examples": len(e.rows), "truncated": e.truncated, "dropped": e.dropped}
                         for name, e in encoded.items()}
     if ctx.splits.stream is not None:  # documents read from the stream (every pass), and those skipped as leaks
