@@ -302,6 +302,20 @@ def peers() -> str:
             if phases else None
 
     by_phase, by_phase_checkpointing = by_phase_of("tunelab"), by_phase_of("tunelab+checkpointing")
+    validation = [run["validation_s"] for run in rec["runs"].get("tunelab", []) if run.get("validation_s")]
+
+    def verdict(key: str, lower: str, higher: str) -> str:  # from the ranges, not the medians: overlap is a tie
+        t, lf = summary.get("tunelab", {}).get(key), summary.get("llamafactory", {}).get(key)
+        if not t or not lf:
+            return "not measured"
+        if t["max"] < lf["min"]:
+            return f"{lower} than LLaMA-Factory's in every run"
+        if t["min"] > lf["max"]:
+            return f"{higher} than LLaMA-Factory's in every run"
+        return "tied with LLaMA-Factory's (the runs' ranges overlap)"
+
+    verdicts = (f"By default, tunelab's whole-process peak RSS: {verdict('peak_rss_mb', 'lower', 'higher')}; "
+                f"its real tokens/s: {verdict('tokens_per_s', 'lower', 'higher')}.")
     allocators = sorted({run["allocator"] for side_runs in rec["runs"].values() for run in side_runs
                          if run.get("allocator")})
     return (_table([f"LoRA SFT, {st['steps']} steps" + (f", median (min–max) of {runs} runs" if runs > 1 else
@@ -315,6 +329,9 @@ def peers() -> str:
             + (f" tunelab's peak RSS by phase (MB, median): {by_phase}." if by_phase else "")
             + (f" With gradient checkpointing: {by_phase_checkpointing}." if by_phase_checkpointing else "")
             + (f" tunelab's allocator: {', '.join(allocators)}." if allocators else "")
+            + (f" tunelab's validation pass at the end of training, left out of its tokens/s (within its train s): "
+               f"{statistics.median(validation):.1f} s (median)." if validation else "")
+            + f" {verdicts}"
             + f"\n\n{_machine(rec)}")
 
 
