@@ -279,6 +279,18 @@ def serve_load() -> str:
     return out + f"\n\n{_machine(rec)}"
 
 
+def range_verdict(ours: dict | None, theirs: dict | None, whose: str) -> str:
+    """Lower / higher than the other side's in every run, or tied: from the runs' ranges (`min`, `max`), not the
+    medians — two sets of runs whose ranges overlap are not told apart."""
+    if not ours or not theirs:
+        return "not measured"
+    if ours["max"] < theirs["min"]:
+        return f"lower than {whose} in every run"
+    if ours["min"] > theirs["max"]:
+        return f"higher than {whose} in every run"
+    return f"tied with {whose} (the runs' ranges overlap)"
+
+
 def peers() -> str:
     rec = _load(BENCH / "peers.json")
     st, summary = rec["settings"], rec["summary"]
@@ -304,18 +316,12 @@ def peers() -> str:
     by_phase, by_phase_checkpointing = by_phase_of("tunelab"), by_phase_of("tunelab+checkpointing")
     validation = [run["validation_s"] for run in rec["runs"].get("tunelab", []) if run.get("validation_s")]
 
-    def verdict(key: str, lower: str, higher: str) -> str:  # from the ranges, not the medians: overlap is a tie
-        t, lf = summary.get("tunelab", {}).get(key), summary.get("llamafactory", {}).get(key)
-        if not t or not lf:
-            return "not measured"
-        if t["max"] < lf["min"]:
-            return f"{lower} than LLaMA-Factory's in every run"
-        if t["min"] > lf["max"]:
-            return f"{higher} than LLaMA-Factory's in every run"
-        return "tied with LLaMA-Factory's (the runs' ranges overlap)"
+    def verdict(key: str) -> str:
+        return range_verdict(summary.get("tunelab", {}).get(key), summary.get("llamafactory", {}).get(key),
+                             "LLaMA-Factory's")
 
-    verdicts = (f"By default, tunelab's whole-process peak RSS: {verdict('peak_rss_mb', 'lower', 'higher')}; "
-                f"its real tokens/s: {verdict('tokens_per_s', 'lower', 'higher')}.")
+    verdicts = (f"By default, tunelab's whole-process peak RSS: {verdict('peak_rss_mb')}; "
+                f"its real tokens/s: {verdict('tokens_per_s')}.")
     allocators = sorted({run["allocator"] for side_runs in rec["runs"].values() for run in side_runs
                          if run.get("allocator")})
     return (_table([f"LoRA SFT, {st['steps']} steps" + (f", median (min–max) of {runs} runs" if runs > 1 else
