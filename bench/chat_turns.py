@@ -1,5 +1,5 @@
 """Multi-turn chat in one pass vs one example per assistant turn, on the shipped chit-chat (examples/chat-lora.yaml:
-SmolLM2-135M + LoRA, batch 8, max_length 256).
+SmolLM2-135M + LoRA, batch 4, max_length 512).
 
 Before (tunelab until issue 18): a conversation with n answers became n examples, each the whole history so far plus
 one answer in the loss — the history is processed again for every answer (quadratic in turns). Now: the
