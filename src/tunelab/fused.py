@@ -9,8 +9,8 @@ Triton kernels; it has no CPU kernels, so these are written with PyTorch operati
 
 They replace the forward of modules whose forward is, line for line, transformers' Llama RMSNorm or Llama MLP with
 a SiLU (Llama, Mistral, Qwen2/3, SmolLM … copy them) of every model tunelab trains (`trainer.prepare_method`),
-and only where a graph is recorded: inference, tracing,
-ONNX export and torch.compile (which fuses these itself) run the module's own forward.
+and only where a graph is recorded: inference, tracing, ONNX export and torch.compile (which fuses these itself)
+run the module's own forward.
 tests/unit/test_fused.py compares outputs and gradients with transformers' and counts what is kept.
 """
 from __future__ import annotations
