@@ -39,6 +39,7 @@ def main() -> None:
     run("llamacpp.py")  # llama.cpp on the exported GGUF next to tunelab generate (its table is in docs/performance.md)
     run("chat_turns.py")  # multi-turn chat in one pass vs one example per answer (README, docs/generative.md)
     comp = run("compile.py")  # train.compile's break-even: the rule behind `auto` (tunelab/compiling.py)
+    ceil = run("ceiling.py")  # the MFU a step of only its GEMMs would reach (docs/performance.md)
     pr, pt, pl = peers["ratios"], peers["summary"]["tunelab"], peers["summary"]["llamafactory"]
     t, r = sft["results"]["tunelab"], sft["results"]["recipe"]
     tc = sft["results"].get("tunelab+compile", {})
@@ -50,6 +51,9 @@ def main() -> None:
          f"{sft['speedup_tokens_per_s']}× ({t.get('tokens_per_s')} vs {r.get('tokens_per_s')})"),
         ("sft LoRA smollm2: MFU of bf16 peak, seq 256", "≥ 35%", f"{100 * (t.get('mfu_bf16_peak') or 0):.1f}%"),
         ("sft LoRA smollm2: peak RSS", "≤ 2 GB", f"{t.get('peak_rss_mb')} MB (recipe {r.get('peak_rss_mb')} MB)"),
+        ("sft LoRA smollm2: MFU if the step ran only its GEMMs (as timed in it / at their rates alone)", "—",
+         f"{100 * ceil['ceilings']['gemm_in_step']['mfu']:.1f}% / {100 * ceil['ceilings']['gemm_isolated']['mfu']:.1f}%"
+         f" (the step: {100 * ceil['step']['mfu']:.1f}%)"),
         ("sft LoRA smollm2 with train.compile: tokens/s, MFU, peak RSS", "—",
          f"{sft.get('speedup_compiled_tokens_per_s')}× ({tc.get('tokens_per_s')} tok/s), "
          f"{100 * (tc.get('mfu_bf16_peak') or 0):.1f}%, {tc.get('peak_rss_mb')} MB"),

@@ -408,6 +408,27 @@ def compile_break_even() -> str:
               f"with an empty Inductor cache, {b['warm']} with a filled one. {_machine(rec)}")
 
 
+def ceiling() -> str:
+    rec = _load(BENCH / "ceiling.json")
+    s, c, g, sh, pk = rec["step"], rec["ceilings"], rec["gemm"], rec["shares"], rec["bf16_peak_gflops"]
+    names = {"gemm_and_attention_in_step": "only its GEMMs and attention, as timed in the step",
+             "gemm_in_step": "only its GEMMs, as timed in the step",
+             "gemm_isolated": "only its GEMMs, each shape at its best rate alone"}
+    rows = [["the step as it runs", s["step_s"], s["tokens_per_s"], f"{100 * s['mfu']:.1f}%"]] + [
+        [names[k], c[k]["step_s"], c[k]["tokens_per_s"], f"{100 * c[k]['mfu']:.1f}%"] for k in names]
+    st = rec["settings"]
+    return (_table([f"sft LoRA step, {st['batch']} × {st['seq']}, if it took", "step s", "real tokens/s", "MFU"], rows)
+            + f"\n\nThe step's {g['calls_per_step']} GEMM calls ({g['shapes']} shapes, {g['gflop_per_step']} GFLOP) "
+              f"take {100 * sh['gemm']:.0f}% of it and run at {g['in_step_gflops']} GFLOP/s (profiled); alone, the "
+              f"same shapes run at {g['isolated_gflops']} GFLOP/s. The attention kernel takes "
+              f"{100 * sh['attention']:.0f}%, "
+              f"everything else {100 * sh['other']:.0f}%. MFU against the 2048² bf16 matmul peak measured before "
+              f"and after ({pk['before']} and {pk['after']} GFLOP/s; the higher is used). "
+              f"A step of only its GEMMs as they run in it would be "
+              f"{'below' if c['gemm_in_step']['mfu'] < 0.35 else 'at or above'} 35% MFU; at their rates alone, "
+              f"{'below' if c['gemm_isolated']['mfu'] < 0.35 else 'at or above'}. {_machine(rec)}")
+
+
 RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict": compare_sentiment_verdict,
              "compare-curves": compare_curves, "compare-translate-fr": compare_translate_fr,
              "compare-translate-fr-verdict": compare_translate_fr_verdict,
@@ -415,6 +436,7 @@ RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict"
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
              "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary, "peers": peers,
              "gguf-speed": gguf_speed, "chat-turns": chat_turns, "compile": compile_break_even,
+             "ceiling": ceiling,
              "config-fields": config_fields}
 
 
