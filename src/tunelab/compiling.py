@@ -16,11 +16,12 @@ import shutil
 import sysconfig
 from pathlib import Path
 
-MIN_STEPS = 200
-"""Optimizer steps from which `auto` compiles. bench/compile.py (smollm2 LoRA, batch 4 × 256) measured a cold-cache
-break-even of 121 steps on a 2-core AVX2-only EPYC in fp32 (1.09× per step, 54 s to compile) and of 195 steps on a
-2-core AMX Xeon in bf16 (1.25× per step, but 91 s to compile); warm-cache break-evens 18 and 11 steps. Rounded up
-from the larger, since single steps vary by ±10% on those machines."""
+MIN_STEPS = 130
+"""Optimizer steps from which `auto` compiles. bench/compile.py (smollm2 LoRA, batch 4 × 256, 40 steps) measured a
+cold-cache break-even of 61 steps on a 2-core AMX Xeon in bf16 (1.57× per step, 37 s to compile) and, earlier, of
+121 steps on a 2-core AVX2-only EPYC in fp32 (1.09× per step, 54 s to compile — measured when an epoch's short last
+batch still recompiled every block, which the AMX machine then paid 43 of its 91 s for); warm-cache break-evens 6
+and 18 steps. Rounded up from the larger, since single steps vary by ±10% on those machines."""
 
 
 def unsupported() -> str | None:

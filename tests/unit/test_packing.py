@@ -86,6 +86,33 @@ def test_without_the_block_mask_the_examples_would_leak(packed_trainer):
     assert (leaky[b:b + 3] - alone).abs().max() > 1e-3
 
 
+def test_compiled_shape_fills_a_short_batch_with_rows_that_carry_nothing(packed_trainer):
+    """Compiled blocks get one batch shape: an epoch's short last batch is filled up with rows of padding, which
+    change neither the loss nor the tokens counted (a new batch size would recompile every block)."""
+    from tunelab.tasks.sft_trainer import PackedRows
+
+    trainer, tokenizer, *_ = packed_trainer(packing=True)
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))][8:]  # after one full batch
+    assert 0 < len(examples) < 8, "the packed rows should end the epoch with a short batch of the 8 configured"
+    plain = PackedRows(tokenizer.pad_token_id)(examples)
+    fixed = PackedRows(tokenizer.pad_token_id)
+    fixed.fixed(128, 8)
+    filled = fixed(examples)
+    assert filled["input_ids"].shape == filled["labels"].shape == filled["position_ids"].shape == (8, 128)
+    n, width = plain["input_ids"].shape
+    assert n == len(examples) and width < 128  # without it: a batch of another shape
+    extra = filled["input_ids"][n:]
+    assert (extra == tokenizer.pad_token_id).all() and (filled["labels"][n:] == -100).all()
+    assert (filled["labels"][:n, :width] == plain["labels"]).all() and (filled["labels"][:n, width:] == -100).all()
+    # the Trainer counts non-padding tokens: the filler adds none
+    assert int((filled["input_ids"] != tokenizer.pad_token_id).sum()) == \
+        int((plain["input_ids"] != tokenizer.pad_token_id).sum())
+    model = trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(model, dict(filled)), trainer.compute_loss(model, dict(plain)),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_packing_fills_rows(packed_trainer):
     plain, *_ = packed_trainer(packing=False)
     packed, *_ = packed_trainer(packing=True)

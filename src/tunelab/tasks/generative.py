@@ -126,7 +126,8 @@ def build_trainer(task, config, splits, model_dir: str, run, extra_callbacks=())
         from .sft_trainer import PackedRows
 
         if compiling.apply(trainer, config.train.compile)["on"] and isinstance(trainer.data_collator, PackedRows):
-            trainer.data_collator.width = config.model.max_length  # one shape: no recompile for a shorter row
+            # one shape: no recompile for a shorter row or an epoch's short last batch
+            trainer.data_collator.fixed(config.model.max_length, trainer.args.per_device_train_batch_size)
     return trainer, tokenizer, params, encoded, sets
 
 

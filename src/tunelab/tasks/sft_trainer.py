@@ -231,16 +231,27 @@ class PackedRows:
     8× the attention work and memory at batch 8.
 
     The tail of a short row is padding with its own position ids (a separate segment nobody attends to) and no
-    loss; the first token of every example has no loss either (it would be predicted from the previous one)."""
+    loss; the first token of every example has no loss either (it would be predicted from the previous one).
 
-    def __init__(self, pad_token_id: int, width: int | None = None):
+    Compiled blocks (`fixed`) see one shape: every row padded to `width` and a short batch (an epoch's last) filled
+    up to `rows` with rows of padding alone, which carry no loss and count no tokens — a new batch size would
+    otherwise recompile every block with dynamic shapes, 30–45 s on a 2-core CPU for one step."""
+
+    def __init__(self, pad_token_id: int, width: int | None = None, rows: int | None = None):
         self.pad = pad_token_id
         self.width = width  # every batch padded to this width (compiled blocks: one shape); None: the longest row
+        self.rows = rows  # a shorter batch filled up to this many rows (compiled blocks); None: as it comes
+
+    def fixed(self, width: int, rows: int) -> None:
+        """One batch shape from now on: `rows` × `width` (what compiled blocks are compiled for)."""
+        self.width, self.rows = width, rows
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
         width = max([len(e["input_ids"]) for e in examples] + [self.width or 0])
+        if self.rows and len(examples) < self.rows:
+            examples = list(examples) + [{"input_ids": []}] * (self.rows - len(examples))
         ids, labels, positions = [], [], []
         for e in examples:
             n = len(e["input_ids"])
