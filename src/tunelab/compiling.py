@@ -83,10 +83,11 @@ def compile_blocks(model) -> None:
         block.compile()
 
 
-def apply(trainer, setting) -> dict:
+def apply(trainer, setting, shape_varies: str | None = None) -> dict:
     """Decide for this trainer's run and compile if so; the decision (for metrics.json) is kept as
-    `trainer.compile_decision` and returned."""
-    why_not = unsupported() if setting == "auto" else None
+    `trainer.compile_decision` and returned. `shape_varies`: why the run's batches change shape (then `auto` does
+    not compile: every new shape recompiles every block, and dynamic-shape kernels did not pay back)."""
+    why_not = (shape_varies or unsupported()) if setting == "auto" else None
     on, reason = decide(setting, planned_steps(trainer), why_not)
     if on:
         compile_blocks(trainer.model)

@@ -307,7 +307,7 @@ def test_compile_auto_rule(monkeypatch):
 
 def test_compile_auto_counts_the_planned_steps(make_config, tiny_llama, tmp_path, monkeypatch):
     """The decision uses the optimizer steps the Trainer will take (packed rows / batch / accumulation × epochs)
-    and lands in metrics.json; a short run stays uncompiled."""
+    and lands in metrics.json; a short run stays uncompiled, and so does an unpacked one."""
     from tunelab import compiling
     from tunelab.config import load_config
     from tunelab.methods.freezing import transformer_blocks
@@ -324,14 +324,21 @@ def test_compile_auto_counts_the_planned_steps(make_config, tiny_llama, tmp_path
     trainer, *_ = TASKS["sft"].build_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "x"))
     train_rows = len(trainer.train_dataset)  # 32 of the 40 (20% test)
     assert compiling.planned_steps(trainer) == (-(-train_rows // 4) // 2) * 3 == 12
-    assert trainer.compiled is False and "12 steps are too few" in trainer.compile_decision["reason"]
+    # unpacked batches are as wide as their longest example, a new shape nearly every step: auto leaves them eager
+    assert trainer.compiled is False and "without train.packing" in trainer.compile_decision["reason"]
     assert all(getattr(b, "_compiled_call_impl", None) is None for b in transformer_blocks(trainer.model)[1])
     result = tunelab.train(path)
     assert result.metrics["train"]["compile"] == trainer.compile_decision
-    monkeypatch.setattr(compiling, "MIN_STEPS", 12)  # the same run counted as long enough
-    trainer, *_ = TASKS["sft"].build_trainer(config, load_splits(config), str(tiny_llama), RunDir(tmp_path / "y"))
-    assert trainer.compiled is True and trainer.compile_decision["reason"].startswith("on: 12 steps")
+    # packed rows have one shape: there the number of steps decides
+    packed = config.model_copy(update={"train": config.train.model_copy(update={"packing": True})})
+    trainer, *_ = TASKS["sft"].build_trainer(packed, load_splits(packed), str(tiny_llama), RunDir(tmp_path / "y"))
+    steps = compiling.planned_steps(trainer)
+    assert trainer.compiled is False and f"{steps} steps are too few" in trainer.compile_decision["reason"]
+    monkeypatch.setattr(compiling, "MIN_STEPS", steps)  # the same run counted as long enough
+    trainer, *_ = TASKS["sft"].build_trainer(packed, load_splits(packed), str(tiny_llama), RunDir(tmp_path / "z"))
+    assert trainer.compiled is True and trainer.compile_decision["reason"].startswith(f"on: {steps} steps")
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(trainer.model)[1])
+    assert (trainer.data_collator.width, trainer.data_collator.rows) == (config.model.max_length, 4)
 
 
 def test_compiled_training_validates_uncompiled(make_config, tiny_llama, tmp_path):

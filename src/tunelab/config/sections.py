@@ -235,9 +235,10 @@ class TrainConfig(Section):
     """Memory bound for that cache (estimated before it is built); over it, training runs uncached."""
     compile: bool | Literal["auto"] = "auto"
     """sft, causal_lm: torch.compile each transformer block for training (regional compilation; validation passes
-    run uncompiled). `auto`: on when Inductor can run here (Linux CPU with a C++ compiler, or CUDA with Triton) and
-    the run has enough optimizer steps to pay back the compile time (tunelab/compiling.py: the break-even measured
-    by bench/compile.py); the decision and its reason are in metrics.json (`train.compile`)."""
+    run uncompiled). `auto`: on when Inductor can run here (Linux CPU with a C++ compiler, or CUDA with Triton), the
+    batches have one shape (train.packing: unpacked batches are as wide as their longest example, and every new
+    shape recompiles) and the run has enough optimizer steps to pay back the compile time (tunelab/compiling.py: the
+    break-even measured by bench/compile.py); the decision and its reason are in metrics.json (`train.compile`)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower (always on for qlora)."""
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
