@@ -40,6 +40,7 @@ def main() -> None:
     run("chat_turns.py")  # multi-turn chat in one pass vs one example per answer (README, docs/generative.md)
     comp = run("compile.py")  # train.compile's break-even: the rule behind `auto` (tunelab/compiling.py)
     ceil = run("ceiling.py")  # the MFU a step of only its GEMMs would reach (docs/performance.md)
+    run("dropout.py")  # what LoRA dropout costs a step, PyTorch's mask against tunelab's (docs/performance.md)
     pr, pt, pl = peers["ratios"], peers["summary"]["tunelab"], peers["summary"]["llamafactory"]
     t, r = sft["results"]["tunelab"], sft["results"]["recipe"]
     tc = sft["results"].get("tunelab+compile", {})

@@ -429,6 +429,14 @@ def ceiling() -> str:
               f"{'below' if c['gemm_isolated']['mfu'] < 0.35 else 'at or above'}. {_machine(rec)}")
 
 
+def dropout() -> str:
+    rec = _load(BENCH / "dropout.json")
+    rows = [[targets, side, r["step_s"], " / ".join(map(str, r["runs"]))]
+            for targets, sides in rec["results"].items() for side, r in sides.items()]
+    return (_table(["LoRA targets (bench/sft.py job, 4 × 256)", "dropout", "median step s", "runs (alternating)"],
+                   rows) + f"\n\n{_machine(rec)}")
+
+
 RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict": compare_sentiment_verdict,
              "compare-curves": compare_curves, "compare-translate-fr": compare_translate_fr,
              "compare-translate-fr-verdict": compare_translate_fr_verdict,
@@ -436,7 +444,7 @@ RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict"
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
              "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary, "peers": peers,
              "gguf-speed": gguf_speed, "chat-turns": chat_turns, "compile": compile_break_even,
-             "ceiling": ceiling,
+             "ceiling": ceiling, "dropout": dropout,
              "config-fields": config_fields}
 
 

@@ -42,8 +42,9 @@ def load_kwargs(config) -> dict:
 
 def prepare_method(config, model, new_modules: list[str], model_dir: str, task_type: str):
     """Apply the configured method (freeze / wrap; `task_type`: PEFT's, declared by the task) and report what
-    trains. Llama-style norms and MLPs get forwards that keep less for the backward (tunelab/fused.py): every task
-    trains through here."""
+    trains. Llama-style norms and MLPs get forwards that keep less for the backward (tunelab/fused.py), and adapter
+    dropout draws its CPU masks faster (tunelab/dropout.py): every task trains through here."""
+    from .dropout import use_cpu_dropout
     from .fused import use_fused_layers
 
     use_fused_layers(model)
@@ -52,6 +53,7 @@ def prepare_method(config, model, new_modules: list[str], model_dir: str, task_t
                                                     task_type=task_type)
     except ValueError as exc:
         raise TunelabError(f"method `{config.method.name}`: {exc}") from None
+    use_cpu_dropout(model)
     params = count_parameters(model)
     new = f"; new modules: {', '.join(sorted(set(new_modules)))}" if new_modules else ""
     print(f"tunelab: {config.method.name} on {config.model.name}: {params['trainable']:,} of {params['total']:,} "
