@@ -9,7 +9,8 @@ elements per 64-bit draw — seeded on every call from PyTorch's default generat
 Trainer's saved RNG state decide it as they decide PyTorch's own dropout (a resumed run draws what an uninterrupted
 one does). The backward keeps the mask as one byte per element, as PyTorch's dropout does. The drop probability is
 p rounded to a multiple of 1/65,536 and the kept values are scaled by the inverse of the kept fraction, so the
-expected output is the input. Outside training, at p = 0 and on other devices it is PyTorch's dropout.
+expected output is the input. Outside training, at p = 0, on other devices and inside compiled code (train.compile)
+it is PyTorch's dropout.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class CpuDropout(torch.nn.Dropout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropped = round(self.p * LEVELS)
-        if not self.training or dropped == 0 or dropped >= LEVELS or self.inplace or x.device.type != "cpu":
+        if not self.training or dropped == 0 or dropped >= LEVELS or self.inplace or x.device.type != "cpu" \
+                or torch.compiler.is_compiling():  # compiled blocks: Inductor draws its own masks, in the graph
             return super().forward(x)
         return _Keep.apply(x, keep_mask(x.shape, dropped), LEVELS / (LEVELS - dropped))
 

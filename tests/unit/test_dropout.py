@@ -59,3 +59,18 @@ def test_every_lora_model_gets_it(make_config, tiny_llama, tmp_path):
     assert layers and all(type(d) is CpuDropout and d.p == 0.1 for d in layers)
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_compiled_blocks_keep_dropout_in_the_graph():
+    """Inside compiled code (train.compile) it is PyTorch's dropout, which Inductor draws in the graph: NumPy and
+    `.item()` there would break the graph of every block."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    layer = CpuDropout(0.1).train()
+    compiled = torch.compile(lambda x: layer(x) * 2, backend="eager", fullgraph=False)
+    x = torch.ones(64, 32, requires_grad=True)
+    y = compiled(x)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert (y == 0).any() and (y != 0).any()  # it still drops
