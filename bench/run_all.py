@@ -2,7 +2,7 @@
 and frozen-backbone runs, each against the articles' recipe in the same invocation; prints the targets of issue 7
 next to what was measured and writes bench/results/summary.json and summary.md (the README's table).
 
-    python bench/run_all.py            (or: make bench)   ~25 min on a 2-core CPU, most of it the recipe,
+    python bench/run_all.py            (or: make bench)   ~35 min on a 2-core CPU, most of it the recipe,
                                                           plus bench/peers.py (3 × both tools: an hour or more)
     python bench/run_all.py --summary-only                 summary.md from the results already in bench/results/'s
 """
