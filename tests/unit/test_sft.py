@@ -339,6 +339,10 @@ def test_compile_auto_counts_the_planned_steps(make_config, tiny_llama, tmp_path
     assert trainer.compiled is True and trainer.compile_decision["reason"].startswith(f"on: {steps} steps")
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(trainer.model)[1])
     assert (trainer.data_collator.width, trainer.data_collator.rows) == (config.model.max_length, 4)
+    # adapter dropout: compiled masks were slower than eager ones, so auto leaves such a run eager
+    dropping = packed.model_copy(update={"method": packed.method.model_copy(update={"dropout": 0.1})})
+    trainer, *_ = TASKS["sft"].build_trainer(dropping, load_splits(dropping), str(tiny_llama), RunDir(tmp_path / "d"))
+    assert trainer.compiled is False and "adapter dropout" in trainer.compile_decision["reason"]
 
 
 def test_compiled_training_validates_uncompiled(make_config, tiny_llama, tmp_path):
