@@ -93,11 +93,16 @@ def drops_out(model) -> bool:
     return any(isinstance(m, CpuDropout) and m.p > 0 for m in model.modules())
 
 
-def apply(trainer, setting, why_not_auto: str | None = None) -> dict:
+def apply(trainer, setting, shape_varies: str | None = None) -> dict:
     """Decide for this trainer's run and compile if so; the decision (for metrics.json) is kept as
-    `trainer.compile_decision` and returned. `why_not_auto`: why `auto` should not compile this run (batches that
-    change shape recompile every block; adapter dropout runs slower compiled), besides the platform."""
-    why_not = (why_not_auto or unsupported()) if setting == "auto" else None
+    `trainer.compile_decision` and returned. `auto` does not compile where Inductor cannot run, where the batches
+    change shape (`shape_varies`, the caller's reason: every new shape recompiles every block) or where adapters
+    drop out (`drops_out`)."""
+    why_not = None
+    if setting == "auto":
+        why_not = shape_varies or unsupported() or (
+            "adapter dropout: compiled dropout masks measured slower than tunelab's eager ones"
+            if drops_out(trainer.model) else None)
     on, reason = decide(setting, planned_steps(trainer), why_not)
     if on:
         compile_blocks(trainer.model)

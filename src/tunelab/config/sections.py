@@ -238,8 +238,8 @@ class TrainConfig(Section):
     run uncompiled). `auto`: on when Inductor can run here (Linux CPU with a C++ compiler, or CUDA with Triton), the
     batches have one shape (train.packing: unpacked batches are as wide as their longest example, and every new
     shape recompiles), the adapters have no dropout (compiled dropout measured slower) and the run has enough
-    optimizer steps to pay back the compile time (tunelab/compiling.py: the
-    break-even measured by bench/compile.py); the decision and its reason are in metrics.json (`train.compile`)."""
+    optimizer steps to pay back the compile time (tunelab/compiling.py: the break-even measured by
+    bench/compile.py); the decision and its reason are in metrics.json (`train.compile`)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower (always on for qlora)."""
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)

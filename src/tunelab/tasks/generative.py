@@ -127,10 +127,8 @@ def build_trainer(task, config, splits, model_dir: str, run, extra_callbacks=())
 
         packed = isinstance(trainer.data_collator, PackedRows)
         # unpacked batches are as wide as their longest example: a new shape nearly every step
-        why_not = None if packed else "without train.packing, batches change shape and every block would recompile"
-        if why_not is None and compiling.drops_out(trainer.model):
-            why_not = "adapter dropout: compiled dropout masks measured slower than tunelab's eager ones"
-        if compiling.apply(trainer, config.train.compile, why_not)["on"] and packed:
+        varies = None if packed else "without train.packing, batches change shape and every block would recompile"
+        if compiling.apply(trainer, config.train.compile, varies)["on"] and packed:
             # one shape: no recompile for a shorter row or an epoch's short last batch
             trainer.data_collator.fixed(config.model.max_length, trainer.args.per_device_train_batch_size)
     return trainer, tokenizer, params, encoded, sets

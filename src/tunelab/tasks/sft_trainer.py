@@ -237,10 +237,10 @@ class PackedRows:
     up to `rows` with rows of padding alone, which carry no loss and count no tokens — a new batch size would
     otherwise recompile every block with dynamic shapes, 30–45 s on a 2-core CPU for one step."""
 
-    def __init__(self, pad_token_id: int, width: int | None = None, rows: int | None = None):
+    def __init__(self, pad_token_id: int):
         self.pad = pad_token_id
-        self.width = width  # every batch padded to this width (compiled blocks: one shape); None: the longest row
-        self.rows = rows  # a shorter batch filled up to this many rows (compiled blocks); None: as it comes
+        self.width = None  # every batch padded to this width (compiled blocks: one shape); None: the longest row
+        self.rows = None  # a shorter batch filled up to this many rows (compiled blocks); None: as it comes
 
     def fixed(self, width: int, rows: int) -> None:
         """One batch shape from now on: `rows` × `width` (what compiled blocks are compiled for)."""
