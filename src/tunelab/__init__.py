@@ -101,19 +101,21 @@ def export(run_path, format="hf", *, merge=False, out=None, tolerance=None, quan
     return _export(run_path, format, merge=merge, out=out, tolerance=tolerance, quant=quant)
 
 
-def serve(runs, host="127.0.0.1", port=8000, *, api_key=None, limits=None):
+def serve(runs, host="127.0.0.1", port=8000, *, api_key=None, limits=None, allow_hosts=()):
     """Serve finished runs over the OpenAI-compatible HTTP API (blocking); `tunelab.serve_app(runs)` gives the
-    FastAPI app to embed instead."""
+    FastAPI app to embed instead. It answers loopback names, `host` and `allow_hosts` (Host header names)."""
     from .serve import serve as _serve
 
-    return _serve(list(runs), host=host, port=port, api_key=api_key, limits=limits)
+    return _serve(list(runs), host=host, port=port, api_key=api_key, limits=limits, allow_hosts=list(allow_hosts))
 
 
-def serve_app(runs, *, api_key=None, limits=None):
-    """The FastAPI app serving `runs`, for an ASGI server of your choice."""
+def serve_app(runs, *, api_key=None, limits=None, allow_hosts=()):
+    """The FastAPI app serving `runs`, for an ASGI server of your choice. It answers requests whose Host is a
+    loopback name or address or one of `allow_hosts` (`*.domain` for subdomains, `*` for any)."""
     from .serve import create_app
+    from .serve.guard import HostPolicy
 
-    return create_app(list(runs), limits, api_key)
+    return create_app(list(runs), limits, api_key, hosts=HostPolicy("127.0.0.1", allow_hosts))
 
 
 __all__ = [*_API, "__version__"]

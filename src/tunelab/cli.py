@@ -7,6 +7,10 @@ import sys
 
 from . import commands
 
+ALLOW_HOST_HELP = ("also answer requests whose Host header is NAME (repeatable; *.DOMAIN for its subdomains, * for "
+                   "any, e.g. behind a proxy that checks it): by default only loopback names and the --host address "
+                   "are answered, so a web page cannot reach the server through a domain it points at this machine")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune pretrained language models from one YAML file.")
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "--api-key-file or TUNELAB_API_KEY)")
     sv.add_argument("--allow-public", action="store_true",
                     help="allow a non-loopback --host without an API key")
+    sv.add_argument("--allow-host", action="append", default=[], metavar="NAME", help=ALLOW_HOST_HELP)
     sv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (413 beyond it)")
     sv.add_argument("--max-batch", type=int, default=16, help="requests run together in one pass (1: no batching)")
     sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to collect a batch")
@@ -137,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "TUNELAB_API_KEY); needed for a non-loopback --host")
     u.add_argument("--api-key", help="the key itself (visible in the process list: prefer --api-key-file)")
     u.add_argument("--max-upload-mb", type=float, default=50, help="largest data file sent from the browser")
+    u.add_argument("--allow-host", action="append", default=[], metavar="NAME", help=ALLOW_HOST_HELP)
     u.set_defaults(fn=commands.ui)
 
     c = sub.add_parser("compare", help="run several methods on the same data and split; write report.md/.html")

@@ -285,7 +285,7 @@ def serve(args) -> int:
 
     key = read_api_key(args.api_key, args.api_key_file)
     serve(args.runs, host=args.host, port=args.port, api_key=key, limits=limits, log_level=args.log_level,
-          allow_public=args.allow_public)
+          allow_public=args.allow_public, allow_hosts=args.allow_host)
     return 0
 
 
@@ -293,7 +293,8 @@ def ui(args) -> int:
     from .serve import read_api_key
     from .ui import ui
 
-    ui(args.host, args.port, args.runs_dir, read_api_key(args.api_key, args.api_key_file), args.max_upload_mb)
+    ui(args.host, args.port, args.runs_dir, read_api_key(args.api_key, args.api_key_file), args.max_upload_mb,
+       allow_hosts=args.allow_host)
     return 0
 
 

@@ -304,3 +304,36 @@ def test_with_a_key_docs_need_it_too_and_a_public_host_needs_a_key(runs, monkeyp
         assert http.get("/openapi.json", headers=ok).status_code == 200
     with pytest.raises(TunelabError, match="--allow-public"):
         serve([runs["sentiment"]], host="0.0.0.0")  # refused before anything is loaded
+
+
+def test_a_foreign_host_is_refused_and_allow_host_admits_it(runs, monkeypatch):
+    """DNS rebinding: a page whose domain resolves to 127.0.0.1 sends its own name as Host; the server refuses it
+    in OpenAI's error shape, /health included; `tunelab serve --allow-host NAME` admits NAME. A wrong key of the
+    right length is refused too (compared in constant time)."""
+    from fastapi.testclient import TestClient
+
+    from tunelab.cli import main
+
+    monkeypatch.delenv("TUNELAB_API_KEY", raising=False)
+    with Serving(create_app([runs["sentiment"]])) as url, httpx.Client(base_url=url, timeout=60) as http:
+        for path in ("/v1/models", "/health"):
+            r = http.get(path, headers={"Host": "evil.example:8000"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", path
+            assert "--allow-host evil.example" in r.json()["error"]["message"]
+        body = {"model": "sentiment", "input": "fine"}
+        assert http.post("/v1/classify", json=body, headers={"Host": "evil.example"}).status_code == 400
+        assert http.post("/v1/classify", json=body).status_code == 200  # loopback
+
+    served = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: served.update(app=app, **kw))
+    assert main(["serve", str(runs["sentiment"]), "--allow-host", "api.team.example", "--api-key", "k3y"]) == 0
+    key = {"Authorization": "Bearer k3y"}
+    assert TestClient(served["app"], base_url="http://api.team.example:8000").get(
+        "/v1/models", headers=key).status_code == 200
+    assert TestClient(served["app"], base_url="http://127.0.0.1:8000").get("/v1/models", headers=key).status_code \
+        == 200
+    assert TestClient(served["app"], base_url="http://evil.example:8000").get("/v1/models", headers=key).status_code \
+        == 400
+    wrong = TestClient(served["app"], base_url="http://127.0.0.1:8000").get("/v1/models",
+                                                                             headers={"Authorization": "Bearer k3Y"})
+    assert wrong.status_code == 401

@@ -12,10 +12,16 @@ from tunelab.errors import TunelabError
 from tunelab.ui.app import create_app
 
 
+def _client(app, **kw) -> TestClient:
+    """A client that asks as the UI's own pages do: a loopback Host, and the process's form token (the header form
+    of the hidden field every form of the UI sends)."""
+    return TestClient(app, base_url="http://127.0.0.1:7860", headers={"X-CSRF-Token": app.state.csrf_token}, **kw)
+
+
 @pytest.fixture
 def client(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    return TestClient(create_app(tmp_path / "runs"), raise_server_exceptions=False)
+    return _client(create_app(tmp_path / "runs"), raise_server_exceptions=False)
 
 
 def _run(folder, state="completed", metrics=None, jsonl=None, **status):
@@ -115,7 +121,7 @@ def test_paths_uploads_and_names_stay_inside(client, tmp_path):
                      files={"upload": ("reviews.jsonl", b'{"text": "a", "label": "x"}\n' * 3)})
     stored = list((tmp_path / "runs" / ".ui" / "uploads").glob("*reviews.jsonl"))
     assert len(stored) == 1 and str(stored[0]) in up.text  # the uploaded file became data.train
-    small = TestClient(create_app(tmp_path / "runs", max_upload_mb=0.001), raise_server_exceptions=False)
+    small = _client(create_app(tmp_path / "runs", max_upload_mb=0.001), raise_server_exceptions=False)
     big = small.post("/new", data={**form, "f:data.train": ""}, files={"upload": ("big.jsonl", b"x" * 5000)})
     assert big.status_code == 400 and "larger than the upload limit" in big.text
     exe = small.post("/new", data={**form, "f:data.train": ""}, files={"upload": ("run.sh", b"echo")})
@@ -128,11 +134,19 @@ def test_key_and_host(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TunelabError, match="--host 0.0.0.0 would open the UI"):
         ui(host="0.0.0.0", runs_dir=str(tmp_path / "runs"))
-    locked = TestClient(create_app(tmp_path / "runs", api_key="s3cret"))
+    locked = _client(create_app(tmp_path / "runs", api_key="s3cret"))
     assert locked.get("/").status_code == 401
     assert locked.get("/", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    opened = locked.get("/", params={"key": "s3cret"})
-    assert opened.status_code == 200 and locked.get("/").status_code == 200  # the cookie it set
+    for wrong in ("s3creT", "s3cre", ""):  # the right length, a prefix, nothing: compared in constant time
+        assert locked.get("/", params={"key": wrong}).status_code == 401
+        assert locked.get("/", headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+    first = locked.get("/runs/x", params={"key": "s3cret", "tab": "log"}, follow_redirects=False)
+    # the key moves from the URL into a cookie scripts cannot read and other sites' requests do not carry
+    assert first.status_code == 303 and first.headers["location"] == "/runs/x?tab=log"
+    cookie = first.headers["set-cookie"]
+    assert "tunelab_ui_key=s3cret" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    opened = locked.get("/")
+    assert opened.status_code == 200 and "s3cret" not in opened.text  # the cookie it set; no link carries the key
 
 
 def test_data_check_and_compare_job_from_the_form(client, tmp_path, tiny_bert, monkeypatch):
@@ -174,3 +188,106 @@ def test_a_job_that_died_before_its_run_existed_says_so(client, tmp_path):
     page = client.get("/runs/early")
     assert page.status_code == 200
     assert "did not start" in page.text and "model folder /nowhere does not exist" in page.text
+
+
+def test_cross_site_requests_start_stop_and_write_nothing(client, tmp_path, tiny_bert, monkeypatch):
+    """A page on another site posting to each state-changing route (a form, so no CORS preflight) is refused with
+    403 before the route runs: no job started or stopped, no config or run folder written. So is a request without
+    the process's form token; the same form from the UI's own page (same origin, token) goes through."""
+    from conftest import sample_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", sample_rows(40))
+    _run(tmp_path / "runs" / "done")
+    jobs, calls = client.app.state.jobs, []
+    monkeypatch.setattr(jobs, "start", lambda *a, **k: calls.append(("start", a)))
+    monkeypatch.setattr(jobs, "stop", lambda *a, **k: calls.append(("stop", a)))
+    monkeypatch.setattr("tunelab.ui.app.try_run", lambda *a: calls.append(("try", a)) or {"text": "tried"})
+    train = {"name": "evil", "task": "classify", "method": "head", "f:model.name": str(tiny_bert),
+             "f:data.train": str(data), "f:train.max_steps": "1", "action": "train"}
+    posts = [("/new", train), ("/new", {**train, "action": "validate"}), ("/new", {**train, "action": "redraw"}),
+             ("/stop?run=done", {}), ("/resume?run=done", {}), ("/runs/done", {"text": "hello"})]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    foreign = [{"Origin": "http://evil.example", "Referer": "http://evil.example/page"},
+               {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"},
+               {"Sec-Fetch-Site": "same-site"},  # e.g. another server on localhost:8888
+               {"Referer": "http://127.0.0.1:9999/elsewhere"},  # an old browser sends no Origin
+               {"Origin": "null"}]  # a sandboxed frame or a redirect
+    for path, form in posts:
+        for headers in foreign:
+            r = client.post(path, data=form, headers=headers, follow_redirects=False)
+            assert r.status_code == 403 and "from another site" in r.text, (path, headers, r.status_code)
+        bare = _client(client.app)
+        bare.headers.pop("X-CSRF-Token")  # a script or an old browser: no Origin, and no token either
+        r = bare.post(path, data={**form, "csrftoken": "guessed"}, follow_redirects=False)
+        assert r.status_code == 403 and "form token is missing" in r.text, path
+    assert calls == [] and jobs.jobs() == []
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+    own = {"Origin": "http://127.0.0.1:7860", "Sec-Fetch-Site": "same-origin"}
+    started = client.post("/new", data=train, headers=own, follow_redirects=False)
+    assert started.status_code == 303 and calls == [("start", ("train", "evil", jobs.configs / "evil.yaml"))]
+    page = _client(client.app)
+    page.headers.pop("X-CSRF-Token")  # the hidden field the page's own form carries
+    form = page.get("/runs/done").text
+    assert f'name="csrftoken" value="{client.app.state.csrf_token}"' in form
+    tried = page.post("/runs/done", data={"text": "hello", "csrftoken": client.app.state.csrf_token}, headers=own)
+    assert tried.status_code == 200 and calls[-1][0] == "try"
+    redraw = client.post("/new", data={**train, "action": "redraw", "method": "lora"}, follow_redirects=False)
+    assert redraw.status_code == 303 and "csrftoken" not in redraw.headers["location"]
+    assert "method=lora" in redraw.headers["location"]
+
+
+def test_a_foreign_host_is_refused_and_allow_host_admits_it(tmp_path, monkeypatch):
+    """DNS rebinding: a page whose domain now resolves to 127.0.0.1 sends its own name as Host — refused with one
+    sentence, GET included (it would read runs, configs and predictions); loopback names and addresses answer;
+    --allow-host adds names (and `*.domain`); a wildcard bind admits address literals (they cannot be rebound)."""
+    from tunelab.serve.guard import HostPolicy
+
+    monkeypatch.chdir(tmp_path)
+    app = create_app(tmp_path / "runs")
+    plain = TestClient(app)
+    for host in ("evil.example:7860", "evil.example", "127.0.0.1.evil.example", "localhost.evil.example", ""):
+        r = plain.get("/", headers={"Host": host})
+        assert r.status_code == 400 and "--allow-host" in r.text, host
+        assert plain.get("/file", params={"run": "x", "name": "config.yaml"}, headers={"Host": host}).status_code \
+            == 400
+    for host in ("127.0.0.1:7860", "localhost:7860", "[::1]:7860", "127.0.0.2", "LocalHost"):
+        assert plain.get("/", headers={"Host": host}).status_code == 200, host
+    team = TestClient(create_app(tmp_path / "runs", hosts=HostPolicy("0.0.0.0", ["ui.team.example",
+                                                                                  "*.lab.example"])))
+    for host, status in (("ui.team.example:7860", 200), ("gpu1.lab.example", 200), ("lab.example", 400),
+                         ("10.1.2.3:7860", 200), ("evil.example", 400)):
+        assert team.get("/", headers={"Host": host}).status_code == status, host
+
+
+def test_allow_host_reaches_the_ui_process(tmp_path):
+    """`tunelab ui --allow-host NAME`: the flag reaches the running server."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "ui", "--port", str(port), "--allow-host",
+                             "ui.team.example"], cwd=tmp_path, env={**os.environ, "TUNELAB_API_KEY": ""},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(120):
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, "tunelab ui exited"
+                time.sleep(0.25)
+        assert httpx.get(url, headers={"Host": f"ui.team.example:{port}"}).status_code == 200
+        refused = httpx.get(url, headers={"Host": f"evil.example:{port}"})
+        assert refused.status_code == 400 and "--allow-host evil.example" in refused.text
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -197,3 +197,44 @@ def test_generative_run_base_and_tuned_side_by_side(ui, browser, tmp_path, tiny_
     assert page.locator("#base-answer").count() == 1 and page.locator("#tuned-answer").count() == 1
     assert "### Instruction" in page.locator("#before-after + details pre").text_content()
     page.screenshot(path=shots / "ui-before-after.png", full_page=True)
+
+
+def test_a_page_on_another_site_cannot_start_a_run(ui, browser, tmp_path, tiny_bert):
+    """A page the user has open elsewhere posts a complete New-run form to the UI — from another site (localhost
+    on another port) and from the same site on another port (127.0.0.1:OTHER). Chromium sends those posts as
+    it would for any page: the UI answers 403 with its sentence, and no job, config or run folder appears."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    data = write_jsonl(tmp_path / "reviews.jsonl", sample_rows(40))
+    fields = {"name": "evil", "task": "classify", "method": "head", "f:model.name": str(tiny_bert),
+              "f:data.train": str(data), "f:train.max_steps": "1", "action": "train"}
+    inputs = "".join(f'<input type="hidden" name="{k}" value="{v}">' for k, v in fields.items())
+    evil = (f'<!doctype html><form method="post" action="{ui}/new" enctype="multipart/form-data">{inputs}'
+            f'<button id="go">Win a prize</button></form>').encode()
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(evil)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for site in (f"http://localhost:{server.server_port}/", f"http://127.0.0.1:{server.server_port}/"):
+            page = browser
+            page.goto(site)
+            with page.expect_response(lambda r: r.url.startswith(ui + "/new")) as answer:
+                page.click("#go")
+            assert answer.value.status == 403, site
+            assert "from another site" in page.locator("body").inner_text()
+    finally:
+        server.shutdown()
+    runs = tmp_path / "runs"
+    assert not (runs / "evil").exists() and not list((runs / ".ui").rglob("evil*"))
+    assert not list((runs / ".ui" / "jobs").glob("*.json"))

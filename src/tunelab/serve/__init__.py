@@ -5,30 +5,23 @@
 - `registry.py`: the runs loaded by their tasks; adapter runs over one base share **one** copy of it.
 - `batching.py`: one worker thread per model, batches taken round-robin across requests within a token budget;
   LoRA adapters are even mixed in one batch (peft's `adapter_names`).
+- `guard.py`: the Host allowlist (against DNS rebinding), the cross-site check and the key comparison, shared with
+  `tunelab ui`.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from pathlib import Path
 
 from ..errors import TunelabError
 from .api import API_KEY_ENV, ClientError, create_app
+from .guard import HostPolicy, is_loopback
 from .limits import Limits
 from .registry import Registry
 
 __all__ = ["API_KEY_ENV", "ClientError", "Limits", "Registry", "create_app", "is_loopback", "read_api_key", "serve",
            "wait_until_healthy"]
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def read_api_key(api_key: str | None = None, key_file: str | None = None) -> str | None:
@@ -46,9 +39,10 @@ def read_api_key(api_key: str | None = None, key_file: str | None = None) -> str
 
 
 def serve(runs: list, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits | None = None, log_level: str = "info", allow_public: bool = False) -> None:
+          limits: Limits | None = None, log_level: str = "info", allow_public: bool = False,
+          allow_hosts: list[str] | None = None) -> None:
     """Load `runs` and serve them until interrupted (blocking). A host other than loopback needs an API key
-    (or `allow_public`)."""
+    (or `allow_public`). Requests are answered only for loopback names, `host` itself and `allow_hosts`."""
     import uvicorn
 
     key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -61,7 +55,7 @@ def serve(runs: list, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     print("tunelab serve:")
     for line in registry.lines:
         print(f"  {line}")
-    app = create_app(runs, limits, key, registry=registry)
+    app = create_app(runs, limits, key, registry=registry, hosts=HostPolicy(host, allow_hosts or ()))
     print(f"  OpenAI-compatible API at http://{host}:{port}/v1" + (" (API key required)" if key else ""))
     if not is_loopback(host) and not key:
         print(f"  warning: no API key and --host {host}: open to every machine that reaches this one")

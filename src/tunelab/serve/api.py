@@ -4,12 +4,12 @@
 Requests are checked against the server's Limits; anything the client can fix is a 4xx in OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}`. An unexpected failure is a 500 whose message is an id — the
 exception goes to the server's log under it, never to the client. With an API key, every route but /health needs
-`Authorization: Bearer KEY` (compared in constant time).
+`Authorization: Bearer KEY` (compared in constant time). A request whose Host header is not one the server answers
+to (guard.HostPolicy: loopback, the bound address, --allow-host) is refused with a 400 before any of that.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import TunelabError
 from .batching import Busy, ClassifyJob, GenerateJob
+from .guard import HostCheck, HostPolicy, keys_match
 from .limits import Limits
 
 API_KEY_ENV = "TUNELAB_API_KEY"
@@ -89,9 +90,11 @@ class ClassifyRequest(_Request):
 
 # ----------------------------------------------------------------------------------------------- the app
 
-def create_app(runs: list, limits: Limits | None = None, api_key: str | None = None, registry=None) -> FastAPI:
+def create_app(runs: list, limits: Limits | None = None, api_key: str | None = None, registry=None,
+               hosts: HostPolicy | None = None) -> FastAPI:
     """The FastAPI app serving `runs` (paths of finished runs); `registry`: already loaded ones. `api_key`: the key
-    every route but /health needs (default: $TUNELAB_API_KEY, if set)."""
+    every route but /health needs (default: $TUNELAB_API_KEY, if set). `hosts`: the Host names it answers
+    (default: loopback only)."""
     from .registry import Registry
 
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -100,12 +103,12 @@ def create_app(runs: list, limits: Limits | None = None, api_key: str | None = N
     app.state.registry = registry or Registry(runs, limits)
     app.state.limits, app.state.started = limits, int(time.time())
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-    expected = f"Bearer {api_key}".encode() if api_key else None
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if expected is not None and request.url.path != "/health":
-            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not given.startswith("Bearer ") or not keys_match(given.removeprefix("Bearer "), api_key):
                 return error(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
                              code="invalid_api_key")
         return await call_next(request)
@@ -121,6 +124,9 @@ def create_app(runs: list, limits: Limits | None = None, api_key: str | None = N
     app.add_exception_handler(Exception, lambda r, e: error(
         500, internal_error(e, f"{r.method} {r.url.path}"), "server_error"))
     app.include_router(router)
+    # outermost: a foreign Host is answered before the key check, the body limit or any route
+    app.add_middleware(HostCheck, policy=hosts or HostPolicy(), refuse=lambda message: error(
+        400, message, code="host_not_allowed"))
     return app
 
 
