@@ -114,7 +114,7 @@ def cross_site(method: str, headers) -> str | None:
     if site is not None:
         if site.lower() in ("same-origin", "none"):  # "none": the user typed it, or a bookmark
             return None
-        origin = headers.get("origin") or "another page"
+        origin = headers.get("origin") if headers.get("origin") not in (None, "null") else "another page"
         return f"the browser says this request came from {origin} (Sec-Fetch-Site: {site}), not from these pages"
     for name in ("origin", "referer"):
         value = headers.get(name)

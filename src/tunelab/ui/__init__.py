@@ -8,7 +8,8 @@ task or method changes. Live pages refresh themselves every two seconds while a 
 same matplotlib plot a finished run writes.
 
 - `forms.py`: the config → form → config round trip; `jobs.py`: background jobs (separate processes) and the
-  run folders, read defensively; `app.py`: the routes; `templates/`: the pages.
+  run folders, read defensively; `app.py`: the routes; `door.py`: what is checked before a route runs (Host,
+  cross-site requests, the form token, the key); `templates/`: the pages.
 - Safety: binds 127.0.0.1 by default; another host needs `--api-key-file` (or TUNELAB_API_KEY); it answers only
   loopback Host names, its --host address and `--allow-host` names (DNS rebinding); a request that starts, stops
   or writes must come from its own pages (Origin / Sec-Fetch-Site) and carry the process's form token; uploads are

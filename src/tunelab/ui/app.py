@@ -3,10 +3,8 @@ processes (jobs.py); the playground loads a finished run with `tunelab.load` —
 and renders chat prompts with the server's own `render_chat`."""
 from __future__ import annotations
 
-import html
 import io
 import re
-import secrets
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -15,105 +13,44 @@ import yaml
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from markupsafe import Markup
 
 from ..errors import TunelabError
 from ..plots import read_log
-from ..serve.guard import SAFE_METHODS, HostCheck, HostPolicy, cross_site, keys_match
+from ..serve.guard import HostPolicy
 from . import forms
+from .door import TOKEN_FIELD, Door
 from .jobs import Jobs, NotAllowed, check_name, list_groups, list_runs, read_json, run_info, run_path
 from .playground import Playground, try_run
 
 TEMPLATES = Path(__file__).parent / "templates"
 SERVED = {".png", ".svg", ".html", ".json", ".jsonl", ".md", ".yaml", ".csv"}
-KEY_COOKIE = "tunelab_ui_key"
-TOKEN_FIELD, TOKEN_HEADER = "csrftoken", "x-csrf-token"
-
-
-class TooLarge(Exception):
-    """A request body over the upload limit, refused before it is read."""
 
 
 def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, max_upload_mb: float = 50,
                roots: list[Path] | None = None, hosts: HostPolicy | None = None) -> FastAPI:
     """The UI over `runs_dir`. `api_key`: every page needs it; `hosts`: the Host names it answers (default: loopback
-    only). Every state-changing request must come from its own pages (guard.cross_site) and carry `app.state.
-    csrf_token`, a secret of this process that its forms send as a hidden field (or an X-CSRF-Token header)."""
+    only). A state-changing request must come from its own pages and carry `app.state.csrf_token` (door.py)."""
     root = Path(runs_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     # the folders a path typed or sent from the browser may name: the working directory and the runs folder
     allowed = [p.resolve() for p in (roots or [Path.cwd(), root])]
     limit = int(max_upload_mb * 2 ** 20)
-    token = secrets.token_urlsafe(32)
-
-    async def form_token(request: Request):
-        """A page on another site cannot read this process's token, so a request that carries it came from ours."""
-        if request.method in SAFE_METHODS:
-            return
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit + 2 ** 20:
-            raise TooLarge
-        given = request.headers.get(TOKEN_HEADER)
-        if given is None:
-            given = (await request.form()).get(TOKEN_FIELD)  # cached: the route reads the same form
-        if not keys_match(given if isinstance(given, str) else None, token):
-            raise NotAllowed("this request did not come from a page of this UI (its form token is missing or out of "
-                             "date — the UI may have been restarted): reload the page and try again")
-
+    door = Door(api_key, hosts, max_upload_mb)
     app = FastAPI(title="tunelab ui", docs_url=None, redoc_url=None, openapi_url=None,
-                  dependencies=[Depends(form_token)])
-    app.state.csrf_token = token
+                  dependencies=[Depends(door.form_token)])
+    app.state.csrf_token = door.token
     templates = Jinja2Templates(directory=str(TEMPLATES))
     templates.env.filters["yaml"] = lambda v: yaml.safe_dump(v, sort_keys=False, allow_unicode=True)
     templates.env.filters["when"] = lambda t: time.strftime("%d %b %H:%M:%S", time.localtime(t)) \
         if isinstance(t, (int, float)) else ""
-    templates.env.globals["csrf_field"] = Markup(f'<input type="hidden" name="{TOKEN_FIELD}" value="{token}">')
+    templates.env.globals["csrf_field"] = door.field
     jobs, playground = Jobs(root), Playground()
     app.state.jobs = jobs
 
     def page(request: Request, template: str, status: int = 200, **context):
         return templates.TemplateResponse(request, template, {"root": root, **context}, status_code=status)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is None:
-            return await call_next(request)
-        in_url = request.query_params.get("key")
-        bearer = request.headers.get("authorization", "")
-        given = in_url or request.cookies.get(KEY_COOKIE) or \
-            (bearer.removeprefix("Bearer ") if bearer.startswith("Bearer ") else None)
-        if not keys_match(given, api_key):
-            return HTMLResponse("<!doctype html><title>tunelab ui</title><h1>tunelab ui</h1><p>This UI needs its "
-                                "key.</p><form><input name=key type=password placeholder=key> <button>Open</button>"
-                                "</form>", status_code=401)
-        if not in_url:
-            return await call_next(request)
-        # the key in a URL is taken once: it moves into a cookie scripts cannot read, and the page is reloaded
-        # without it, so it stays out of the address bar, the history and every link the UI draws
-        rest = request.url.remove_query_params("key").query
-        response = RedirectResponse(request.url.path + (f"?{rest}" if rest else ""), status_code=303) \
-            if request.method in SAFE_METHODS else await call_next(request)
-        response.set_cookie(KEY_COOKIE, api_key, httponly=True, samesite="strict", path="/")
-        return response
-
-    @app.middleware("http")
-    async def _same_origin(request: Request, call_next):
-        why = cross_site(request.method, request.headers)
-        if why is not None:
-            return page(request, "message.html", 403, title="Refused: a request from another site",
-                        message=f"{request.method} {request.url.path} was refused: {why}. This UI starts, stops "
-                                f"and writes only for its own pages.")
-        return await call_next(request)
-
-    # outermost: a foreign Host is answered before anything else (DNS rebinding)
-    app.add_middleware(HostCheck, policy=hosts or HostPolicy(), refuse=lambda message: HTMLResponse(
-        f"<!doctype html><title>tunelab ui</title><h1>Refused</h1><p>{html.escape(message)}</p>", status_code=400))
-
-    @app.exception_handler(TooLarge)
-    async def _too_large(request: Request, exc: TooLarge):
-        return page(request, "message.html", 413, title="Upload too large",
-                    message=f"files sent to the UI are limited to {max_upload_mb:g} MB (--max-upload-mb); "
-                            f"give a path instead")
+    door.install(app, page)
 
     @app.exception_handler(NotAllowed)
     async def _not_allowed(request: Request, exc: NotAllowed):
