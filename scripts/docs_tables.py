@@ -383,6 +383,19 @@ def gguf_speed() -> str:
                            f"sides. {_machine(rec)}")
 
 
+def generation_engines() -> str:
+    rec = _load(BENCH / "generation.json")
+    rows = [[f"{what}, {'one prompt at a time' if batch == 'one' else 'all at once'}",
+             r.get("tokens_per_s", r.get("error")), f"{r['vs_before']}×" if r.get("vs_before") else None,
+             r.get("peak_rss_mb"), r.get("engine")]
+            for name, (what, batch) in rec["rows"].items() for r in [rec["results"][name]]]
+    a = rec["auto_vs_fastest_direct"]
+    return (_table([f"{rec['prompts']} test prompts × {rec['max_new_tokens']} forced tokens", "tokens/s",
+                    "× before (unmerged HF)", "peak RSS MB", "engine"], rows)
+            + f"\n\n`tunelab generate --engine auto` against the fastest engine driven directly: {a['one']}× one "
+              f"prompt at a time, {a['all']}× all at once. {_machine(rec)}")
+
+
 def chat_turns() -> str:
     rec = _load(BENCH / "chat_turns.json")
     r = rec["results"]
@@ -443,7 +456,8 @@ RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict"
              "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
              "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary, "peers": peers,
-             "gguf-speed": gguf_speed, "chat-turns": chat_turns, "compile": compile_break_even,
+             "gguf-speed": gguf_speed, "generation-engines": generation_engines, "chat-turns": chat_turns,
+             "compile": compile_break_even,
              "ceiling": ceiling, "dropout": dropout,
              "config-fields": config_fields}
 

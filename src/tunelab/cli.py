@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--json", action="store_true")
+    g.add_argument("--engine", default="auto", choices=["auto", "torch", "llamacpp"],
+                   help="what generates: torch (HF generate; a single adapter merged), llamacpp (the run's GGUF "
+                        "export, made on first use); auto picks the faster one for the job whose parity with the "
+                        "trained model is on record, and says why (stderr)")
     with_set(g)
     g.set_defaults(fn=commands.generate)
 

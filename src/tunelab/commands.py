@@ -157,10 +157,13 @@ def generate(args) -> int:
         generator = Generator.base(load_config(args.run, args.set))
     else:
         generator = load_run(args.run, "generator")
+    from .generation import choose
+
     prompts = [generator.render(p) for p in texts]
-    outputs = generator.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                 temperature=args.temperature or 1.0, top_p=args.top_p, batch_size=args.batch_size,
-                                 progress=len(prompts) > args.batch_size)
+    engine = choose(args.engine, generator, None if args.base else Path(args.run), len(prompts))
+    print(f"tunelab generate: engine {engine.why}", file=sys.stderr, flush=True)
+    outputs = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, batch_size=args.batch_size, progress=len(prompts) > args.batch_size)
     as_json = args.json or bool(args.input)
     for prompt, text in zip(texts, outputs):
         print(json.dumps({"prompt": prompt, "generated": text}, ensure_ascii=False) if as_json else text)

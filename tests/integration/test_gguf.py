@@ -72,3 +72,31 @@ def test_a_wrong_template_in_the_file_fails_the_check(run, tmp_path, monkeypatch
     parity = json.loads((out / "parity.json").read_text())["f16"]
     assert parity["prompts_identical"] == 0.0 and parity["identical"] < gguf.AGREEMENT
     assert not list(out.glob("*.gguf")) and not (out / "Modelfile").exists()
+
+
+def test_generate_through_llamacpp_answers_like_torch_and_auto_takes_it_for_one_prompt(run, capsys):
+    """`tunelab generate --engine llamacpp` runs the run's f16 GGUF (made by the export above, or now) on tunelab's
+    own prompt tokens: the same greedy answers as the torch engine on the run's test prompts; its parity goes into
+    RUN/engines.json; `auto` takes it for a single prompt once the export passed, and torch for several."""
+    from tunelab.generation import choose, read_record
+    from tunelab.gguf import _test_conversations
+    from tunelab.runs import open_finished
+    from tunelab.tasks import TASKS
+
+    path, config = open_finished(run)
+    task = TASKS[config.task]
+    llama = choose("llamacpp", task.load(path, config), path, 8)
+    assert llama.name == "llamacpp" and (run / "export-gguf" / "model-f16.gguf").is_file()
+    torch_engine = choose("torch", task.load(path, config), path, 8)
+    prompts = [torch_engine.generator.render_conversation(c) for c in _test_conversations(path, config, task, 8)]
+    ours, theirs = torch_engine.generate(prompts, max_new_tokens=12), llama.generate(prompts, max_new_tokens=12)
+    assert sum(a == b for a, b in zip(ours, theirs)) >= 0.75 * len(prompts), list(zip(ours, theirs))
+    record = read_record(run)["llamacpp"]
+    assert record["identical"] >= gguf.AGREEMENT and record["prompt"] == "tunelab's rendering, as token ids"
+    assert choose("auto", task.load(path, config), path, 1).name == "llamacpp"
+    assert choose("auto", task.load(path, config), path, 4).name == "torch"
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "Save changes", "--max-new-tokens", "12"]) == 0
+    captured = capsys.readouterr()
+    assert "engine auto: one prompt, and" in captured.err and "answered like the trained model" in captured.err
+    assert captured.out.strip() == llama.generate([llama.generator.render("Save changes")], max_new_tokens=12)[0]

@@ -107,9 +107,10 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16,
-                 progress: bool = False, strip: bool = True) -> list[str]:
-        """Completions of already-rendered prompts (see `render`), stopping at EOS; `strip=False` keeps their
-        leading space (a continuation of plain text)."""
+                 progress: bool = False, strip: bool = True, ignore_eos: bool = False) -> list[str]:
+        """Completions of already-rendered prompts (see `render`), stopping at EOS (`ignore_eos`: always
+        `max_new_tokens`, as benchmarks force); `strip=False` keeps their leading space (a continuation of plain
+        text)."""
         out = [""] * len(prompts)
         eos = self.model.generation_config.eos_token_id if self.encoder_decoder else self.tokenizer.eos_token_id
         # prompts of similar length batched together: less padding computed, and a batch's few long prompts do
@@ -124,6 +125,8 @@ class Generator:
                       "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos}
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
+            if ignore_eos:
+                kwargs["min_new_tokens"] = max_new_tokens
             with self.autocast():
                 ids = self.model.generate(**enc, **kwargs)
             new = ids if self.encoder_decoder else ids[:, enc["input_ids"].shape[1]:]

@@ -1,0 +1,167 @@
+"""Generation speed, side by side in one invocation: tunelab through each engine and each engine driven directly,
+on the same prompts with the same forced token count (EOS banned, so every row writes prompts × max-new-tokens
+tokens), one prompt at a time and all at once. Each row runs in its own process (its peak RSS is its own), in
+`--repeats` rounds of alternating order; the median run is reported (the lower of two), all runs beside it.
+
+Rows: HF `generate` on the run as trained (adapter unmerged: tunelab's path before the engine layer) and on the
+merged model, llama-cpp-python on the run's f16 GGUF, and `tunelab generate`'s engines (torch, llamacpp, auto)
+through `tunelab.generation.choose` — so the difference between a tunelab row and its engine's direct row is what
+tunelab adds.
+
+The run: bench/llamacpp.py's short LoRA SFT of SmolLM2-135M-Instruct on the shipped EN→FR data (or --run RUN),
+its test prompts rendered as training did.
+
+    python bench/generation.py [--prompts 16] [--tokens 48] [--repeats 2] [--run RUN]
+                                                                    → bench/results/generation.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import ROOT, emit, run_child, table, write  # noqa: E402
+
+ROWS = {  # name: (what, batch: "one" or "all")
+    "hf-unmerged-all": ("HF generate, adapter unmerged (before)", "all"),
+    "hf-merged-all": ("HF generate, adapter merged", "all"),
+    "tunelab-torch-all": ("tunelab --engine torch", "all"),
+    "tunelab-auto-all": ("tunelab --engine auto", "all"),
+    "hf-unmerged-one": ("HF generate, adapter unmerged (before)", "one"),
+    "hf-merged-one": ("HF generate, adapter merged", "one"),
+    "tunelab-torch-one": ("tunelab --engine torch", "one"),
+    "llamacpp-one": ("llama-cpp-python, f16 GGUF", "one"),
+    "tunelab-llamacpp-one": ("tunelab --engine llamacpp", "one"),
+    "tunelab-auto-one": ("tunelab --engine auto", "one"),
+}
+
+
+def _prompts(run: Path, n: int) -> tuple:
+    from tunelab.gguf import _test_conversations
+    from tunelab.runs import open_finished
+    from tunelab.tasks import TASKS
+
+    path, config = open_finished(run)
+    task = TASKS[config.task]
+    generator = task.load(path, config)
+    return path, generator, [generator.render_conversation(c) for c in _test_conversations(path, config, task, n)]
+
+
+def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
+    """Child side: load, warm up, then time one row."""
+    import torch
+
+    path, generator, prompts = _prompts(run, n)
+    batch = len(prompts) if ROWS[name][1] == "all" else 1
+    if name.startswith("tunelab-"):
+        from tunelab.generation import choose
+
+        engine_name = name.split("-")[1]
+        # auto is asked as `tunelab generate` asks: with the job's size (one prompt, or all of them)
+        engine = choose(engine_name, generator, path, 1 if batch == 1 else len(prompts))
+        why = engine.why
+
+        def generate(ps):
+            out = []
+            for i in range(0, len(ps), batch):  # one request at a time: each call is one prompt
+                out += engine.generate(ps[i:i + batch], max_new_tokens=tokens, batch_size=batch, ignore_eos=True)
+            return out
+    elif name.startswith("hf-"):
+        if "merged" in name and "unmerged" not in name:
+            generator.model = generator.model.merge_and_unload().eval()
+        why = f"HF generate ({generator.precision})"
+
+        def generate(ps):
+            return generator.generate(ps, max_new_tokens=tokens, batch_size=batch, ignore_eos=True)
+    else:
+        import llama_cpp
+
+        from tunelab.generation.llamacpp import gguf_file
+
+        if not gguf_file(path).is_file():
+            import tunelab
+
+            tunelab.export(path, "gguf", quant="f16")
+        llm = llama_cpp.Llama(model_path=str(gguf_file(path)), n_ctx=1024, n_threads=torch.get_num_threads(),
+                              verbose=False, seed=0)
+        eos = {llm.token_eos(): float("-inf")}
+        why = f"llama-cpp-python {llama_cpp.__version__}"
+
+        def generate(ps):
+            out = []
+            for p in ps:
+                llm.reset()
+                ids = generator.tokenizer(p, add_special_tokens=True)["input_ids"]
+                out.append(llm.create_completion(ids, max_tokens=tokens, temperature=0.0, top_k=0, min_p=0.0,
+                                                 repeat_penalty=1.0, logit_bias=eos)["choices"][0]["text"])
+            return out
+    generate(prompts[:1])  # warm-up
+    t0 = time.perf_counter()
+    generate(prompts)
+    seconds = time.perf_counter() - t0
+    written = len(prompts) * tokens
+    return {"engine": why, "prompts": len(prompts), "tokens": written, "seconds": round(seconds, 2),
+            "tokens_per_s": round(written / seconds, 1), "threads": torch.get_num_threads()}
+
+
+def _median(runs: list[dict]) -> dict:
+    """The run of median speed, with every run's tokens/s beside it (an errored run counts as none)."""
+    ok = sorted((r for r in runs if r.get("tokens_per_s")), key=lambda r: r["tokens_per_s"])
+    if not ok:
+        return runs[-1]
+    return {**ok[(len(ok) - 1) // 2], "runs_tokens_per_s": [r.get("tokens_per_s") for r in runs]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--run", help="a finished generative run (default: bench/llamacpp.py's short run)")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of every row (the median is reported)")
+    ap.add_argument("--only", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.only:
+        emit(_measure(args.only, Path(args.run), args.prompts, args.tokens))
+        return
+    if args.run:
+        run = Path(args.run)
+    else:
+        from llamacpp import _run
+
+        run = _run()
+    from tunelab.generation.llamacpp import gguf_file
+
+    if not gguf_file(run).is_file():  # made here, so that no row's time or memory includes the export
+        import tunelab
+
+        tunelab.export(run, "gguf", quant="f16")
+    rounds: dict = {name: [] for name in ROWS}
+    for k in range(args.repeats):  # rounds in alternating order: a host's slow phase does not hit one row only
+        for name in (list(ROWS) if k % 2 == 0 else list(ROWS)[::-1]):
+            rounds[name].append(run_child("generation.py", name, "--run", str(run), "--prompts", str(args.prompts),
+                                          "--tokens", str(args.tokens)))
+    results = {name: _median(runs) for name, runs in rounds.items()}
+    before = {b: results[f"hf-unmerged-{b}"].get("tokens_per_s") for b in ("one", "all")}
+    for name, r in results.items():
+        if r.get("tokens_per_s") and before[ROWS[name][1]]:
+            r["vs_before"] = round(r["tokens_per_s"] / before[ROWS[name][1]], 2)
+    fastest = {b: max((r.get("tokens_per_s") or 0 for n, r in results.items()
+                       if ROWS[n][1] == b and not n.startswith("tunelab-")), default=0) for b in ("one", "all")}
+    ratios = {b: round((results[f"tunelab-auto-{b}"].get("tokens_per_s") or 0) / fastest[b], 2) if fastest[b]
+              else None for b in ("one", "all")}
+    print(table([[f"{ROWS[n][0]}, {'one prompt at a time' if ROWS[n][1] == 'one' else 'all at once'}",
+                  r.get("tokens_per_s", r.get("error")), r.get("vs_before", ""), r.get("peak_rss_mb", ""),
+                  r.get("engine", "")] for n, r in results.items()],
+                ["", "tokens/s", "× before", "peak RSS MB", "engine"]))
+    print(f"tunelab auto / fastest engine driven directly: one at a time {ratios['one']}×, all at once "
+          f"{ratios['all']}×")
+    write("generation", {"run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run),
+                         "prompts": args.prompts, "max_new_tokens": args.tokens, "repeats": args.repeats,
+                         "rows": ROWS, "results": results,
+                         "auto_vs_fastest_direct": ratios})
+
+
+if __name__ == "__main__":
+    main()

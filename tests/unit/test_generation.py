@@ -1,0 +1,69 @@
+"""The generation layer (tunelab/generation/): engines chosen by name or `auto`, the torch engine's merged
+adapter answering as the trained model does (checked and recorded in RUN/engines.json), and clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tunelab
+from conftest import write_jsonl
+from tunelab.errors import TunelabError
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_llama):
+    import yaml
+
+    root = tmp_path_factory.mktemp("generation")
+    rows = [{"prompt": f"say {w}", "response": f"{w} {w}"} for w in ["good", "bad", "great", "awful", "fine"] * 12]
+    data = write_jsonl(root / "sft.jsonl", rows)
+    cfg = {"model": {"name": str(tiny_llama), "max_length": 64}, "task": "sft", "method": {"name": "lora", "r": 4},
+           "data": {"train": str(data), "split": {"validation": 0.2, "test": 0.2, "seed": 1}, "leakage": "ignore"},
+           "train": {"max_steps": 20, "lr": 2e-2, "batch_size": 8, "precision": "fp32"},
+           "eval": {"max_new_tokens": 6, "forgetting": None}, "output": {"dir": str(root / "run")}}
+    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return tunelab.train(root / "run.yaml").path
+
+
+def test_the_torch_engine_merges_the_adapter_and_answers_the_same(sft_run):
+    from peft import PeftModel
+
+    from tunelab.generation import choose, read_record
+
+    trained = tunelab.load(sft_run)
+    prompts = [trained.render(p) for p in ("say good", "say awful", "say fine")]
+    expected = trained.generate(prompts, max_new_tokens=6)
+    assert isinstance(trained.model, PeftModel)
+    engine = choose("torch", tunelab.load(sft_run), sft_run, len(prompts))
+    assert engine.name == "torch" and "adapter merged" in engine.why
+    assert not isinstance(engine.generator.model, PeftModel)  # one weight per projection, no adapter branch
+    assert engine.generate(prompts, max_new_tokens=6) == expected
+    record = read_record(sft_run)["torch"]  # the merge checked on the run's test answers, teacher-forced
+    assert record["merged"] and record["checked_tokens"] > 0
+    assert record["next_token_agreement"] == 1.0 and record["perplexity_ratio"] == pytest.approx(1.0, abs=1e-4)
+    forced = engine.generate(prompts, max_new_tokens=6, ignore_eos=True)
+    tok = engine.generator.tokenizer
+    assert all(len(tok(t, add_special_tokens=False)["input_ids"]) >= 5 for t in forced)  # no early stop
+
+
+def test_auto_says_what_it_chose_and_bad_choices_are_one_sentence(sft_run, tiny_llama, capsys):
+    from tunelab.cli import main
+    from tunelab.generation import choose
+
+    engine = choose("auto", tunelab.load(sft_run), sft_run, 1)
+    assert engine.name == "torch" and engine.why.startswith("auto: torch")
+    assert "llamacpp" in engine.why  # why not llama.cpp: not installed, or no GGUF export yet
+    many = choose("auto", tunelab.load(sft_run), sft_run, 8)
+    assert many.name == "torch" and "8 prompts batch best here" in many.why
+    with pytest.raises(TunelabError, match="unknown generation engine 'vllm2'"):
+        choose("vllm2", tunelab.load(sft_run), sft_run, 1)
+    with pytest.raises(TunelabError, match="untrained base .* has none"):
+        choose("llamacpp", tunelab.load(sft_run), None, 1)
+    assert main(["generate", str(sft_run), "--prompt", "say good", "--engine", "torch", "--json",
+                 "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "tunelab generate: engine torch (fp32, adapter merged into the base)" in captured.err
+    gen = tunelab.load(sft_run)
+    assert json.loads(captured.out.strip().split("\n")[-1])["generated"] == gen.generate(
+        [gen.render("say good")], max_new_tokens=4)[0]
