@@ -116,6 +116,23 @@ def test_two_adapters_share_one_base_and_answer_as_generate_does(runs):
         assert health["status"] == "ok"
 
 
+def test_a_single_adapter_run_is_served_merged_and_answers_as_generate_does(runs):
+    """One adapter over its base is served with the adapter merged (as `tunelab generate` does); the answers are
+    those of the unmerged run."""
+    app = create_app([runs["says-good"]], Limits())
+    served = app.state.registry.models["says-good"]
+    assert not hasattr(served.engine.model, "peft_config") and served.adapter is None
+    assert any("adapter merged into the base" in line for line in app.state.registry.lines)
+    gen = tunelab.load(runs["says-good"])
+    assert hasattr(gen.model, "peft_config")  # tunelab.load alone keeps it unmerged
+    prompts = [gen.render(f"say something about the {w}") for w in ("movie", "ending", "plot")]
+    expected = gen.generate(prompts, max_new_tokens=6, strip=False)
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        got = [http.post("/v1/completions", json={"model": "says-good", "prompt": p, "max_tokens": 6,
+                                                  "temperature": 0}).json()["choices"][0]["text"] for p in prompts]
+    assert got == expected
+
+
 def test_a_bf16_run_is_served_as_it_generates(tiny_llama, tmp_path, monkeypatch):
     """A run trained in bf16 generates with its base in bf16 under autocast; the server's batches run its model
     directly and must enter the same autocast (else the adapters compute in fp32 and answers drift from
@@ -128,15 +145,15 @@ def test_a_bf16_run_is_served_as_it_generates(tiny_llama, tmp_path, monkeypatch)
     model = app.state.registry.models["bf16"].engine.model
     assert model.dtype == torch.bfloat16
     seen = []
-    generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda *a, **kw: seen.append(torch.is_autocast_enabled("cpu"))
-                        or generate(*a, **kw))
+    forward = model.forward  # the server's step loop calls the model itself, token by token
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: seen.append(torch.is_autocast_enabled("cpu"))
+                        or forward(*a, **kw))
     rendered = tunelab.load(path).render("say something about the film")
     with Serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         r = http.post("/v1/completions", json={"model": "bf16", "prompt": rendered, "max_tokens": 4,
                                                "temperature": 0})
     assert r.status_code == 200, r.text
-    assert seen == [True]
+    assert seen and all(seen)  # the prefill and every step
     assert r.json()["choices"][0]["text"] == tunelab.load(path).generate([rendered], max_new_tokens=4,
                                                                          strip=False)[0]
 
@@ -337,3 +354,85 @@ def test_a_foreign_host_is_refused_and_allow_host_admits_it(runs, monkeypatch):
     wrong = TestClient(served["app"], base_url="http://127.0.0.1:8000").get("/v1/models",
                                                                              headers={"Authorization": "Bearer k3Y"})
     assert wrong.status_code == 401
+
+
+def _slow(monkeypatch, model, seconds: float = 0.01) -> None:
+    """Each forward pass takes `seconds` more: the compute of a bigger model (the tiny one writes 400 tokens in
+    well under a second)."""
+    import time
+
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: time.sleep(seconds) or forward(*a, **kw))
+
+
+def _wait_for(condition, seconds: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_short_request_joins_the_running_batch_and_answers_as_alone(runs, monkeypatch):
+    """Continuous batching: with four 100-token completions running, a 3-token one joins them at the next step,
+    finishes while they still run, and writes what it writes alone (its cache padded to theirs changes nothing)."""
+    import threading
+
+    app = create_app([runs["says-good"], runs["says-bad"]], Limits())
+    loop = app.state.registry.models["says-good"].worker
+    assert type(loop).__name__ == "Loop"
+    _slow(monkeypatch, app.state.registry.models["says-good"].engine.model)
+    assert any("continuous batching" in line for line in app.state.registry.lines)
+    rendered = app.state.registry.models["says-bad"].engine.render("say something about the plot")
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        alone = http.post("/v1/completions", json={"model": "says-bad", "prompt": rendered, "max_tokens": 3,
+                                                   "temperature": 0}).json()["choices"][0]["text"]
+        long = {"prompt": "say something about the story", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+        replies = []
+        threads = [threading.Thread(target=lambda n=n: replies.append(http.post("/v1/completions", json={
+            "model": n, **long}).json())) for n in ("says-good", "says-bad", "says-good", "says-bad")]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: len(loop.running) == 4 and loop.steps > 5)
+        assert loop.steps < 50
+        r = http.post("/v1/completions", json={"model": "says-bad", "prompt": rendered, "max_tokens": 3,
+                                               "temperature": 0})
+        still_running = sum(j.max_tokens == 100 and j.finish_reason is None for j in list(loop.running))
+        for t in threads:
+            t.join()
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone
+    assert still_running == 4  # the long ones had not finished: it did not wait for them
+    assert [x["usage"]["completion_tokens"] for x in replies] == [100] * 4  # ignore_eos: every token asked for
+
+
+def test_a_client_gone_mid_stream_is_cancelled_and_frees_its_slot(runs, monkeypatch):
+    """A streamed 100-token completion whose client leaves after three chunks stops being generated: the loop
+    cancels it at the next step (well before 100 tokens) and answers the next request at once."""
+    import time
+
+    app = create_app([runs["says-good"]], Limits())
+    loop = app.state.registry.models["says-good"].worker
+    _slow(monkeypatch, app.state.registry.models["says-good"].engine.model, 0.03)
+    body = {"model": "says-good", "prompt": "say something about the actor", "max_tokens": 100,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            chunks = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line)
+                if len(chunks) == 3:
+                    break
+        gone = time.monotonic()
+        _wait_for(lambda: loop.cancelled == 1 and not loop.running, seconds=5)
+        freed = time.monotonic() - gone
+        steps = loop.steps
+        t0 = time.monotonic()
+        r = http.post("/v1/completions", json={"model": "says-good", "prompt": "say good", "max_tokens": 1,
+                                               "temperature": 0})
+        next_s = time.monotonic() - t0
+    assert r.status_code == 200
+    assert steps < 50, f"{steps} steps: the cancelled request kept generating"
+    assert freed < 1.0 and next_s < 5.0, (freed, next_s)

@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from ..errors import TunelabError
-from .batching import Busy, ClassifyJob, GenerateJob
-from .guard import HostCheck, HostPolicy, keys_match
+from ..generation.continuous import Busy
+from .batching import ClassifyJob, GenerateJob
+from .guard import BodyLimit, HostCheck, HostPolicy, keys_match
 from .limits import Limits
 
 API_KEY_ENV = "TUNELAB_API_KEY"
@@ -59,6 +60,7 @@ class _Generation(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None  # accepted; batched sampling cannot honour a per-request seed
+    ignore_eos: bool = False  # vLLM's extra parameter: always max_tokens tokens (benchmarks force a length)
 
 
 class CompletionRequest(_Generation):
@@ -267,8 +269,22 @@ async def _generate(request: Request, served, prompts: list[str], body, chunk, w
     jobs = _jobs(served, prompts, body, request.app.state.limits, loop, stream)
     served.worker.submit(jobs)  # one request: its prompts share the round-robin turns
     if stream is None:
-        return whole([await asyncio.wrap_future(j.future) for j in jobs])
+        return whole(await _finished(request, jobs))
     return _sse(_stream_events(jobs[0], stream, chunk))
+
+
+async def _finished(request: Request, jobs: list[GenerateJob]) -> list[GenerateJob]:
+    """The jobs once done; if the client goes away first, they are cancelled (they leave their batch at the next
+    step) and the request ends."""
+    waiting = [asyncio.wrap_future(j.future) for j in jobs]
+    while True:
+        done, _ = await asyncio.wait(waiting, timeout=0.25)
+        if len(done) == len(waiting):
+            return [f.result() for f in waiting]
+        if await request.is_disconnected():
+            for j in jobs:
+                j.cancel()
+            raise asyncio.CancelledError("the client disconnected")
 
 
 def _jobs(served, prompts: list[str], body, limits: Limits, loop, stream_queue) -> list[GenerateJob]:
@@ -284,20 +300,19 @@ def _jobs(served, prompts: list[str], body, limits: Limits, loop, stream_queue) 
     jobs = []
     for prompt in prompts:
         _check_text(limits, prompt, "prompt")
-        n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if n == 0:  # as OpenAI does: an empty prompt is generated from the start-of-text token
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:  # as OpenAI does: an empty prompt is generated from the start-of-text token
             prompt = tokenizer.bos_token or tokenizer.eos_token or ""
-            n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-            if n == 0:
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            if not ids:
                 raise ClientError("the prompt is empty and this model's tokenizer has no start-of-text token to begin "
                                   "from", 400, "prompt", "empty_prompt")
-        if n > budget:
+        if (n := len(ids)) > budget:
             raise ClientError(f"the prompt is {n} tokens; with max_tokens {max_tokens} the limit is {budget} (context "
                               f"{served.context})", 400, "prompt", "context_length_exceeded")
-        job = GenerateJob(prompt, served.adapter, max_tokens, body.temperature, body.top_p, [x for x in stop if x],
-                          stream_queue, loop)
-        job.cost = n
-        jobs.append(job)
+        jobs.append(GenerateJob(prompt, served.adapter, max_tokens, body.temperature, body.top_p,
+                                [x for x in stop if x], stream_queue, loop, prompt_ids=ids,
+                                ignore_eos=body.ignore_eos))
     return jobs
 
 
@@ -316,17 +331,22 @@ def _sse(events):
 
 
 async def _stream_events(job: GenerateJob, q: asyncio.Queue, make_chunk):
+    """The job's chunks as they come; a client that goes away mid-stream (the response is closed) cancels it."""
     first = True
-    while True:
-        item = await q.get()
-        if item is None:
-            break
-        if isinstance(item, BaseException):
-            yield {"error": {"message": internal_error(item, "streamed generation"), "type": "server_error"}}
-            return
-        yield make_chunk(item, None, first)
-        first = False
-    yield make_chunk("", job.finish_reason, first)
+    try:
+        while True:
+            item = await q.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                yield {"error": {"message": internal_error(item, "streamed generation"), "type": "server_error"}}
+                return
+            yield make_chunk(item, None, first)
+            first = False
+        yield make_chunk("", job.finish_reason, first)
+    finally:
+        if job.finish_reason is None:
+            job.cancel()
 
 
 def render_chat(served, messages: list[dict], limits: Limits) -> str:
@@ -356,46 +376,6 @@ def render_chat(served, messages: list[dict], limits: Limits) -> str:
     turns = [{"instruction": rest[i]["content"], "input": None,
               "response": rest[i + 1]["content"] if i + 1 < len(rest) else ""} for i in range(0, len(rest), 2)]
     return engine.render_conversation(Conversation(turns, system=system))  # an icl run adds its demonstrations
-
-
-# ----------------------------------------------------------------------------------------------- the body limit
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is refused with 413 before it is read — at once when its
-    Content-Length says so, else as soon as that many bytes have arrived."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise HTTPException(413, self._message())
-            return message
-
-        await self.app(scope, counted, send)
-
-    def _message(self) -> str:
-        return f"the request body is larger than the limit of {self.limit:,} bytes"
-
-    async def _refuse(self, send) -> None:
-        body = json.dumps({"error": {"message": self._message(), "type": "invalid_request_error", "param": None,
-                                     "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def _version() -> str:

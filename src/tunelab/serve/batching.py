@@ -11,11 +11,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
+from ..generation.continuous import Busy
 from .limits import Limits
-
-
-class Busy(Exception):
-    """The model's queue is full."""
 
 
 class Worker:
@@ -99,17 +96,26 @@ class Job:
 
 class GenerateJob(Job):
     def __init__(self, prompt: str, adapter: str | None, max_tokens: int, temperature: float, top_p: float,
-                 stop: list[str], stream_queue: asyncio.Queue | None = None, loop=None):
+                 stop: list[str], stream_queue: asyncio.Queue | None = None, loop=None, prompt_ids=None,
+                 ignore_eos: bool = False):
         super().__init__(loop)
         self.prompt, self.adapter, self.max_tokens = prompt, adapter, max_tokens
         self.temperature, self.top_p, self.stop = temperature, top_p, stop
         self.stream_queue = stream_queue
-        self.cost = 0  # prompt tokens, for the batch token budget
+        self.prompt_ids = prompt_ids or []  # its tokens (the continuous loop prefills them)
+        self.cost = len(self.prompt_ids)  # prompt tokens, for the batch token budget
         self.tokens: list[int] = []
         self.text = ""
         self.sent = 0
         self.finish_reason: str | None = None
         self.prompt_tokens = 0
+        self.cancelled = False
+        self.ignore_eos = ignore_eos  # EOS is a token like any other: always max_tokens tokens
+        self._offsets = (0, 0)  # incremental detokenization: the tokens already read, and the few before them
+
+    def cancel(self) -> None:
+        """The client went away: the job leaves its batch at the next step."""
+        self.cancelled = True
 
     @property
     def sampling(self) -> tuple:
@@ -120,24 +126,33 @@ class GenerateJob(Job):
             self.loop.call_soon_threadsafe(self.stream_queue.put_nowait, delta)
 
     def add(self, token: int, tokenizer) -> None:
-        """One generated token (not EOS): update the text, stream what is safe to send."""
+        """One generated token (not EOS): extend the text, stream what is safe to send. The text grows by the
+        decoding of the newest tokens after a few before them (as TGI and vLLM detokenize: the earlier ones give
+        the word boundary), not by decoding the whole answer again each step; half of a multi-byte character
+        waits for the rest."""
         self.tokens.append(token)
-        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return
-        self.text = text
-        for s in self.stop:
-            at = text.find(s)
-            if at >= 0:
-                self.text = text[:at]
-                self.finish("stop")
-                return
+        start, read = self._offsets
+        before = tokenizer.decode(self.tokens[start:read], skip_special_tokens=True)
+        now = tokenizer.decode(self.tokens[start:], skip_special_tokens=True)
+        grew = len(now) > len(before) and not now.endswith("\ufffd")
+        if grew:
+            searched = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+            self.text += now[len(before):]
+            self._offsets = (read, len(self.tokens))
+            for s in self.stop:
+                at = self.text.find(s, searched)
+                if at >= 0:
+                    self.text = self.text[:at]
+                    self.finish("stop")
+                    return
         if len(self.tokens) >= self.max_tokens:
+            if not grew:  # ends inside a character: what there is
+                self.text += now[len(before):]
             self.finish("length")
             return
         hold = max((len(s) - 1 for s in self.stop), default=0)  # a stop string may be starting at the end
-        upto = max(len(text) - hold, self.sent)
-        self._emit(text[self.sent:upto])
+        upto = max(len(self.text) - hold, self.sent)
+        self._emit(self.text[self.sent:upto])
         self.sent = upto
 
     def finish(self, reason: str) -> None:
@@ -208,7 +223,9 @@ class _Streamer:
         for job, token in zip(self.jobs, column):
             if job.finish_reason is not None:
                 continue
-            if token in self.eos:
+            if job.cancelled:
+                job.finish("cancelled")
+            elif token in self.eos and not job.ignore_eos:
                 job.finish("stop")
             else:
                 job.add(token, self.tokenizer)

@@ -8,14 +8,18 @@
   another site — `Sec-Fetch-Site` where sent, else `Origin`, else `Referer` against the Host — the order of Go's
   `http.CrossOriginProtection`. A request with none of them is no browser's cross-site request; the UI's
   per-process form token (in ui/app.py) still applies to it.
+- **Size** (`BodyLimit`, the server): a body over the limit is refused with 413 before it is read.
 - **Keys** (`keys_match`): compared in constant time.
 """
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
+
+from starlette.exceptions import HTTPException
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain"})
@@ -139,3 +143,41 @@ def _authority(netloc: str) -> str:
     for default in (":80", ":443"):
         netloc = netloc.removesuffix(default)
     return netloc
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 before it is read — at once when its
+    Content-Length says so, else as soon as that many bytes have arrived."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than the limit of {self.limit:,} bytes"
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"error": {"message": self._message(), "type": "invalid_request_error", "param": None,
+                                     "code": "request_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 class Limits:
     max_batch: int = 16
     """Most requests (classify: texts) run together in one forward pass; 1 turns batching off."""
+    continuous: bool = True
+    """Generation in continuous batching (a request joins and leaves the running batch at any token); False: in
+    static batches, one `generate` call each (what tunelab did before; bench/serving.py compares the two)."""
     batch_wait_ms: float = 10.0
     """How long a worker waits for more requests after the first one arrives."""
     max_queue: int = 256

@@ -1,6 +1,7 @@
 """The served runs: each finished run loaded once by its task, adapter runs over one base sharing that base (the
 first adapter loads with it, the others are added: `PeftModel.load_adapter`), and one batching worker per model
-object. Loading and wiring only; the workers run the batches (batching.py)."""
+object. Loading and wiring only; the workers run the batches: generation in continuous batching
+(generation/continuous.py), prompt-learning adapters and classifiers in batches (batching.py)."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RunError, TunelabError
+from ..generation import torch as torch_engine
+from ..generation.continuous import Loop, fits
 from ..tasks import TASKS
 from .batching import Worker, classify_batch, generate_batch, mixable
 from .limits import Limits
@@ -109,10 +112,18 @@ class Registry:
             for other, _ in members[1:]:
                 model.load_adapter(str(other / "model"), adapter_name=other.name)
                 adapters[other.name] = other.name
+        merged = None
+        if len(members) == 1 and adapters and torch_engine.mergeable(engine):
+            # one adapter: generated on it merged into the base (one matmul per projection, as `tunelab generate`)
+            merged, adapters = torch_engine.open(engine, path).why, {}
         mixed = mixable(engine.model) if adapters else False
         base_bytes = _param_bytes(engine.model)
-        worker = Worker("+".join(p.name for p, _ in members), lambda jobs: generate_batch(engine, jobs, mixed),
-                        self.limits)
+        name = "+".join(p.name for p, _ in members)
+        static = "static batches (as configured)" if not self.limits.continuous else fits(engine.model)
+        if static:  # one `generate` call per batch: a request that arrives joins the next batch
+            worker = Worker(name, lambda jobs: generate_batch(engine, jobs, mixed), self.limits)
+        else:  # continuous batching: a request joins the running batch at the next step
+            worker = Loop(name, engine, self.limits, mixed)
         names = [p.name for p, _ in members]
         for p, c in members:
             view = copy.copy(engine)  # the shared model and tokenizer, with this run's prompt settings
@@ -130,4 +141,6 @@ class Registry:
                                  if len(members) > 1 else "") + ("; mixed-adapter batches" if mixed else ""))
         else:
             self.lines.append(f"{path.name}: {config.method.name} model on {config.model.name}, "
-                              f"{base_bytes / 2**20:.1f} MB of weights")
+                              f"{base_bytes / 2**20:.1f} MB of weights" + (f"; {merged}" if merged else ""))
+        self.lines.append(f"{name}: " + (f"static batches: {static}" if static else
+                                         "continuous batching (a request joins the running batch at the next token)"))
