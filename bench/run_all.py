@@ -38,6 +38,7 @@ def main() -> None:
     peers = run("peers.py", "--repeats", "3")  # LLaMA-Factory side by side; its venv is created once
     run("llamacpp.py")  # llama.cpp on the exported GGUF next to tunelab generate (its table is in docs/performance.md)
     run("generation.py")  # tunelab's generation engines next to each engine driven directly (docs/performance.md)
+    run("serving.py")  # the server's latency under load, continuous vs static batches (docs/ship.md)
     run("chat_turns.py")  # multi-turn chat in one pass vs one example per answer (README, docs/generative.md)
     comp = run("compile.py")  # train.compile's break-even: the rule behind `auto` (tunelab/compiling.py)
     ceil = run("ceiling.py")  # the MFU a step of only its GEMMs would reach (docs/performance.md)

@@ -396,6 +396,21 @@ def generation_engines() -> str:
               f"prompt at a time, {a['all']}× all at once. {_machine(rec)}")
 
 
+def serving() -> str:
+    rec = _load(BENCH / "serving.json")
+    st, res = rec["settings"], rec["results"]
+
+    def cell(r: dict, key: str, unit: str = " s", digits: int = 2) -> str:
+        return f"{r[key]:.{digits}f}{unit} ({', '.join(f'{x[key]:.{digits}f}' for x in r['runs'])})"
+    rows = [[mode, cell(r, "idle_s"), cell(r, "loaded_s"), cell(r, "loaded_over_idle", "×", 1),
+             cell(r, "after_disconnect_s"), cell(r, "long_tokens_per_s", "", 1)] for mode, r in res.items()]
+    return (_table(["batching", "2-token completion, idle", f"… with {st['long']} × {st['long_tokens']}-token "
+                    "completions running", "loaded / idle", f"1-token completion after a client left a "
+                    f"{st['stream_tokens']}-token stream", f"the {st['long']} long ones, tokens/s"], rows)
+            + f"\n\nMedians of {st['repeats']} runs per mode (each run in brackets), modes alternating. "
+              f"{_machine(rec)}")
+
+
 def chat_turns() -> str:
     rec = _load(BENCH / "chat_turns.json")
     r = rec["results"]
@@ -455,7 +470,8 @@ RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict"
              "compare-translate-fr-verdict": compare_translate_fr_verdict,
              "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
-             "export-onnx": export_onnx, "serve-load": serve_load, "bench-summary": bench_summary, "peers": peers,
+             "export-onnx": export_onnx, "serve-load": serve_load, "serving": serving,
+             "bench-summary": bench_summary, "peers": peers,
              "gguf-speed": gguf_speed, "generation-engines": generation_engines, "chat-turns": chat_turns,
              "compile": compile_break_even,
              "ceiling": ceiling, "dropout": dropout,

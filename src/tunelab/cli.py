@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-host", action="append", default=[], metavar="NAME", help=ALLOW_HOST_HELP)
     sv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (413 beyond it)")
     sv.add_argument("--max-batch", type=int, default=16, help="requests run together in one pass (1: no batching)")
+    sv.add_argument("--static-batches", action="store_true",
+                    help="generate in static batches (one `generate` call each) instead of continuous batching; "
+                         "for comparison (bench/serving.py)")
     sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to collect a batch")
     sv.add_argument("--max-queue", type=int, default=256, help="waiting requests per model before 503")
     sv.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")

@@ -282,8 +282,9 @@ def export(args) -> int:
 def serve(args) -> int:
     from .serve import Limits, serve
 
-    limits = Limits(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
-                    max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * 2**20))
+    limits = Limits(max_batch=args.max_batch, continuous=not args.static_batches, batch_wait_ms=args.batch_wait_ms,
+                    max_queue=args.max_queue, max_tokens=args.max_tokens,
+                    max_body_bytes=int(args.max_body_mb * 2**20))
     from .serve import read_api_key
 
     key = read_api_key(args.api_key, args.api_key_file)

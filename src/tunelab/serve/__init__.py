@@ -3,8 +3,13 @@
 - `api.py`: the routes (`/v1/models`, `/v1/completions`, `/v1/chat/completions` with streaming, `/v1/classify`,
   `/health`), request checks and errors in OpenAI's shape; `limits.py`: every limit, in one place.
 - `registry.py`: the runs loaded by their tasks; adapter runs over one base share **one** copy of it.
-- `batching.py`: one worker thread per model, batches taken round-robin across requests within a token budget;
-  LoRA adapters are even mixed in one batch (peft's `adapter_names`).
+- generation runs in continuous batching (`tunelab/generation/continuous.py`, one step loop per model): a request
+  joins the running batch at the next token and leaves it the step it finishes; a client that goes away cancels it.
+  A single adapter is served merged into its base; several adapters on one base mix in one batch (peft's
+  `adapter_names`).
+- `batching.py`: the jobs (incremental detokenization, stop strings) and the static-batch worker — classify
+  batches taken round-robin across requests within a token budget, and generation where the loop does not fit
+  (prompt-learning adapters) or `--static-batches` asks for it.
 - `guard.py`: the Host allowlist (against DNS rebinding), the cross-site check and the key comparison, shared with
   `tunelab ui`.
 """
