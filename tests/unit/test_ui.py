@@ -202,10 +202,12 @@ def test_cross_site_requests_start_stop_and_write_nothing(client, tmp_path, tiny
     monkeypatch.setattr(jobs, "start", lambda *a, **k: calls.append(("start", a)))
     monkeypatch.setattr(jobs, "stop", lambda *a, **k: calls.append(("stop", a)))
     monkeypatch.setattr("tunelab.ui.app.try_run", lambda *a: calls.append(("try", a)) or {"text": "tried"})
+    monkeypatch.setattr("tunelab.ui.app.stream_run", lambda *a: calls.append(("stream", a)) or iter([]))
     train = {"name": "evil", "task": "classify", "method": "head", "f:model.name": str(tiny_bert),
              "f:data.train": str(data), "f:train.max_steps": "1", "action": "train"}
     posts = [("/new", train), ("/new", {**train, "action": "validate"}), ("/new", {**train, "action": "redraw"}),
-             ("/stop?run=done", {}), ("/resume?run=done", {}), ("/runs/done", {"text": "hello"})]
+             ("/stop?run=done", {}), ("/resume?run=done", {}), ("/runs/done", {"text": "hello"}),
+             ("/try/done", {"text": "hello"})]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     foreign = [{"Origin": "http://evil.example", "Referer": "http://evil.example/page"},
                {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"},
@@ -291,3 +293,59 @@ def test_allow_host_reaches_the_ui_process(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_playground_streams_the_answers_as_they_are_written(tmp_path, monkeypatch, tiny_llama):
+    """/try/RUN (what the run page's script reads) sends the run's answer, then the base model's, as server-sent
+    events while they are written: the first piece arrives steps before the answer ends, and the pieces join into
+    what `generate` writes for the same prompt."""
+    import time
+
+    import httpx
+    import yaml
+
+    import tunelab
+    from conftest import Serving, write_jsonl
+
+    rows = [{"prompt": f"say {w}", "response": f"{w} {w}"} for w in ["good", "bad", "great", "awful"] * 10]
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_llama), "max_length": 32}, "task": "sft",
+        "data": {"train": str(write_jsonl(tmp_path / "pairs.jsonl", rows)), "leakage": "ignore",
+                 "split": {"validation": 0.1, "test": 0.1}},
+        "method": {"name": "lora", "r": 4}, "train": {"max_steps": 1, "lr": 1e-6, "precision": "fp32"},
+        "eval": {"forgetting": None, "max_generate": 2, "max_new_tokens": 4},
+        "output": {"dir": str(tmp_path / "runs" / "gen")}}))
+    path = tunelab.train(cfg).path
+    reference = tunelab.load(path)
+    prompt = reference.render("say good")
+    expected = reference.generate([prompt], max_new_tokens=12)[0]
+    with reference.adapter_disabled() as base:
+        expected_base = base.generate([prompt], max_new_tokens=12)[0]
+    assert len(expected.split()) >= 4  # enough words to stream in several pieces
+
+    load, step = tunelab.load, 0.05
+
+    def slow_load(p):  # each forward pass takes 50 ms more: a model big enough for streaming to matter
+        gen = load(p)
+        model = gen.model.get_base_model()  # what peft's generate calls each step
+        forward = model.forward
+        model.forward = lambda *a, **kw: time.sleep(step) or forward(*a, **kw)
+        return gen
+    monkeypatch.setattr(tunelab, "load", slow_load)
+    app = create_app(tmp_path / "runs")
+    events = []
+    with Serving(app) as url, httpx.Client(base_url=url, timeout=60,
+                                           headers={"X-CSRF-Token": app.state.csrf_token}) as http:
+        with http.stream("POST", "/try/gen", data={"text": "say good", "max_new_tokens": "12"}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append((time.monotonic(), json.loads(line[6:])))
+    kinds = [e for _, e in events]
+    assert kinds[0] == {"prompt": prompt} and not any("error" in e for e in kinds)
+    tuned = [(t, e["text"]) for t, e in events if e.get("side") == "tuned"]
+    ended = next(t for t, e in events if e.get("end") == "tuned")
+    assert "".join(x for _, x in tuned).strip() == expected
+    assert "".join(e["text"] for e in kinds if e.get("side") == "base").strip() == expected_base
+    assert len(tuned) >= 3 and ended - tuned[0][0] > 4 * step  # the first words came while the rest were written

@@ -190,11 +190,18 @@ def test_generative_run_base_and_tuned_side_by_side(ui, browser, tmp_path, tiny_
     assert page.locator("#state").inner_text() == "completed"
     page.fill("#try-text", "say good")
     page.fill("input[name=max_new_tokens]", "6")
+    url = page.url
     page.click("#try")
     side = page.locator("#before-after")
+    page.wait_for_selector("#before-after[data-state=done]", timeout=60_000)  # streamed in by the page's script
+    assert page.url == url  # no page load: the answers came over /try/gen
     assert side.is_visible()
     assert page.locator("#try-error").count() == 0
     assert page.locator("#base-answer").count() == 1 and page.locator("#tuned-answer").count() == 1
+    gen = tunelab.load(tmp_path / "runs" / "gen")
+    expected = gen.generate([gen.render("say good")], max_new_tokens=6)[0]
+    assert page.locator("#tuned-answer").inner_text().strip() == expected
+    assert int(side.get_attribute("data-chunks")) >= 2
     assert "### Instruction" in page.locator("#before-after + details pre").text_content()
     page.screenshot(path=shots / "ui-before-after.png", full_page=True)
 

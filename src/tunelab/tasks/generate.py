@@ -112,7 +112,7 @@ class Generator:
         `max_new_tokens`, as benchmarks force); `strip=False` keeps their leading space (a continuation of plain
         text)."""
         out = [""] * len(prompts)
-        eos = self.model.generation_config.eos_token_id if self.encoder_decoder else self.tokenizer.eos_token_id
+        kwargs = self._generate_kwargs(max_new_tokens, do_sample, temperature, top_p, ignore_eos)
         # prompts of similar length batched together: less padding computed, and a batch's few long prompts do
         # not make every row in it wide (the answers come back in the caller's order)
         order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
@@ -121,18 +121,56 @@ class Generator:
             enc = self.tokenizer([prompts[k] for k in batch], return_tensors="pt", padding=True,
                                  add_special_tokens=True).to(self.model.device)
             enc.pop("token_type_ids", None)
-            kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens,
-                      "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos}
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p)
-            if ignore_eos:
-                kwargs["min_new_tokens"] = max_new_tokens
             with self.autocast():
                 ids = self.model.generate(**enc, **kwargs)
             new = ids if self.encoder_decoder else ids[:, enc["input_ids"].shape[1]:]
             for k, text in zip(batch, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
                 out[k] = text
         return [text.strip() for text in out] if strip else out
+
+    def _generate_kwargs(self, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+                         ignore_eos: bool) -> dict:
+        eos = self.model.generation_config.eos_token_id if self.encoder_decoder else self.tokenizer.eos_token_id
+        kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens,
+                  "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        if ignore_eos:
+            kwargs["min_new_tokens"] = max_new_tokens
+        return kwargs
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+               top_p: float = 1.0):
+        """The completion of one rendered prompt as it is written: pieces of text, in order, that join into what
+        `generate([prompt])` returns before its strip (transformers' TextIteratorStreamer; `generate` runs in a
+        thread, as in transformers' own streaming example)."""
+        import threading
+
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=not self.encoder_decoder,
+                                        skip_special_tokens=True, timeout=600)
+        enc = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=True).to(self.model.device)
+        enc.pop("token_type_ids", None)
+        kwargs = self._generate_kwargs(max_new_tokens, do_sample, temperature, top_p, False)
+        failed = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode(), self.autocast():
+                    self.model.generate(**enc, **kwargs, streamer=streamer)
+            except BaseException as exc:  # noqa: BLE001 — raised again in the caller's thread
+                failed.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="tunelab-stream", daemon=True)
+        thread.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if failed:
+            raise failed[0]
 
     @torch.inference_mode()
     def loss(self, rows: list[dict], max_tokens: int = 1024) -> float:

@@ -4,6 +4,7 @@ and renders chat prompts with the server's own `render_chat`."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 from pathlib import Path
@@ -11,7 +12,14 @@ from urllib.parse import urlencode
 
 import yaml
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.templating import Jinja2Templates
 
 from ..errors import TunelabError
@@ -20,7 +28,7 @@ from ..serve.guard import HostPolicy
 from . import forms
 from .door import TOKEN_FIELD, Door
 from .jobs import Jobs, NotAllowed, check_name, list_groups, list_runs, read_json, run_info, run_path
-from .playground import Playground, try_run
+from .playground import Playground, stream_run, try_run
 
 TEMPLATES = Path(__file__).parent / "templates"
 SERVED = {".png", ".svg", ".html", ".json", ".jsonl", ".md", ".yaml", ".csv"}
@@ -125,6 +133,17 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, max_up
         path = run_path(root, run_id)
         tried = await run_in_threadpool(try_run, playground, path, form) if (path / "status.json").exists() else None
         return await run_in_threadpool(run_page, request, run_id, tried)
+
+    @app.post("/try/{run_id:path}")
+    async def run_stream(request: Request, run_id: str):
+        """The playground's answers as server-sent events, for the run page's script (ui/playground.stream_run)."""
+        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        path = run_path(root, run_id)
+        if not (path / "status.json").exists():
+            raise NotAllowed(f"{run_id}: there is no finished run here")
+        events = (f"data: {json.dumps(e)}\n\n" for e in stream_run(playground, path, form))
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def run_page(request: Request, run_id: str, tried: dict | None):
         path = run_path(root, run_id)
