@@ -19,7 +19,14 @@ MARK = "BENCH-RESULT "
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in kB)."""
+    """Peak resident memory of this process so far: VmHWM (ru_maxrss survives exec, so a child started from a
+    large parent would report the parent's peak), else ru_maxrss (kB on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 

@@ -17,6 +17,7 @@ its test prompts rendered as training did.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ ROWS = {  # name: (what, batch: "one" or "all")
     "hf-unmerged-all": ("HF generate, adapter unmerged (before)", "all"),
     "hf-merged-all": ("HF generate, adapter merged", "all"),
     "tunelab-torch-all": ("tunelab --engine torch", "all"),
+    "vllm-all": ("vLLM LLM.generate, merged model", "all"),
+    "tunelab-vllm-all": ("tunelab --engine vllm", "all"),
     "tunelab-auto-all": ("tunelab --engine auto", "all"),
     "hf-unmerged-one": ("HF generate, adapter unmerged (before)", "one"),
     "hf-merged-one": ("HF generate, adapter merged", "one"),
@@ -60,7 +63,9 @@ def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
 
         engine_name = name.split("-")[1]
         # auto is asked as `tunelab generate` asks: with the job's size (one prompt, or all of them)
-        engine = choose(engine_name, generator, path, 1 if batch == 1 else len(prompts))
+        t_open = time.perf_counter()
+        engine = choose(engine_name, generator, path, 1 if batch == 1 else len(prompts), tokens)
+        ready = time.perf_counter() - t_open
         why = engine.why
 
         def generate(ps):
@@ -75,6 +80,8 @@ def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
 
         def generate(ps):
             return generator.generate(ps, max_new_tokens=tokens, batch_size=batch, ignore_eos=True)
+    elif name == "vllm-all":
+        return _vllm_direct(path, generator, prompts, tokens)
     else:
         import llama_cpp
 
@@ -102,8 +109,36 @@ def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
     generate(prompts)
     seconds = time.perf_counter() - t0
     written = len(prompts) * tokens
-    return {"engine": why, "prompts": len(prompts), "tokens": written, "seconds": round(seconds, 2),
-            "tokens_per_s": round(written / seconds, 1), "threads": torch.get_num_threads()}
+    out = {"engine": why, "prompts": len(prompts), "tokens": written, "seconds": round(seconds, 2),
+           "tokens_per_s": round(written / seconds, 1), "threads": torch.get_num_threads()}
+    if name.startswith("tunelab-"):
+        out["ready_s"] = round(ready, 1)
+        if hasattr(engine, "close"):  # the engine's own process (vllm): its peak memory counts too
+            engine.close()
+            out["child_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    return out
+
+
+def _vllm_direct(path: Path, generator, prompts: list[str], tokens: int) -> dict:
+    """vLLM's own LLM class on the run's merged folder, in the vLLM environment (bench/vllm_direct.py)."""
+    import json
+    import subprocess
+
+    from tunelab.generation import missing
+    from tunelab.generation import vllm as vllm_engine
+
+    if missing("vllm"):
+        return {"error": missing("vllm")}
+    job = {"model": str(vllm_engine.folder(generator, path)), "tokens": tokens,
+           "dtype": "bfloat16" if generator.precision == "bf16" else "float32",
+           "ids": [generator.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]}
+    done = subprocess.run([vllm_engine.python(), str(ROOT / "bench" / "vllm_direct.py"), json.dumps(job)],
+                          capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("VLLM-DIRECT ")), None)
+    if line is None:
+        return {"error": f"exit {done.returncode}: {(done.stdout + done.stderr)[-400:]}"}
+    return {**json.loads(line[len("VLLM-DIRECT "):]), "prompts": len(prompts),
+            "child_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
 def _median(runs: list[dict]) -> dict:

@@ -385,13 +385,16 @@ def gguf_speed() -> str:
 
 def generation_engines() -> str:
     rec = _load(BENCH / "generation.json")
+    def memory(r: dict):  # an engine in a process of its own (vLLM): that process's peak beside this one's
+        child = r.get("child_peak_rss_mb")
+        return f"{r.get('peak_rss_mb')} + {child} (vLLM's process)" if child else r.get("peak_rss_mb")
     rows = [[f"{what}, {'one prompt at a time' if batch == 'one' else 'all at once'}",
              r.get("tokens_per_s", r.get("error")), f"{r['vs_before']}×" if r.get("vs_before") else None,
-             r.get("peak_rss_mb"), r.get("engine")]
-            for name, (what, batch) in rec["rows"].items() for r in [rec["results"][name]]]
+             memory(r), r.get("ready_s"), r.get("engine")]
+            for name, (what, batch) in rec["rows"].items() for r in [rec["results"].get(name, {})]]
     a = rec["auto_vs_fastest_direct"]
     return (_table([f"{rec['prompts']} test prompts × {rec['max_new_tokens']} forced tokens", "tokens/s",
-                    "× before (unmerged HF)", "peak RSS MB", "engine"], rows)
+                    "× before (unmerged HF)", "peak RSS MB", "ready s", "engine"], rows)
             + f"\n\n`tunelab generate --engine auto` against the fastest engine driven directly: {a['one']}× one "
               f"prompt at a time, {a['all']}× all at once. {_machine(rec)}")
 
@@ -409,6 +412,25 @@ def serving() -> str:
                     f"{st['stream_tokens']}-token stream", f"the {st['long']} long ones, tokens/s"], rows)
             + f"\n\nMedians of {st['repeats']} runs per mode (each run in brackets), modes alternating. "
               f"{_machine(rec)}")
+
+
+def engine_speed() -> str:
+    """The README's line: tunelab's generation against its old path, one prompt and all at once, and the server."""
+    gen, srv = _load(BENCH / "generation.json"), _load(BENCH / "serving.json")
+    r = gen["results"]
+
+    def best(batch: str) -> tuple[str, dict]:
+        name = max((n for n in r if n.startswith("tunelab-") and n.endswith(batch) and r[n].get("tokens_per_s")),
+                   key=lambda n: r[n]["tokens_per_s"])
+        return name.split("-")[1], r[name]
+    one, all_ = best("one"), best("all")
+    c, st = srv["results"]["continuous"], srv["results"]["static"]
+    return (f"Answers at engine speed: one prompt at a time, tunelab's `{one[0]}` engine writes "
+            f"{one[1]['tokens_per_s']} tokens/s, {one[1]['vs_before']}× Hugging Face `generate` on the run as "
+            f"trained; {gen['prompts']} prompts at once, `{all_[0]}` writes {all_[1]['tokens_per_s']}, "
+            f"{all_[1]['vs_before']}×. Serving, a 2-token request sent while {srv['settings']['long']} long ones "
+            f"run answers in {c['loaded_s']:.2f} s ({c['loaded_over_idle']:.1f}× its idle latency; "
+            f"{st['loaded_s']:.1f} s in static batches). {_machine(gen)[:-1]} and `bench/results/serving.json`)")
 
 
 def chat_turns() -> str:
@@ -470,7 +492,7 @@ RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict"
              "compare-translate-fr-verdict": compare_translate_fr_verdict,
              "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
-             "export-onnx": export_onnx, "serve-load": serve_load, "serving": serving,
+             "export-onnx": export_onnx, "serve-load": serve_load, "serving": serving, "engine-speed": engine_speed,
              "bench-summary": bench_summary, "peers": peers,
              "gguf-speed": gguf_speed, "generation-engines": generation_engines, "chat-turns": chat_turns,
              "compile": compile_break_even,

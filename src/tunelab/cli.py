@@ -90,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--json", action="store_true")
-    g.add_argument("--engine", default="auto", choices=["auto", "torch", "llamacpp"],
+    g.add_argument("--engine", default="auto", choices=["auto", "torch", "llamacpp", "vllm"],
                    help="what generates: torch (HF generate; a single adapter merged), llamacpp (the run's GGUF "
-                        "export, made on first use); auto picks the faster one for the job whose parity with the "
-                        "trained model is on record, and says why (stderr)")
+                        "export, made on first use), vllm (vLLM's engine in its own environment, "
+                        "$TUNELAB_VLLM_PYTHON; the run merged on first use); auto picks the fastest for the job "
+                        "among those whose parity with the trained model is on record, and says why (stderr)")
     with_set(g)
     g.set_defaults(fn=commands.generate)
 
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-host", action="append", default=[], metavar="NAME", help=ALLOW_HOST_HELP)
     sv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (413 beyond it)")
     sv.add_argument("--max-batch", type=int, default=16, help="requests run together in one pass (1: no batching)")
+    sv.add_argument("--engine", default="torch", choices=["torch", "vllm"],
+                    help="what generates: torch (continuous batching in this process; several adapters share one "
+                         "base) or vllm (vLLM's engine in its own environment, $TUNELAB_VLLM_PYTHON; each run "
+                         "merged and parity-checked on first use)")
     sv.add_argument("--static-batches", action="store_true",
                     help="generate in static batches (one `generate` call each) instead of continuous batching; "
                          "for comparison (bench/serving.py)")

