@@ -115,6 +115,26 @@ def make_config(tmp_path, tiny_bert, data_file):
     return make
 
 
+def train_translate_run(folder: Path, max_generate: int = 8, **train) -> Path:
+    """A short LoRA SFT run of the packaged SmolLM2 on the shipped EN→FR strings (the integration tests' run for
+    the GGUF and vLLM engines); `train` overrides train settings (precision...)."""
+    import yaml
+
+    import tunelab
+
+    cfg = {"model": {"name": "smollm2-135m", "max_length": 128}, "task": "sft",
+           "data": {"train": "sample:translate_en_fr", "prompt": "en", "response": "fr",
+                    "instruction": "Translate this English user-interface text into French.",
+                    "split": {"validation": 0, "test": 0.012, "seed": 42}},
+           "method": {"name": "lora", "r": 8, "alpha": 16},
+           "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-4, **train},
+           "eval": {"max_new_tokens": 12, "max_generate": max_generate, "forgetting": None},
+           "output": {"dir": str(folder / "run")}}
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return tunelab.train(path).path
+
+
 def free_port() -> int:
     import socket
 

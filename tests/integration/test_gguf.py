@@ -5,9 +5,8 @@ times all three — a second quantization here would add minutes to the suite.)"
 import json
 
 import pytest
-import yaml
 
-import tunelab
+from conftest import train_translate_run
 from tunelab import gguf
 from tunelab.cli import main
 
@@ -17,18 +16,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the [gguf
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gguf")
-    cfg = {"model": {"name": "smollm2-135m", "max_length": 128}, "task": "sft",
-           "data": {"train": "sample:translate_en_fr", "prompt": "en", "response": "fr",
-                    "instruction": "Translate this English user-interface text into French.",
-                    "split": {"validation": 0, "test": 0.012, "seed": 42}},
-           "method": {"name": "lora", "r": 8, "alpha": 16},
-           "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-4},
-           "eval": {"max_new_tokens": 12, "max_generate": 4, "forgetting": None},
-           "output": {"dir": str(tmp / "run")}}
-    path = tmp / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return tunelab.train(path).path
+    return train_translate_run(tmp_path_factory.mktemp("gguf"), max_generate=4, precision="fp32")  # exact text: fp32
 
 
 def test_f16_export_answers_like_the_trained_model(run, capsys):

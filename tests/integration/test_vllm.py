@@ -5,9 +5,9 @@ engine writes. One vLLM load (tens of seconds); `auto`'s choice is checked witho
 import json
 
 import pytest
-import yaml
 
 import tunelab
+from conftest import train_translate_run
 from tunelab.cli import main
 from tunelab.generation import choose, missing, read_record
 from tunelab.generation import vllm as vllm_engine
@@ -18,18 +18,7 @@ pytestmark = [pytest.mark.integration,
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("vllm")
-    cfg = {"model": {"name": "smollm2-135m", "max_length": 128}, "task": "sft",
-           "data": {"train": "sample:translate_en_fr", "prompt": "en", "response": "fr",
-                    "instruction": "Translate this English user-interface text into French.",
-                    "split": {"validation": 0, "test": 0.012, "seed": 42}},
-           "method": {"name": "lora", "r": 8, "alpha": 16},
-           "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-4, "precision": "fp32"},
-           "eval": {"max_new_tokens": 12, "max_generate": 8, "forgetting": None},
-           "output": {"dir": str(tmp / "run")}}
-    path = tmp / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return tunelab.train(path).path
+    return train_translate_run(tmp_path_factory.mktemp("vllm"), precision="fp32")  # fp32: the very same text
 
 
 def test_generate_through_vllm_answers_as_torch_does_and_records_its_parity(run, tmp_path, capsys):
