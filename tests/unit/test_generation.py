@@ -192,3 +192,12 @@ def test_the_vllm_engine_says_what_it_needs_in_one_sentence(sft_run, tmp_path, m
     # in-context learning is the base model with demonstrations in the prompt tunelab renders: vLLM loads the base
     icl = NS(config=NS(task="sft", method=NS(name="icl"), model=NS(name=str(tiny_llama))), demonstrations=object())
     assert vllm_engine.unfit(icl, sft_run) is None and vllm_engine.folder(icl, sft_run) == tiny_llama
+
+
+def test_the_config_offers_every_engine():
+    from typing import get_args
+
+    from tunelab.config import GenerateConfig
+    from tunelab.generation import CHOICES
+
+    assert get_args(GenerateConfig.model_fields["engine"].annotation) == CHOICES
