@@ -12,6 +12,25 @@ ALLOW_HOST_HELP = ("also answer requests whose Host header is NAME (repeatable; 
                    "are answered, so a web page cannot reach the server through a domain it points at this machine")
 
 
+
+def _whole(low: int, high: int | None = None, what: str = "a whole number"):
+    """An argparse type: a whole number in [low, high], else argparse's one-line error (exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not {what} ({low}–{high})" if high is not None else
+                                             f"{value} is under {low}")
+        return value
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
+PORT = _whole(1, 65535, "a TCP port")
+COUNT = _whole(1)
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune pretrained language models from one YAML file.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -31,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     with_code(t)
-    t.add_argument("--nproc", type=int, default=1, metavar="N",
+    t.add_argument("--nproc", type=COUNT, default=1, metavar="N",
                    help="data-parallel training in N processes (torch.distributed.run; gloo on CPU, NCCL on GPU); "
                         "train.batch_size is per process")
     t.set_defaults(fn=commands.train)
@@ -67,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     pv = dsub.add_parser("preview", help="render one sft example with its trained tokens marked")
     pv.add_argument("config")
-    pv.add_argument("--index", type=int, default=0)
+    pv.add_argument("--index", type=_whole(0), default=0)
     pv.add_argument("--split", choices=["train", "validation", "test"], default="train")
     with_set(pv)
     pv.set_defaults(fn=commands.preview)
@@ -84,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input", help="batch: a .jsonl file with a `prompt` field per row (see --field), or a text "
                                    "file with one prompt per line; writes JSON lines")
     g.add_argument("--field", default="prompt", help="--input JSONL field holding the prompt (default: prompt)")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=COUNT, default=16)
     g.add_argument("--base", action="store_true", help="RUN is a config: use its untrained model")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=COUNT, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--json", action="store_true")
@@ -122,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve finished runs over an OpenAI-compatible HTTP API")
     sv.add_argument("runs", nargs="+", help="run directories; each is served as model <directory name>")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=PORT, default=8000)
     sv.add_argument("--api-key-file", metavar="FILE",
                     help="require `Authorization: Bearer KEY`, KEY being the first line of FILE (or set "
                          "TUNELAB_API_KEY); with a key, every route but /health needs it")
@@ -132,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow a non-loopback --host without an API key")
     sv.add_argument("--allow-host", action="append", default=[], metavar="NAME", help=ALLOW_HOST_HELP)
     sv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (413 beyond it)")
-    sv.add_argument("--max-batch", type=int, default=16, help="requests run together in one pass (1: no batching)")
+    sv.add_argument("--max-batch", type=COUNT, default=16, help="requests run together in one pass (1: no batching)")
     sv.add_argument("--engine", default="torch", choices=["torch", "vllm"],
                     help="what generates: torch (continuous batching in this process; several adapters share one "
                          "base) or vllm (vLLM's engine in its own environment, $TUNELAB_VLLM_PYTHON; each run "
@@ -141,15 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="generate in static batches (one `generate` call each) instead of continuous batching; "
                          "for comparison (bench/serving.py)")
     sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to collect a batch")
-    sv.add_argument("--max-queue", type=int, default=256, help="waiting requests per model before 503")
-    sv.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    sv.add_argument("--max-queue", type=COUNT, default=256, help="waiting requests per model before 503")
+    sv.add_argument("--max-tokens", type=COUNT, default=512, help="largest max_tokens a request may ask for")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (info logs every request)")
     sv.set_defaults(fn=commands.serve)
 
     u = sub.add_parser("ui", help="a local web app: set up, start, watch, compare and try runs in the browser")
     u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--port", type=PORT, default=7860)
     u.add_argument("--runs-dir", default="runs", help="the folder of runs it lists and starts jobs in")
     u.add_argument("--api-key-file", metavar="FILE", help="require the key on the first line of FILE (or set "
                                                           "TUNELAB_API_KEY); needed for a non-loopback --host")
@@ -170,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("search", help="hyperparameter search (Optuna TPE + median pruning) over search.space")
     se.add_argument("config")
-    se.add_argument("--trials", type=int, help="trials in total (default: search.trials)")
+    se.add_argument("--trials", type=COUNT, help="trials in total (default: search.trials)")
     se.add_argument("--out", help="folder (default: search.dir or runs/search-NAME)")
     with_set(se)
     with_code(se)

@@ -79,6 +79,22 @@ def test_bad_json_line_is_named(tmp_path, rows):
         read_table(str(path))
 
 
+def test_a_cut_short_gzip_file_is_one_sentence(tmp_path, rows):
+    """A .jsonl.gz cut short (a copy interrupted): the table reader and the stream reader name the file, no
+    EOFError."""
+    import gzip
+
+    from tunelab.data.stream import open_rows
+
+    whole = gzip.compress("\n".join(json.dumps(r) for r in rows * 20).encode())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: the gzip stream is damaged or cut short"):
+        read_table(str(cut))
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz, line \d+: the gzip stream is damaged or cut short"):
+        list(open_rows(str(cut)))
+
+
 def test_label_outside_known_set_names_row(tmp_path, rows):
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     test_rows = [dict(r) for r in sample_rows()[-20:]]

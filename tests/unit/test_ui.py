@@ -352,3 +352,16 @@ def test_the_playground_streams_the_answers_as_they_are_written(tmp_path, monkey
     assert "".join(x for _, x in tuned).strip() == expected
     assert "".join(e["text"] for e in kinds if e.get("side") == "base").strip() == expected_base
     assert len(tuned) >= 3 and ended - tuned[0][0] > 4 * step  # the first words came while the rest were written
+
+
+def test_a_port_or_count_out_of_range_is_one_sentence(capsys):
+    """`tunelab ui --port 99999` was an OverflowError from the socket; now argparse's one line, exit 2 — the same
+    for the other ports and counts."""
+    from tunelab.cli import main
+
+    for argv, said in ((["ui", "--port", "99999"], "argument --port: 99999 is not a TCP port (1–65535)"),
+                       (["serve", "run", "--port", "0"], "argument --port: 0 is not a TCP port (1–65535)"),
+                       (["generate", "run", "--batch-size", "0"], "argument --batch-size: 0 is under 1")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and said in capsys.readouterr().err

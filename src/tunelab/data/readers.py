@@ -97,8 +97,13 @@ def _text(path: Path) -> str:
     raw = path.read_bytes()
     if path.suffix == ".gz":
         import gzip
+        import zlib
 
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as exc:  # cut short (EOFError) or damaged (BadGzipFile, zlib)
+            raise DataError(f"{path}: the gzip stream is damaged or cut short ({exc}); compress the file again") \
+                from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

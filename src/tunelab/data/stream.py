@@ -7,6 +7,7 @@ message, the same rules as the whole-file readers."""
 from __future__ import annotations
 
 import csv
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 line = f.readline()
             except UnicodeDecodeError:
                 raise DataError(f"{path}, line {number}: not UTF-8; save the file as UTF-8") from None
+            except (EOFError, OSError, zlib.error) as exc:  # gzip: cut short (EOFError) or damaged (BadGzipFile)
+                raise DataError(f"{path}, line {number}: the gzip stream is damaged or cut short ({exc}); "
+                                f"compress the file again") from None
             if not line:
                 return
             if line.strip():
