@@ -61,6 +61,31 @@ def test_unknown_role_and_missing_output_name_the_row(tmp_path):
     assert len(kept.train) == 8
 
 
+def test_sharegpt_rows_train_as_the_same_chat(tmp_path, chat_tok):
+    """ShareGPT rows (conversations: [{from: system|human|gpt, value}], detected by the column) are the same
+    conversations as the {role, content} messages — so they encode to the same training examples; an unknown
+    `from` is an error naming the row and the message."""
+    turns = [("system", "be nice"), ("human", "u{i}"), ("gpt", "a1"), ("human", "u2"), ("gpt", "a2")]
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    share = write_jsonl(tmp_path / "share.jsonl", [{"conversations": [{"from": f, "value": v.format(i=i)}
+                                                                      for f, v in turns]} for i in range(10)])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": roles[f], "content": v.format(i=i)}
+                                                               for f, v in turns]} for i in range(10)])
+    a, b = (load_splits(cfg(p, prompt_format="chat")) for p in (share, chat))
+    assert [(c.system, c.turns) for c in a.train["_conv"]] == [(c.system, c.turns) for c in b.train["_conv"]]
+    assert a.train["_conv"].iloc[0].system == "be nice"
+    data = cfg(share, prompt_format="chat").data
+    encoded = [sft.encode_turn(s.train["_conv"].iloc[0], 1, chat_tok, "chat", data, 256) for s in (a, b)]
+    assert encoded[0].input_ids == encoded[1].input_ids and "be nice" in chat_tok.decode(encoded[0].input_ids)
+    bad = write_jsonl(tmp_path / "tools.jsonl", [{"conversations": [{"from": "human", "value": "hi"},
+                                                                     {"from": "gpt", "value": "yo"}]}] * 3 +
+                      [{"conversations": [{"from": "human", "value": "weather?"},
+                                          {"from": "function_call", "value": "{}"}]}])
+    with pytest.raises(DataError, match=r"tools\.jsonl: row 4: `conversations` message 2 has from 'function_call'; "
+                                        r"ShareGPT turns are \{from, value\} with from system, human, gpt"):
+        load_splits(cfg(bad))
+
+
 def test_template_without_response_placeholder_is_a_config_error(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("model: {name: x}\ntask: sft\nmethod: lora\n"

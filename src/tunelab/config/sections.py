@@ -54,10 +54,11 @@ class SourceConfig(Section):
     weight: float = Field(1.0, gt=0)
     """Sampling weight: this task's training examples are drawn `weight` times per epoch (0.5 = half of them,
     2 = each twice on average), so small tasks are not drowned by large ones."""
-    format: Literal["auto", "alpaca", "prompt_response", "messages"] | None = None
+    format: Literal["auto", "alpaca", "prompt_response", "messages", "sharegpt"] | None = None
     prompt: str | None = None
     response: str | None = None
     messages: str | None = None
+    conversations: str | None = None
     instruction: str | None = None
     prompt_format: Literal["auto", "chat", "alpaca", "template"] | None = None
     template: str | None = None
@@ -113,9 +114,10 @@ class DataConfig(Section):
     validation or test are skipped as they stream by, and counted. A Hub dataset streams from the Hub, or from the
     local datasets cache offline."""
     # --- task: sft
-    format: Literal["auto", "alpaca", "prompt_response", "messages"] = "auto"
+    format: Literal["auto", "alpaca", "prompt_response", "messages", "sharegpt"] = "auto"
     """sft row layout: `alpaca` (instruction, optional input, output), `prompt_response` (`prompt` and
-    `response` columns), `messages` (chat turns: system/user/assistant); `auto` detects it from the columns."""
+    `response` columns), `messages` (chat turns: [{role: system|user|assistant, content}]), `sharegpt` (chat turns
+    as ShareGPT writes them: [{from: system|human|gpt, value}]); `auto` detects it from the columns."""
     prompt: str = "prompt"
     """sft: column holding the prompt (prompt_response layout). reward, dpo, rl: column holding the prompt — a
     string, or chat messages ([{role, content}, ...] ending with a user message)."""
@@ -123,6 +125,8 @@ class DataConfig(Section):
     """sft: column holding the response (prompt_response layout, and user templates)."""
     messages: str = "messages"
     """sft: column holding the chat turns (messages layout)."""
+    conversations: str = "conversations"
+    """sft: column holding the ShareGPT chat turns (sharegpt layout)."""
     instruction: str | None = None
     """sft: a fixed instruction put before every prompt, e.g. "Translate English to French."."""
     prompt_format: Literal["auto", "chat", "alpaca", "template", "plain"] = "auto"

@@ -1,8 +1,10 @@
 """Conversations: the row layout every instruction-tuning row becomes (an optional system prompt, then user /
 assistant turns), read from `alpaca` (instruction, optional input, output), `prompt_response` (two columns, with
-an optional fixed instruction) or `messages` (chat turns) rows — and rendered into the text a model sees: its own
-chat template, the Alpaca text, `plain` (T5 style) or a user template. Training (tasks/sft.py, seq2seq.py),
-generation and serving all render prompts here, so what a model sees is the same everywhere.
+an optional fixed instruction), `messages` (chat turns: {role, content}) or `sharegpt` (chat turns as ShareGPT
+writes them: `conversations: [{from: system|human|gpt, value}]`, the layout LLaMA-Factory and Axolotl read) rows —
+and rendered into the text a model sees: its own chat template, the Alpaca text, `plain` (T5 style) or a user
+template. Training (tasks/sft.py, seq2seq.py), generation and serving all render prompts here, so what a model sees
+is the same everywhere.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from .types import as_list, is_missing, kind, text_value
 ALPACA = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 ROLES = ("system", "user", "assistant")
+SHAREGPT = {"system": "system", "human": "user", "gpt": "assistant"}
+"""ShareGPT's `from` values and the roles they are (LLaMA-Factory's sharegpt tags, Axolotl's sharegpt type)."""
 
 
 @dataclass
@@ -36,12 +40,15 @@ def detect_format(columns: list[str], data) -> str:
         return data.format
     if data.messages in columns:
         return "messages"
+    if data.conversations in columns:
+        return "sharegpt"
     if {"instruction", "output"} <= set(columns):
         return "alpaca"
     if {data.prompt, data.response} <= set(columns):
         return "prompt_response"
     raise DataError(f"cannot tell the layout of the sft data from its columns ({', '.join(columns)}): expected "
-                    f"`{data.messages}` (chat), `instruction` + `output` (alpaca), or `{data.prompt}` + "
+                    f"`{data.messages}` (chat), `{data.conversations}` (ShareGPT chat), `instruction` + `output` "
+                    f"(alpaca), or `{data.prompt}` + "
                     f"`{data.response}`; set data.format and the column names")
 
 
@@ -51,7 +58,7 @@ def conversations(frame, spec: str, data) -> tuple[list[Conversation | None], li
     With data.bad_rows: error, any problem is a DataError naming the file and the first bad rows."""
     columns = [c for c in frame.columns if not c.startswith("_")]
     layout = detect_format(columns, data)
-    needed = {"messages": [data.messages], "alpaca": ["instruction", "output"],
+    needed = {"messages": [data.messages], "sharegpt": [data.conversations], "alpaca": ["instruction", "output"],
               "prompt_response": [data.prompt, data.response]}[layout]
     if data.prompt_format == "template":
         needed = _template_fields(data.template)
@@ -101,20 +108,41 @@ def _conversation(record: dict, layout: str, data) -> Conversation:
         turn = ({"instruction": data.instruction, "input": prompt} if data.instruction
                 else {"instruction": prompt, "input": None})
         return Conversation([{**turn, "response": _text(record, data.response, numbers_ok=n)}], row=record)
+    if layout == "sharegpt":
+        return from_messages(from_sharegpt(record[data.conversations], data.conversations), record)
     return from_messages(record[data.messages], record)
 
 
-def from_messages(messages, record: dict) -> Conversation:
+def _listed(messages, what: str):
+    """A column's list of turns: a list (or array), or a CSV cell holding it as JSON text."""
     messages = as_list(messages)
     if isinstance(messages, str):
         try:  # a CSV cell can only hold the list as JSON text
             messages = json.loads(messages)
         except json.JSONDecodeError:
-            raise ValueError("`messages` is text, not a list of {role, content} messages (nor such a list written "
-                             "as JSON)") from None
+            raise ValueError(f"{what} is text, not a list of messages (nor such a list written as JSON)") from None
     if not isinstance(messages, list) or not messages:
-        what = "an empty list" if isinstance(messages, list) else kind(messages)
-        raise ValueError(f"`messages` must be a non-empty list of {{role, content}} messages; it is {what}")
+        got = "an empty list" if isinstance(messages, list) else kind(messages)
+        raise ValueError(f"{what} must be a non-empty list of messages; it is {got}")
+    return messages
+
+
+def from_sharegpt(turns, column: str = "conversations") -> list[dict]:
+    """ShareGPT turns ({from, value}) as {role, content} messages: system, human → user, gpt → assistant; any other
+    `from` (a tool call, an observation, a typo) is an error naming the message."""
+    out = []
+    for i, m in enumerate(_listed(turns, f"`{column}`")):
+        source, value = (m.get("from"), m.get("value")) if isinstance(m, dict) else (None, None)
+        if source not in SHAREGPT:
+            got = f"from {source!r}" if isinstance(m, dict) else kind(m)
+            raise ValueError(f"`{column}` message {i + 1} has {got}; ShareGPT turns are {{from, value}} with from "
+                             f"{', '.join(SHAREGPT)}")
+        out.append({"role": SHAREGPT[source], "content": value})
+    return out
+
+
+def from_messages(messages, record: dict) -> Conversation:
+    messages = _listed(messages, "`messages`")
     system, turns, pending = None, [], None
     for i, m in enumerate(messages):
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)

@@ -17,8 +17,8 @@ from . import generative
 from .generative import EncodedSplit
 
 NAME = "sft"
-PROMPTED = frozenset({"format", "prompt", "response", "messages", "instruction", "prompt_format", "template",
-                      "loss_on", "overflow", "bad_rows"})
+PROMPTED = frozenset({"format", "prompt", "response", "messages", "conversations", "instruction", "prompt_format",
+                      "template", "loss_on", "overflow", "bad_rows"})
 DATA_FIELDS = PROMPTED | {"datasets", "replay"}
 METRICS = ("loss",)
 KIND, USE = "generator", "`tunelab generate`"
