@@ -20,7 +20,7 @@ from .config import Config, load_config
 from .errors import TunelabError
 from .memory import PhasePeaks, release
 from .methods import METHODS, trait
-from .models import check_model, resolve
+from .models import check_model, hub_id, resolve
 from .plots import plot_loss, read_jsonl
 from .precision import use_bf16
 from .runs import RunDir, check_output, default_dir, now, open_finished
@@ -124,6 +124,9 @@ def _manifest(config: Config, splits, params: dict, train_stats: dict, wall: flo
         "examples_per_s": train_stats.get("examples_per_s"), "tokens_per_s": train_stats.get("tokens_per_s"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "bf16": use_bf16(config), "allocator": loaded(),
+        # the base by name, Hub id (what the adapter names: portable) and the folder it was loaded from here
+        "base_model": {"name": config.model.name, "hub_id": hub_id(config.model.name),
+                       "path": resolve(config.model.name)},
     }
     if torch.cuda.is_available():
         manifest["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -169,6 +169,7 @@ def fit(trainer, config, run, resume: bool, tokenizer, files: dict[str, str] | N
         # (accelerate launch with configs/accelerate/fsdp2.yaml or deepspeed-zero*.yaml; not testable here)
         trainer.save_model(str(run.path / "model"))
         if trainer.is_world_process_zero():
+            portable_base(run.path / "model", config.model.name)
             _write_tokenizer_and_files(run.path / "model", tokenizer, files)
         return stats
     if not trainer.is_world_process_zero():
@@ -180,10 +181,34 @@ def fit(trainer, config, run, resume: bool, tokenizer, files: dict[str, str] | N
             save(trainer.model, folder)
         else:
             trainer.model.save_pretrained(folder)
+        portable_base(folder, config.model.name)
         _write_tokenizer_and_files(folder, tokenizer, files)
 
     run.write_dir("model", fill)
     return stats
+
+
+def portable_base(folder: Path, name: str) -> None:
+    """A saved PEFT adapter names its base by the Hub id (a packaged alias's model, or `model.name` itself) instead of
+    the folder it was loaded from — a cache path of this machine: adapter_config.json's `base_model_name_or_path`
+    and PEFT's model card, rewritten after PEFT wrote them (PEFT itself would look the id up on the Hub while
+    saving). The local folder stays in the run's manifest; a base that is a local folder is left as it is."""
+    import json
+
+    from .models import hub_id
+
+    hub, config = hub_id(name), folder / "adapter_config.json"
+    if hub is None or not config.is_file():
+        return
+    settings = json.loads(config.read_text(encoding="utf-8"))
+    local = settings.get("base_model_name_or_path")
+    if not local or local == hub:
+        return
+    settings["base_model_name_or_path"] = hub
+    config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    card = folder / "README.md"
+    if card.is_file():
+        card.write_text(card.read_text(encoding="utf-8").replace(local, hub), encoding="utf-8")
 
 
 def _write_tokenizer_and_files(folder: Path, tokenizer, files: dict[str, str]) -> None:

@@ -1,5 +1,6 @@
 """sft: row layouts, rendering, loss masks, EOS, overflow, bad rows, and a tiny end-to-end run."""
 import json
+import os
 
 import pytest
 import torch
@@ -521,3 +522,45 @@ def test_head_loss_stays_on_the_hidden_states_device(grad):
     with torch.set_grad_enabled(grad):
         out = head_loss(hidden, head, torch.zeros(7, dtype=torch.long, device="meta"), torch.float32, size=3)
     assert [o.device.type for o in out] == ["meta"] * 3
+
+
+def test_an_adapter_names_its_base_by_hub_id_and_loads_with_plain_peft(make_config, tiny_llama, tmp_path,
+                                                                         monkeypatch):
+    """A run on a packaged model: adapter_config.json and PEFT's model card name the base by its Hub id (not this
+    machine's cache folder), the manifest keeps the local folder, and plain peft loads the adapter folder alone
+    with that base from a Hub cache (offline) — the same logits as tunelab's own load."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tunelab.models import registry
+
+    monkeypatch.setitem(registry.PACKAGED, "tiny-llama", registry.PackagedModel(
+        "tiny-llama", "tiny-llama-pkg", "0.0.1", "a tiny llama", lambda entry: tiny_llama, "acme/tiny-llama"))
+    rows = [{"prompt": f"say {w}", "response": w} for w in ["good", "bad", "great", "awful", "fine"] * 4]
+    path = make_config(method={"name": "lora", "r": 4}, name="portable", model={"name": "tiny-llama"}, task="sft",
+                       data={"train": str(write_jsonl(tmp_path / "p.jsonl", rows)), "leakage": "ignore"},
+                       train={"max_steps": 2}, eval={"max_new_tokens": 2})
+    run = tunelab.train(path).path
+    adapter = json.loads((run / "model" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "acme/tiny-llama"
+    card = (run / "model" / "README.md").read_text()
+    assert "base_model: acme/tiny-llama" in card and str(tiny_llama) not in card
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["base_model"] == {"name": "tiny-llama", "hub_id": "acme/tiny-llama", "path": str(tiny_llama)}
+    # the Hub's cache layout, as a download of acme/tiny-llama leaves it
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_llama, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    ids = [[5, 6, 7, 8]]
+    probe = ("import sys, json, torch; from peft import AutoPeftModelForCausalLM; "
+             "m = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval(); "
+             f"print(json.dumps(m(torch.tensor({ids})).logits[0, -1].tolist()))")
+    done = subprocess.run([sys.executable, "-c", probe, str(run / "model")], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    plain = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    ours = tunelab.load(run).model.float()
+    with torch.no_grad():
+        assert torch.allclose(ours(torch.tensor(ids)).logits[0, -1], plain, atol=1e-5)

