@@ -4,11 +4,11 @@
     clf = tunelab.load(run.path)
     clf.predict(["The plot was thin but the acting saved it."])
 """
-__version__ = "0.1.0"
-
 import logging as _logging
 import sys as _sys
 import types as _types
+
+from .version import __version__
 
 # bitsandbytes (imported by peft) tries to fetch a faster CPU 4-bit kernel from the Hugging Face hub at import
 # and logs a warning when it cannot; tunelab works offline and bitsandbytes falls back to its own kernel.

@@ -20,14 +20,11 @@ def use_bf16(config) -> bool:
     return config.train.precision == "bf16"
 
 
-def base_dtype(config):
-    """bf16 for the base of a method that keeps it frozen (its module sets FROZEN_BASE) when bf16 is on: half the
+def base_dtype(config, frozen: bool):
+    """bf16 for the base of a method that keeps it `frozen` (its module sets FROZEN_BASE) when bf16 is on: half the
     memory, no per-step casts under autocast; the trainable parameters keep fp32 copies (bench/sft.py)."""
     import torch
 
-    from .methods import METHODS
-
-    frozen = getattr(METHODS[config.method.name], "FROZEN_BASE", False)
     return torch.bfloat16 if use_bf16(config) and frozen else torch.float32
 
 

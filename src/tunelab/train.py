@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, distributed
+from . import distributed
 from .allocator import loaded
 from .config import Config, load_config
 from .errors import TunelabError
+from .generation import choose
 from .memory import PhasePeaks, release
 from .methods import METHODS, trait
 from .models import check_model, hub_id, resolve
@@ -26,6 +27,7 @@ from .precision import use_bf16
 from .runs import RunDir, check_output, default_dir, now, open_finished
 from .tasks import TASKS, FitContext
 from .trainer import check_method
+from .version import __version__
 
 
 @dataclass
@@ -63,7 +65,7 @@ def train(config: str | Path | Config, overrides: list[str] | tuple[str, ...] = 
         raise TunelabError(f"method {config.method.name} takes no gradient steps; train it without --nproc")
     # data parallel: rank 0 owns the run directory; the other ranks train and leave
     run = RunDir.start(out, config, resume=resume, overwrite=overwrite) if main else RunDir(out)
-    ctx = FitContext(config, splits, model_dir, run, resume, tuple(callbacks), prepared)
+    ctx = FitContext(config, splits, model_dir, run, resume, tuple(callbacks), prepared, choose)
     started = time.time()
     try:
         fit = getattr(METHODS[config.method.name], "train_run", None) or task.fit

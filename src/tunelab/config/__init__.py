@@ -14,13 +14,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
-from .. import __version__
 from ..errors import ConfigError
 from ..methods import METHODS, MethodOptions, trait
 from ..schema import Section
 from ..tasks import TASKS
 from ..tasks.dpo import Settings as DPOSettings
 from ..tasks.rl import Settings as RLSettings
+from ..version import __version__
 from .sections import (
     ICL_ENTRIES,
     METRICS,

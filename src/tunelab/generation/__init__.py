@@ -10,29 +10,26 @@ is:
 | trait | meaning |
 | --- | --- |
 | `BATCHES` | several prompts are computed together (else one after another) |
-| `NEEDS` | the import it needs, and the install line to give when it is missing |
+| `missing()` | why it cannot run here (its package or environment is not installed), or None; absent: it runs |
 
 `choose(name, generator, path, n_prompts, max_new_tokens, answers=)` opens the engine asked for, or for `auto` the
 one measured fastest for that job on CPU (bench/generation.py) among those whose parity with the trained model is
 on record and passed, and says why. `answers`: (rendered prompt, reference) pairs a parity check is made on when
 the run has no predictions_test.jsonl yet (its own evaluation, which generates through here too). An engine with
-a `missing()` of its own (vllm) runs in another environment. Parity is recorded in RUN/engines.json
-(`record_parity`).
+its parity with the trained model is recorded in RUN/engines.json (record.py: `read_record`, `record_parity`).
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 from typing import Protocol
 
 from ..errors import TunelabError
 from . import llamacpp, vllm
 from . import torch as torch_engine
+from .record import RECORD, read_record, record_parity
 
 ENGINES = {"torch": torch_engine, "llamacpp": llamacpp, "vllm": vllm}
 CHOICES = ("auto", *ENGINES)
-RECORD = "engines.json"
 
 
 class Engine(Protocol):
@@ -47,12 +44,7 @@ class Engine(Protocol):
 
 def missing(name: str) -> str | None:
     """Why engine `name` cannot run on this machine (its package is not installed), or None."""
-    if hasattr(ENGINES[name], "missing"):  # an engine in an environment of its own says so itself
-        return ENGINES[name].missing()
-    need = getattr(ENGINES[name], "NEEDS", None)
-    if need and importlib.util.find_spec(need[0]) is None:
-        return f"the {name} engine needs {need[0]}: {need[1]}"
-    return None
+    return ENGINES[name].missing() if hasattr(ENGINES[name], "missing") else None
 
 
 def choose(name: str, generator, path: Path | None, n_prompts: int, max_new_tokens: int = 64,
@@ -98,13 +90,6 @@ def choose(name: str, generator, path: Path | None, n_prompts: int, max_new_toke
     return engine
 
 
-def read_record(path: Path) -> dict:
-    try:
-        return json.loads((Path(path) / RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def parity_table(path: Path) -> list[dict]:
     """Each engine's parity with the trained model on record for the run, one row each (`engine`, `agreement`:
     teacher-forced next-token agreement, `perplexity_ratio`, `greedy_identical`, `passed`; None where that engine
@@ -113,13 +98,5 @@ def parity_table(path: Path) -> list[dict]:
             if name in ENGINES and isinstance(record, dict)]
 
 
-def record_parity(path: Path, engine: str, result: dict) -> None:
-    """RUN/engines.json[engine] = result (written atomically; other engines' entries kept)."""
-    from ..folders import write_json
-
-    record = read_record(path)
-    record[engine] = result
-    write_json(Path(path) / RECORD, record)
-
-
-__all__ = ["CHOICES", "ENGINES", "Engine", "choose", "missing", "parity_table", "read_record", "record_parity"]
+__all__ = ["CHOICES", "ENGINES", "RECORD", "Engine", "choose", "missing", "parity_table", "read_record",
+           "record_parity"]

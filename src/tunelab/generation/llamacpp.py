@@ -7,16 +7,22 @@ trained model read; sampling is plain temperature / top-p (llama.cpp's top-k, mi
 HF `generate`). One prompt at a time: llama-cpp-python's completion API does not batch independent prompts."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
-NEEDS = ("llama_cpp", "pip install 'tunelab[gguf]' (it compiles llama.cpp: minutes)")
+INSTALL = "pip install 'tunelab[gguf]' (it compiles llama.cpp: minutes)"
 BATCHES = False
 QUANT = "f16"
 
 
 def gguf_file(path: Path) -> Path:
     return Path(path) / "export-gguf" / f"model-{QUANT}.gguf"
+
+
+def missing() -> str | None:
+    """Why llama.cpp cannot run here (llama-cpp-python is not installed), or None."""
+    return None if importlib.util.find_spec("llama_cpp") else f"the llamacpp engine needs llama_cpp: {INSTALL}"
 
 
 def unfit(generator, path: Path | None) -> str | None:
@@ -68,9 +74,7 @@ def passed_parity(path: Path) -> str | None:
 
 def not_ready(generator, path: Path | None) -> str:
     """Why `auto` did not pick llama.cpp for a single prompt."""
-    from . import missing
-
-    why = missing("llamacpp") or unfit(generator, path)
+    why = missing() or unfit(generator, path)
     if why:
         return f"llamacpp not used: {why}"
     if not gguf_file(path).is_file():
@@ -82,7 +86,7 @@ def not_ready(generator, path: Path | None) -> str:
 def open(generator, path: Path, why: str | None = None, answers: list | None = None) -> "LlamaCppEngine":
     """The run's f16 GGUF export (made first if missing; its parity is the export's own check, so `answers` are
     not used)."""
-    from . import record_parity
+    from .record import record_parity
 
     if not gguf_file(path).is_file():
         from ..export import export

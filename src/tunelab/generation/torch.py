@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-NEEDS = None
 BATCHES = True
 PROBE = 8  # test answers the merge is checked on
 AGREEMENT, PERPLEXITY = 0.9, 0.05  # parity: next-token agreement at least, |log perplexity ratio| at most
@@ -60,7 +59,7 @@ def _merge(generator, path: Path | None, answers: list | None = None) -> bool:
     `adapter_disabled` are the merged model's); record the check once, on `answers` or the run's test answers."""
     if not mergeable(generator):
         return False
-    from . import read_record, record_parity
+    from .record import read_record, record_parity
 
     # the check reads a causal LM's next-token logits; an encoder-decoder (seq2seq) is merged unchecked
     rows = probe(generator, path, answers and answers[:PROBE]) \

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from ..errors import TunelabError
 
-NEEDS = None  # not an import of this environment: see missing()
 BATCHES = True
 ENV = "TUNELAB_VLLM_PYTHON"
 INSTALL = ("a Python environment with vLLM (on a CPU: python -m venv VENV; VENV/bin/pip install torch==2.13.0 "
@@ -97,7 +96,7 @@ def folder(generator, path: Path | None) -> Path:
 
 def passed_parity(path: Path | None, precision: str) -> str | None:
     """A sentence saying vLLM answered like the trained model in `precision`, or None if that is not on record."""
-    from . import read_record
+    from .record import read_record
 
     record = read_record(path).get("vllm") if path is not None else None
     if not record or record.get("precision") != precision or not record.get("passed"):
@@ -109,7 +108,7 @@ def passed_parity(path: Path | None, precision: str) -> str | None:
 def not_ready(generator, path: Path | None, answers: list | None) -> str | None:
     """Why `auto` does not try vLLM on this run, or None: not installed, unfit, no run to record its parity in or
     test answers to check it on, or a failed check on record for this precision."""
-    from . import read_record
+    from .record import read_record
     from .torch import test_answers
 
     if missing():
@@ -128,7 +127,7 @@ def not_ready(generator, path: Path | None, answers: list | None) -> str | None:
 
 
 def open(generator, path: Path | None, why: str | None = None, answers: list | None = None) -> "VllmEngine":
-    from . import read_record
+    from .record import read_record
 
     engine = VllmEngine(generator, folder(generator, path), why or "")
     record = read_record(path).get("vllm") if path is not None else None
@@ -280,7 +279,7 @@ class VllmEngine:
     def check_parity(self, path: Path, answers: list | None = None) -> dict:
         """vLLM against the trained model in torch on `answers` or the run's test answers; recorded in
         RUN/engines.json."""
-        from . import record_parity
+        from .record import record_parity
         from .torch import AGREEMENT, PERPLEXITY, PROBE, logits, probe, test_answers
 
         answers = answers[:PROBE] if answers else test_answers(path)

@@ -21,7 +21,7 @@ from ..schema import Section
 from .freezing import freeze_all, transformer_blocks, unfreeze
 
 DEFAULT_LR = 1e-3
-# the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
+# the base weights stay frozen: with bf16 on they are loaded in bf16 (precision.base_dtype)
 FROZEN_BASE = True
 CONFIG_FILE, WEIGHTS_FILE = "bottleneck.json", "bottleneck.safetensors"
 SAVED_FILE = CONFIG_FILE  # a model/ folder holding it is loaded with `load` below

@@ -6,7 +6,7 @@ from . import lora
 
 DEFAULT_LR = lora.DEFAULT_LR
 MERGEABLE = True
-# the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
+# the base weights stay frozen: with bf16 on they are loaded in bf16 (precision.base_dtype)
 FROZEN_BASE = True
 
 

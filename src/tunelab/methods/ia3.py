@@ -11,7 +11,7 @@ from .peft_common import wrap
 
 DEFAULT_LR = 3e-3
 MERGEABLE = True  # `tunelab merge` folds the rescaling vectors into the weights
-# the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
+# the base weights stay frozen: with bf16 on they are loaded in bf16 (precision.base_dtype)
 FROZEN_BASE = True
 
 

@@ -16,7 +16,7 @@ from .peft_common import wrap
 
 DEFAULT_LR = 5e-4
 MERGEABLE = True  # `tunelab merge` folds the adapter into the base weights
-# the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
+# the base weights stay frozen: with bf16 on they are loaded in bf16 (precision.base_dtype)
 FROZEN_BASE = True
 
 # Linear layers inside the blocks that LoRA adapts by default: the attention projections.

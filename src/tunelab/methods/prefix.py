@@ -21,7 +21,7 @@ NOT_EXPORTABLE = ("its virtual tokens are not part of the network's weights, so 
                   "serve it with `tunelab serve`")
 MERGE_NOTE = "its virtual tokens cannot be folded into the weights; serve it as an adapter on the base model"
 DEFAULT_LR = 1e-2
-# the base weights stay frozen: with bf16 on they are loaded in bf16 (train.base_dtype())
+# the base weights stay frozen: with bf16 on they are loaded in bf16 (precision.base_dtype)
 FROZEN_BASE = True
 
 

@@ -379,6 +379,6 @@ def render_chat(served, messages: list[dict], limits: Limits) -> str:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__

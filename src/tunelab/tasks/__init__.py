@@ -24,6 +24,9 @@ class FitContext:
     """Extra Trainer callbacks (tunelab search reports evaluations through one)."""
     setup: Any = None
     """What the task's `setup` returned before the run directory existed (rl: the reward)."""
+    choose: Any = None
+    """generation.choose, which opens the engine that writes a generative run's test answers (`generate.engine`);
+    passed in by train.py, since tasks do not import the generation layer built on them. None: HF generate."""
     extra: dict = field(default_factory=dict)
 
 
@@ -69,7 +72,8 @@ class Task(Protocol):
     def evaluate(self, ctx: FitContext, stats: dict) -> dict: ...
     def load(self, path, config, full_precision: bool = False): ...
     # the finished run, loaded as generate/serve run it (full_precision: every weight in fp32, for merge/export)
-    def evaluate_file(self, path, config, spec: str, *, allow_code: bool, load_run) -> dict: ...
+    def evaluate_file(self, path, config, spec: str, *, allow_code: bool, load_run, choose) -> dict: ...
+    # load_run: runs.load_run; choose: generation.choose (for a generative task's answers) — passed in from above
     def report(self, metrics: dict) -> list[str]: ...
     def token_lengths(self, config, frame, tokenizer): ...
 
@@ -96,18 +100,6 @@ def get(name: str) -> Task:
 def load_splits(config):
     """The config's data, read, checked and split by its task."""
     return TASKS[config.task].load_splits(config)
-
-
-def evaluate_splits(evaluate, splits, run_path) -> dict:
-    """Metrics of validation and test by `evaluate(frame) -> (metrics, rows)`; the rows go to
-    RUN/predictions_SPLIT.jsonl."""
-    metrics = {}
-    for name in ("validation", "test"):
-        frame = getattr(splits, name)
-        if len(frame):
-            metrics[name], rows = evaluate(frame)
-            rows.to_json(run_path / f"predictions_{name}.jsonl", orient="records", lines=True, force_ascii=False)
-    return metrics
 
 
 def with_trait(key: str) -> list[str]:

@@ -80,8 +80,8 @@ def fit(ctx) -> tuple[dict, dict]:
 
 def evaluate(ctx, stats: dict) -> dict:
     """Metrics of the saved classifier, reloaded (fp32), on validation and test; per-row predictions."""
-    from . import evaluate_splits
     from .classifier import Classifier
+    from .predictions import evaluate_splits
 
     clf = Classifier.from_saved(ctx.run.path, ctx.config)
     metrics = evaluate_splits(clf.evaluate, ctx.splits, ctx.run.path)

@@ -283,21 +283,22 @@ class Generator:
                                               self.config.model.max_length)
         return render_prompt(conv, len(conv.turns) - 1, self.tokenizer, self.prompt_format(data), data)
 
-    def evaluate(self, convs: list, max_new_tokens: int, engine: str = "torch",
-                 path: Path | None = None) -> tuple[dict, pd.DataFrame]:
-        """Generation metrics on the last assistant turn of each conversation, greedy, written by `engine` (a name
-        of generation.CHOICES, for the run at `path`; the choice and its reason go into metrics["inference"]). The
-        engine may merge an adapter into this model in place: compute losses first."""
+    def evaluate(self, convs: list, max_new_tokens: int, open_engine=None) -> tuple[dict, pd.DataFrame]:
+        """Generation metrics on the last assistant turn of each conversation, greedy, written by the engine
+        `open_engine(generator, n_prompts, max_new_tokens, answers)` opens (generation.choose for the run, passed in
+        from above: tasks do not import the generation layer built on them), or by this model's own HF generate;
+        the engine and why it was chosen go into metrics["inference"]. The engine may merge an adapter into this
+        model in place: compute losses first."""
         import sys
         import time
 
-        from ..generation import choose
         from ..metrics import generation_metrics
 
         prompts = [self.render_conversation(c) for c in convs]
         references = [c.turns[-1]["response"] for c in convs]
         opened = time.perf_counter()
-        chosen = choose(engine, self, path, len(prompts), max_new_tokens, answers=list(zip(prompts, references)))
+        chosen = (open_engine(self, len(prompts), max_new_tokens, list(zip(prompts, references))) if open_engine
+                  else _OwnGenerate(self))
         print(f"tunelab: test answers written by {chosen.why}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         try:
@@ -321,6 +322,15 @@ class Generator:
             "engine": chosen.label, "engine_why": chosen.why,
             "engine_ready_s": round(started - opened, 3)}  # merging, starting, checking it: paid once, not per request
         return metrics, rows
+
+
+class _OwnGenerate:
+    """The engine interface over a Generator's own HF generate, adapter unmerged (no engine was passed in)."""
+    name = "torch"
+
+    def __init__(self, generator: Generator):
+        self.generate = generator.generate
+        self.label = self.why = f"HF generate in this process ({generator.precision}, any adapter unmerged)"
 
 
 def _length_batches(rows: list[dict], max_tokens: int):

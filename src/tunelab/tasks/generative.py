@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..attention import use_stacked_gqa
 from ..errors import TunelabError
+from ..methods import trait
 from ..metrics import generation_metrics, perplexity
 from ..precision import base_dtype, fp32_trainable
 from ..trainer import callbacks, fit, load_kwargs, loads_best, per_second, prepare_method, training_args
@@ -70,7 +71,8 @@ def load_causal_lm(config, model_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **{"dtype": base_dtype(config), **load_kwargs(config)})
+    dtype = base_dtype(config, trait(config.method.name, "FROZEN_BASE"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **{"dtype": dtype, **load_kwargs(config)})
     use_stacked_gqa(model)
     return tokenizer, model, []
 
@@ -193,7 +195,7 @@ def inference_dtype(task, config, full_precision: bool = False):
 
     if full_precision or hasattr(task, "load_model"):
         return torch.float32
-    return base_dtype(config)
+    return base_dtype(config, trait(config.method.name, "FROZEN_BASE"))
 
 
 def evaluate_generative(task, ctx, stats: dict) -> dict:
@@ -215,7 +217,7 @@ def evaluate_generative(task, ctx, stats: dict) -> dict:
                   "skipped": "nothing was trained: the model is the base model"} \
             if generator.demonstrations is not None else forgetting(config, generator)
     if len(splits.test):
-        metrics["test"], rows = test_metrics(task, config, splits.test, generator, ctx.run.path)
+        metrics["test"], rows = test_metrics(task, config, splits.test, generator, ctx.run.path, ctx.choose)
         metrics["test"]["precision"] = generator.precision
         if rows is not None:
             names = list(rows.pop("_task"))
@@ -229,10 +231,11 @@ def evaluate_generative(task, ctx, stats: dict) -> dict:
     return metrics
 
 
-def test_metrics(task, config, test, generator, path=None):
+def test_metrics(task, config, test, generator, path=None, choose=None):
     """Loss/perplexity on every test example, and generation metrics (not for raw text) on up to
-    eval.max_generate of them — an equal share per dataset of a multitask mix, written by `generate.engine` for
-    the run at `path` (None: the base model). Returns (metrics, rows or None)."""
+    eval.max_generate of them — an equal share per dataset of a multitask mix, written by the engine `choose`
+    (generation.choose, passed in from above) picks for `generate.engine` and the run at `path` (None: the base
+    model); without `choose`, the model's own HF generate. Returns (metrics, rows or None)."""
     # the test loss of in-context learning would need each prompt's demonstrations: not measured
     metrics = {} if generator.demonstrations is not None else \
         perplexity(generator.loss(task.encode(config, test, generator.tokenizer).rows))
@@ -241,8 +244,10 @@ def test_metrics(task, config, test, generator, path=None):
     limit = config.eval.max_generate
     if limit is not None:
         test = test.groupby("_task", sort=False).head(-(-limit // test["_task"].nunique()))
-    scores, rows = generator.evaluate(list(test["_conv"]), config.eval.max_new_tokens, config.generate.engine,
-                                      None if path is None else Path(path))
+    open_engine = None if choose is None else (
+        lambda gen, n, tokens, answers: choose(config.generate.engine, gen, None if path is None else Path(path), n,
+                                               tokens, answers=answers))
+    scores, rows = generator.evaluate(list(test["_conv"]), config.eval.max_new_tokens, open_engine)
     rows["_task"] = list(test["_task"])
     return {**metrics, **scores}, rows
 
@@ -277,23 +282,23 @@ def forgetting(config, tuned, base=None) -> dict:
             "perplexity": perplexity(after)["perplexity"], "ratio": math.exp(min(after - before, 50))}
 
 
-def evaluate_file(task, path, config, spec: str, **_) -> dict:
+def evaluate_file(task, path, config, spec: str, *, choose=None, **_) -> dict:
     """`tunelab eval` of a generative run: loss/perplexity (and generation metrics, except for raw text) on a file
     read with the run's data settings — e.g. general text, to measure what fine-tuning made the model forget."""
     from .generate import Generator
 
     return test_metrics(task, config, task.eval_table(spec, config),
-                        Generator.from_saved(path, config, inference_dtype(task, config)), path)[0]
+                        Generator.from_saved(path, config, inference_dtype(task, config)), path, choose)[0]
 
 
-def evaluate_base(task, config) -> dict:
+def evaluate_base(task, config, choose=None) -> dict:
     """Test metrics of the config's untrained model, computed as a finished run's are (the zero-shot baseline)."""
     from .generate import Generator
 
     test = task.load_splits(config).test
     if not len(test):
         raise TunelabError("the config has no test split to evaluate on")
-    return test_metrics(task, config, test, Generator.base(config, inference_dtype(task, config)))[0]
+    return test_metrics(task, config, test, Generator.base(config, inference_dtype(task, config)), None, choose)[0]
 
 
 def token_lengths(task, config, frame, tokenizer):

@@ -63,7 +63,7 @@ def fit(ctx) -> tuple[dict, dict]:
 def evaluate(ctx, stats: dict) -> dict:
     """Pairwise accuracy of the saved reward model on validation and test; per-pair scores."""
     stats.pop("validation_loss", None)
-    from . import evaluate_splits
+    from .predictions import evaluate_splits
 
     return evaluate_splits(RewardModel.from_saved(ctx.run.path, ctx.config).evaluate, ctx.splits, ctx.run.path)
 
