@@ -135,13 +135,17 @@ def publish_dir(tmp: Path, target: Path) -> Path:
     return target
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine — also when it belongs to another user (signal 0 is then refused
+    with PermissionError: the process is there, and its folders or jobs are not to be taken over)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except OSError:  # a pid outside the system's range
+        return False
     return True
 
 
@@ -153,7 +157,7 @@ def clean_stale(folder: Path, name: str | None = None, *, force: bool = False) -
             stem, _, pid = p.name.rpartition("-")
             if name is not None and not stem.startswith(f".{name}."):
                 continue
-            if force or (pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid)))):
+            if force or (pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid)))):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 

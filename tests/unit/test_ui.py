@@ -365,3 +365,24 @@ def test_a_port_or_count_out_of_range_is_one_sentence(capsys):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_one_liveness_check_for_run_folders_and_ui_jobs(tmp_path, monkeypatch):
+    """folders.pid_alive is the one check: a process of another user (signal 0 refused) is alive for the run
+    folders' cleanup and for the UI's jobs alike (the UI used to call it dead)."""
+    import os
+    import subprocess
+    import sys
+
+    from tunelab import folders
+    from tunelab.ui.jobs import Jobs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert folders.pid_alive(os.getpid()) and not folders.pid_alive(gone.pid)
+    jobs = Jobs(tmp_path)
+
+    def refused(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "kill", refused)
+    assert folders.pid_alive(gone.pid) and jobs._alive("someone-elses", gone.pid)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..folders import pid_alive
 from ..runs import run_status
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -223,11 +224,7 @@ class Jobs:
         proc = self.procs.get(name)
         if proc is not None and proc.pid == pid:
             return proc.poll() is None  # reaps it when done
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
+        return pid_alive(pid)
 
     def job(self, name: str) -> dict | None:
         record, _ = read_json(self.dir / f"{name}.json")
