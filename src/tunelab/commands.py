@@ -187,21 +187,20 @@ def _read_lines(spec: str) -> list[str]:
 
 def _read_prompts(spec: str, field: str) -> list[str]:
     """Prompts from a JSONL file (`field` of each row) or a text file (one per line), with clear errors."""
+    from . import jsonl
     from .errors import DataError
 
-    path = Path(spec)
-    lines = [x for x in _read_lines(spec) if x.strip()]
-    if path.suffix != ".jsonl":
-        return lines
+    lines = _read_lines(spec)
+    if Path(spec).suffix != ".jsonl":
+        return [x for x in lines if x.strip()]
     out = []
-    for i, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{spec}, row {i}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not str(row.get(field) or "").strip():
-            raise DataError(f"{spec}, row {i}: no `{field}` text (use --field to name the prompt column)")
-        out.append(str(row[field]))
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        row = jsonl.parse(spec, number, line)
+        if not isinstance(row.get(field), str) or not row[field].strip():
+            raise DataError(f"{spec}, line {number}: no `{field}` text (use --field to name the prompt column)")
+        out.append(row[field])
     return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import jsonl
 from .errors import RunError, TunelabError
 from .folders import MARKER, check_target, write_output_dir
 from .methods import trait, with_trait
@@ -78,7 +79,7 @@ def _next_token_logits(generator, prompts: list[str]) -> np.ndarray:
 def _samples(path: Path, column: str, n: int = 16) -> list[str]:
     predictions = path / "predictions_test.jsonl"
     if predictions.exists():
-        rows = [json.loads(x) for x in predictions.read_text(encoding="utf-8").split("\n") if x.strip()]
+        rows = jsonl.read(predictions)
         texts = [r[column] for r in rows if isinstance(r.get(column), str)][:n]
         if texts:
             return texts

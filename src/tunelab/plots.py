@@ -2,32 +2,29 @@
 Chromium (how the tests look at the pages tunelab writes)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
 def read_log(path: Path) -> tuple[list[dict], list[str]]:
     """The records of a metrics.jsonl, and one warning per line that is not a JSON object with a step (skipped):
     the runs pages of `tunelab ui` show what is readable and say what was not."""
+    from . import jsonl
+
     records, warnings = [], []
+
+    def bad(number: int, reason: str) -> None:
+        what = "not valid JSON" if reason.startswith("not valid JSON") else "not a log record with a step"
+        warnings.append(f"{path.name}, line {number}: {what} (skipped)")
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        for number, record in jsonl.rows(path, on_bad=bad):
+            if isinstance(record.get("step"), (int, float)):
+                records.append(record)
+            else:
+                warnings.append(f"{path.name}, line {number}: not a log record with a step (skipped)")
     except FileNotFoundError:
         return [], []
     except OSError as exc:
         return [], [f"{path.name} cannot be read ({exc})"]
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            warnings.append(f"{path.name}, line {number}: not valid JSON (skipped)")
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-        else:
-            warnings.append(f"{path.name}, line {number}: not a log record with a step (skipped)")
     return records, warnings
 
 

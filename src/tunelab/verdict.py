@@ -8,11 +8,10 @@ entries within noise of the best are called tied.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from . import stats
+from . import jsonl, stats
 
 METRIC_NAMES = {"accuracy": "accuracy", "f1_macro": "macro F1", "precision_macro": "macro precision",
                 "recall_macro": "macro recall", "loss": "loss", "perplexity": "perplexity", "chrf": "chrF",
@@ -38,7 +37,7 @@ def predictions(run_dir: Path) -> tuple[list, list] | None:
     path = Path(run_dir) / "predictions_test.jsonl"
     if not path.exists():
         return None
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+    rows = jsonl.read(path)
     if rows and "predicted" in rows[0]:
         return [str(r["label"]) for r in rows], [str(r["predicted"]) for r in rows]
     if rows and "generated" in rows[0]:

@@ -95,6 +95,22 @@ def test_a_cut_short_gzip_file_is_one_sentence(tmp_path, rows):
         list(open_rows(str(cut)))
 
 
+def test_one_jsonl_reader_names_the_line_or_reports_it(tmp_path):
+    """tunelab.jsonl is every JSON Lines read: a bad line is a DataError naming file and line (a JSON value that is
+    not an object too — never its repr), or with on_bad a call and a skip; limit stops early; missing_ok."""
+    from tunelab import jsonl
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"a": 1}\n\n[1, 2]\n{"a": 2\n{"a": 3}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl, line 3: expected a JSON object, got list"):
+        jsonl.read(path)
+    bad = []
+    assert jsonl.read(path, on_bad=lambda n, why: bad.append((n, why))) == [{"a": 1}, {"a": 3}]
+    assert bad == [(3, "expected a JSON object, got list"), (4, "not valid JSON (Expecting ',' delimiter)")]
+    assert [n for n, _ in jsonl.rows(path, on_bad=lambda *a: None, limit=1)] == [1]
+    assert jsonl.read(tmp_path / "none.jsonl", missing_ok=True) == []
+
+
 def test_label_outside_known_set_names_row(tmp_path, rows):
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     test_rows = [dict(r) for r in sample_rows()[-20:]]

@@ -268,7 +268,7 @@ def test_sft_end_to_end_and_reload_generates_the_same(make_config, tiny_llama, t
                                                             max_new_tokens=4)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "say good"}])
     assert main(["generate", str(result.path), "--input", str(bad)]) == 2
-    assert "bad.jsonl, row 1: no `prompt` text (use --field" in capsys.readouterr().err
+    assert "bad.jsonl, line 1: no `prompt` text (use --field" in capsys.readouterr().err
     assert main(["predict", str(result.path), "hello"]) == 2
     assert "is a `sft` run (generator), not a classifier; use it with `tunelab generate`" in capsys.readouterr().err
     # merged: a plain causal LM that generates what the adapter generated

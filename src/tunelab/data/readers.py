@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import jsonl
 from ..errors import DataError
 from .types import ROW
 
@@ -113,22 +114,11 @@ def _text(path: Path) -> str:
                         f"the file as UTF-8") from None
 
 
-def jsonl_row(path: Path, number: int, line: str) -> dict:
-    """One line of a JSON Lines file as its object; DataError naming the line otherwise."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-    if not isinstance(row, dict):
-        raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-    return row
-
-
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows, lines = [], []
     for number, line in enumerate(_text(path).split("\n"), 1):
         if line.strip():
-            rows.append(jsonl_row(path, number, line))
+            rows.append(jsonl.parse(path, number, line))
             lines.append(number)
     frame = pd.DataFrame(rows)
     frame.insert(0, ROW, lines)

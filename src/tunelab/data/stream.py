@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import jsonl
 from ..errors import DataError
-from .readers import HUB, jsonl_row, parse_hub, resolve_path
+from .readers import HUB, parse_hub, resolve_path
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -34,7 +35,7 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             if not line:
                 return
             if line.strip():
-                yield number, jsonl_row(path, number, line)
+                yield number, jsonl.parse(path, number, line)
 
 
 def _csv(path: Path) -> Iterator[tuple[int, dict]]:

@@ -4,7 +4,6 @@ matmul per projection instead of three, the same function up to rounding — the
 run's test answers (teacher-forced) and recorded in RUN/engines.json["torch"]."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -84,18 +83,15 @@ def summary(record: dict) -> dict:
 def test_answers(path: Path, n: int = PROBE) -> list[tuple[str, str]]:
     """Up to `n` (rendered prompt, reference answer) pairs of the run's test split, from predictions_test.jsonl
     (which the run's evaluation wrote)."""
-    rows = []
+    from .. import jsonl
+    from ..errors import DataError
+
     try:
-        with (Path(path) / "predictions_test.jsonl").open(encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                if isinstance(row.get("prompt"), str) and isinstance(row.get("reference"), str):
-                    rows.append((row["prompt"], row["reference"]))
-                if len(rows) == n:
-                    break
-    except (OSError, ValueError):
+        rows = jsonl.read(Path(path) / "predictions_test.jsonl", missing_ok=True)
+    except (OSError, DataError):  # a damaged file: no answers to check on
         return []
-    return rows
+    return [(r["prompt"], r["reference"]) for r in rows
+            if isinstance(r.get("prompt"), str) and isinstance(r.get("reference"), str)][:n]
 
 
 def probe(generator, path: Path, answers: list | None = None) -> list[tuple[list[int], int]]:

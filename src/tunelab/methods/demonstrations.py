@@ -12,6 +12,8 @@ import json
 import zlib
 from pathlib import Path
 
+from .. import jsonl
+
 POOL = "demos.jsonl"
 
 
@@ -70,7 +72,7 @@ def load(directory: Path, options) -> Demonstrations:
     from .retrieval import Retriever
 
     path = Path(directory) / POOL
-    pool = [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()] if path.exists() else []
+    pool = jsonl.read(path, missing_ok=True)
     faiss_path = Path(directory) / "demos.faiss"
     retriever = Retriever.load(options.retriever, faiss_path) if faiss_path.exists() else None
     return Demonstrations(options, pool, retriever)

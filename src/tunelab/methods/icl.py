@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from .. import jsonl
 from ..schema import Section
 from .retrieval import Retriever
 
@@ -237,8 +238,7 @@ def load(directory: Path, model, tokenizer, max_length: int, batch_size: int = 1
     saved = json.loads((directory / "icl.json").read_text())
     options = Options.model_validate(saved["options"])
     labels = json.loads((directory / "labels.json").read_text())
-    pool = [json.loads(line) for line in (directory / "demos.jsonl").read_text(encoding="utf-8").split("\n")
-            if line.strip()]
+    pool = jsonl.read(directory / "demos.jsonl")
     retriever = Retriever.load(options.retriever, directory / "demos.faiss") if (directory / "demos.faiss").exists() \
         else None
     return ICL(options, labels, pool, model, tokenizer, max_length, retriever, saved["template"], batch_size, bf16)

@@ -328,21 +328,12 @@ def _read_text(path: Path) -> str | None:
 
 
 def _samples(path: Path, n: int = 5) -> list[dict]:
-    import json
+    from .. import jsonl
 
-    out = []
     try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue
-                if len(out) >= n:
-                    break
+        return jsonl.read(path, missing_ok=True, on_bad=lambda number, reason: None, limit=n)
     except OSError:
-        pass
-    return out
+        return []
 
 
 def _check_paths(form: dict, allowed: list[Path]) -> list[str]:
