@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ICL_ENTRIES, Config, load_config
+from .config import ICL_ENTRIES, Config, load_config, set_key
 from .errors import ConfigError, RunError
 from .runs import read_status, replaceable
 
@@ -36,16 +36,6 @@ class Entry:
     """The compare entry it belongs to (a method or icl entry name); `name` adds the seed and fraction."""
     seed: int | None = None
     fraction: float = 1.0
-
-
-def _set(raw: dict, dotted: str, value) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        if isinstance(node.get(part), str) and part == "method":
-            node[part] = {"name": node[part]}
-        node = node.setdefault(part, {})
-    node[parts[-1]] = copy.deepcopy(value)
 
 
 ZERO_SHOT = ("base", "icl_0")
@@ -69,7 +59,11 @@ def entry_configs(config: Config, config_path: str | Path, out: Path, n_train: i
         for fraction in ([1.0] if name in ZERO_SHOT else fractions):
             for seed in (seeds[:1] if name in DETERMINISTIC else seeds):
                 suffix = (f"-frac{fraction:g}" if fraction < 1 else "") + (f"-seed{seed}" if seed != seeds[0] else "")
-                raw = _entry_raw(config, name, out / "runs" / f"{name}{suffix}", seed, seed == seeds[0])
+                try:
+                    raw = _entry_raw(config, name, out / "runs" / f"{name}{suffix}", seed, seed == seeds[0])
+                except ValueError as exc:  # an override's path runs through a value
+                    problems.append(str(exc))
+                    continue
                 if fraction < 1:
                     raw.setdefault("data", {})["max_train_examples"] = max(1, round(fraction * (n_train or 0)))
                 try:
@@ -99,7 +93,9 @@ def _entry_raw(config: Config, name: str, run_dir: Path, seed: int, first_seed: 
         raw["method"] = {"name": name}  # the base config's method keeps its options; others their defaults
     raw["output"] = {**raw.get("output", {}), "dir": str(run_dir)}
     for key, value in cmp.overrides.get(name, {}).items():
-        _set(raw, key, value)
+        problem = set_key(raw, key, value)
+        if problem:
+            raise ValueError(f"compare.overrides.{name}.{key}: {problem}")
     if not first_seed:  # the first seed's configs are those of a one-seed compare (its runs are reused)
         raw.setdefault("train", {})["seed"] = seed
         if name in ICL_ENTRIES:  # no training: the seed draws other random demonstrations

@@ -11,7 +11,7 @@ import copy
 import math
 from pathlib import Path
 
-from .config import Config, load_config
+from .config import Config, load_config, set_key
 from .errors import ConfigError, TunelabError
 from .runs import RunDir, replaceable
 
@@ -27,11 +27,11 @@ def _sample(trial, key: str, spec):
 
 
 def trial_config(base: dict, params: dict, out_dir: Path) -> Config:
-    from .compare import _set
-
     raw = copy.deepcopy(base)
     for key, value in params.items():
-        _set(raw, key, value)
+        problem = set_key(raw, key, value)
+        if problem:
+            raise ConfigError("search.space", [f"{key}: {problem}"])
     raw.setdefault("output", {})["dir"] = str(out_dir)
     return Config.model_validate(raw)
 

@@ -130,3 +130,17 @@ def test_yaml_syntax_error_is_a_config_error(tmp_path):
 def test_duplicate_key_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="key `method` appears twice"):
         load_config(write(tmp_path, BASE + "method: lora\nmethod: full\n"))
+
+
+def test_one_dotted_key_setter_for_set_compare_search_and_the_form():
+    """config.set_key is every writer of a dotted key: sections made, the `method: lora` shorthand widened, a value
+    copied, and a path through a value is a problem (compare and --set report it; it used to be a TypeError)."""
+    from tunelab.config import apply_override, set_key
+
+    raw = {"method": "lora", "train": {"lr": 1e-4}}
+    value = [1, 2]
+    assert set_key(raw, "method.r", 8) is None and raw["method"] == {"name": "lora", "r": 8}
+    assert set_key(raw, "data.split.test", value) is None and raw["data"] == {"split": {"test": [1, 2]}}
+    assert raw["data"]["split"]["test"] is not value
+    assert set_key(raw, "train.lr.x", 1) == "`lr` is not a section"
+    assert apply_override(raw, "train.lr.x=1") == "--set train.lr.x: `lr` is not a section"

@@ -21,6 +21,7 @@ from ..tasks import TASKS
 from ..tasks.dpo import Settings as DPOSettings
 from ..tasks.rl import Settings as RLSettings
 from ..version import __version__
+from .keys import set_key
 from .sections import (
     ICL_ENTRIES,
     METRICS,
@@ -41,7 +42,8 @@ from .sections import (
 
 __all__ = ["ICL_ENTRIES", "METRICS", "CompareConfig", "Config", "DPOSettings", "DataConfig", "EarlierTask",
            "EvalConfig", "GenerateConfig", "ModelConfig", "OutputConfig", "ParamRange", "RLSettings", "ReplayConfig",
-           "SearchConfig", "SourceConfig", "SplitConfig", "TrainConfig", "apply_override", "load_config"]
+           "SearchConfig", "SourceConfig", "SplitConfig", "TrainConfig", "apply_override", "load_config",
+           "set_key"]
 
 
 
@@ -252,20 +254,13 @@ def apply_override(raw: dict, item: str) -> str | None:
     key, sep, value = item.partition("=")
     if not sep or not key:
         return f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.lr=1e-4"
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if isinstance(node.get(part), str) and part == "method":  # `method: lora` shorthand
-            node[part] = {"name": node[part]}
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            return f"--set {key}: `{part}` is not a section"
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value else None
+        parsed = yaml.safe_load(value) if value else None
     except yaml.YAMLError as exc:
         why = str(getattr(exc, "problem", None) or exc).strip()
         return f"--set {item}: the value is not valid YAML ({why}); quote text, e.g. --set {key}='\"...\"'"
-    return None
+    problem = set_key(raw, key, parsed)
+    return f"--set {key}: {problem}" if problem else None
 
 
 def _describe(err: dict) -> str:

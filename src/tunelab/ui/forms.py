@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel
 
-from ..config import Config
+from ..config import Config, set_key
 from ..methods import METHODS, trait
 from ..tasks import TASKS
 
@@ -150,11 +150,7 @@ def raw_config(task: str, method: str, secs: list[Section], form: dict[str, str]
             except yaml.YAMLError as exc:
                 problems.append(f"{f.key}: the value is not valid YAML ({getattr(exc, 'problem', exc)})")
                 continue
-            node = raw
-            parts = f.key.split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
+            set_key(raw, f.key, value)
     return raw, problems
 
 
