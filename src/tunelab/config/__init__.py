@@ -28,7 +28,6 @@ from .sections import (
     DataConfig,
     EarlierTask,
     EvalConfig,
-    GenerateConfig,
     ModelConfig,
     OutputConfig,
     ParamRange,
@@ -40,8 +39,8 @@ from .sections import (
 )
 
 __all__ = ["ICL_ENTRIES", "METRICS", "CompareConfig", "Config", "DPOSettings", "DataConfig", "EarlierTask",
-           "EvalConfig", "GenerateConfig", "ModelConfig", "OutputConfig", "ParamRange", "RLSettings", "ReplayConfig",
-           "SearchConfig", "SourceConfig", "SplitConfig", "TrainConfig", "apply_override", "load_config"]
+           "EvalConfig", "ModelConfig", "OutputConfig", "ParamRange", "RLSettings", "ReplayConfig", "SearchConfig",
+           "SourceConfig", "SplitConfig", "TrainConfig", "apply_override", "load_config"]
 
 
 
@@ -68,7 +67,6 @@ class Config(Section):
     left out)."""
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    generate: GenerateConfig = GenerateConfig()
     output: OutputConfig = OutputConfig()
     dpo: DPOSettings | None = None
     """task dpo: its settings (defaults when left out)."""
