@@ -134,6 +134,15 @@ MEASUREMENTS = {"compare-sentiment": compare_sentiment, "compare-sentiment-curve
                 "forgetting": forgetting, "preferences": preferences, "export-onnx": export_onnx}
 
 
+def commit() -> str:
+    """The tunelab commit measured (+ "with uncommitted changes" when src/ differs from it)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "src")
+                                                   else "")
+
+
 def machine() -> dict:
     import torch
 
@@ -162,7 +171,7 @@ def main(names: list[str]) -> int:
         t0 = time.time()
         result = MEASUREMENTS[name]()
         record = {"measured_at": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - t0), "machine": machine(),
-                  "result": result}
+                  "commit": commit(), "result": result}
         (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         print(f"wrote docs/results/{name}.json ({record['wall_s']} s)")
     return 0

@@ -151,6 +151,26 @@ def compare_translate_fr() -> str:
                         + ("; ".join(dropped) or "none") + ".", f"{_took(rec)} {_machine(rec)}"])
 
 
+def compare_translate_fr_engines() -> str:
+    """Each entry's time to write its 149 test answers, and the whole run's, before the engine layer wrote them
+    (docs/results/compare-translate-fr-before.json, tunelab at the commit it names) and now."""
+    before, after = _load(RESULTS / "compare-translate-fr-before.json"), _load(RESULTS / "compare-translate-fr.json")
+    old = {r["name"]: r for r in before["result"]["rows"]}
+    rows, sums = [], [0.0, 0.0, 0.0, 0.0]
+    for r in after["result"]["rows"]:
+        o = old.get(r["name"], {})
+        cells = [((o.get("test") or {}).get("inference") or {}).get("seconds"),
+                 ((r.get("test") or {}).get("inference") or {}).get("seconds"), o.get("run_s"), r.get("run_s")]
+        sums = [t + (c or 0) for t, c in zip(sums, cells)]
+        rows.append([f"`{r['name']}`", ((r.get("test") or {}).get("inference") or {}).get("engine", "—")]
+                    + [f"{c:.0f} s" if c is not None else "—" for c in cells])
+    rows.append(["all", ""] + [f"**{t:.0f} s**" for t in sums])
+    return "\n\n".join([
+        _table(["entry", "engine now (`generate.engine: auto`)", "answers before", "answers now", "run before",
+                "run now"], rows),
+        f"Before: tunelab {before.get('commit', '?')}, {_machine(before)} Now: {_machine(after)}"])
+
+
 def compare_translate_fr_verdict() -> str:
     """The README's verdict: which entries are tied with the best, and which trained entries beat prompting."""
     sys.path.insert(0, str(ROOT / "src"))
@@ -499,6 +519,7 @@ def dropout() -> str:
 RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict": compare_sentiment_verdict,
              "compare-curves": compare_curves, "compare-translate-fr": compare_translate_fr,
              "compare-translate-fr-verdict": compare_translate_fr_verdict,
+             "compare-translate-fr-engines": compare_translate_fr_engines,
              "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
              "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
              "export-onnx": export_onnx, "serve-load": serve_load, "serving": serving, "engine-speed": engine_speed,

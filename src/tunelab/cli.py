@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--json", action="store_true")
-    g.add_argument("--engine", default="auto", choices=["auto", "torch", "llamacpp", "vllm"],
-                   help="what generates: torch (HF generate; a single adapter merged), llamacpp (the run's GGUF "
+    g.add_argument("--engine", default=None, choices=["auto", "torch", "llamacpp", "vllm"],
+                   help="what generates (default: the run's generate.engine, auto): torch (HF generate; a single "
+                        "adapter merged), llamacpp (the run's GGUF "
                         "export, made on first use), vllm (vLLM's engine in its own environment, "
                         "$TUNELAB_VLLM_PYTHON; the run merged on first use); auto picks the fastest for the job "
                         "among those whose parity with the trained model is on record, and says why (stderr)")

@@ -160,8 +160,8 @@ def generate(args) -> int:
     from .generation import choose
 
     prompts = [generator.render(p) for p in texts]
-    engine = choose(args.engine, generator, None if args.base else Path(args.run), len(prompts),
-                    args.max_new_tokens)
+    engine = choose(args.engine or generator.config.generate.engine, generator, None if args.base else Path(args.run),
+                    len(prompts), args.max_new_tokens)
     print(f"tunelab generate: engine {engine.why}", file=sys.stderr, flush=True)
     outputs = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, batch_size=args.batch_size, progress=len(prompts) > args.batch_size)

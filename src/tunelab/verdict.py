@@ -68,6 +68,8 @@ def _group(runs: list[dict], key: str, labels) -> dict:
                  stored=done[0].get("stored"), examples=done[0].get("n_train"),
                  inference_per_1000_s=_avg([((r["test"].get("inference") or {}).get("per_1000_s")) for r in done]),
                  prompt_tokens=_avg([((r["test"].get("inference") or {}).get("prompt_tokens")) for r in done]),
+                 engine=", ".join(dict.fromkeys(e for r in done if (e := (r["test"].get("inference") or {})
+                                                                      .get("engine")))) or None,
                  forgetting=_avg([r.get("forgetting") for r in done]),
                  probe=done[0].get("probe"), flags=sorted({f for r in done for f in r.get("flags", [])}),
                  template=done[0].get("template"), shots=done[0].get("shots"), demos=done[0].get("demos"),
@@ -214,6 +216,7 @@ def sentences(analysis: dict, rows: list[dict]) -> list[str]:
                       if train is not run else "") + ".")
     else:
         out.append(f"Recommendation: **{best['name']}** — nothing else is within noise of it.")
+    out += _engines(ok)
     out += _prompting(ok, best, key)
     curves = analysis.get("curves")
     if curves:
@@ -225,6 +228,19 @@ def sentences(analysis: dict, rows: list[dict]) -> list[str]:
     if failed:
         out.append(f"Failed: {', '.join(failed)} (see the table); the conclusions above leave them out.")
     return out
+
+
+def _engines(ok: list[dict]) -> list[str]:
+    """Which engine wrote each entry's test answers: the costs per 1,000 requests are its timings."""
+    by: dict[str, list[str]] = {}
+    for g in ok:
+        if g.get("engine") and g.get("inference_per_1000_s"):
+            by.setdefault(g["engine"], []).append(g["name"])
+    if not by:
+        return []
+    return ["Cost per 1,000 requests: the time to write the test answers (greedy), on the engine `generate.engine` "
+            "chose for each entry — " + "; ".join(f"{', '.join(names)}: {engine}" for engine, names in by.items())
+            + "."]
 
 
 def _fmt(key: str):

@@ -44,8 +44,9 @@ def test_generate_through_vllm_answers_as_torch_does_and_records_its_parity(run,
 def test_auto_takes_vllm_for_a_large_job_once_its_parity_passed(run, monkeypatch):
     """After the test above recorded vLLM's parity: auto picks it for a job of MIN_TOKENS tokens or more, torch
     below (and for one prompt); with the record gone it is not picked."""
-    monkeypatch.setattr(vllm_engine, "open", lambda gen, path, why=None: type("Opened", (), {"name": "vllm",
-                                                                                              "why": why})())
+    def opened(gen, path, why=None, answers=None):
+        return type("Opened", (), {"name": "vllm", "why": why})()
+    monkeypatch.setattr(vllm_engine, "open", opened)
     gen = tunelab.load(run)
     big = choose("auto", gen, run, 64, vllm_engine.MIN_TOKENS // 64)
     assert big.name == "vllm" and "64 prompts" in big.why and "agreed with the trained model" in big.why

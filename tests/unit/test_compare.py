@@ -162,15 +162,17 @@ def test_verdict_calls_a_noise_sized_difference_tied(tmp_path, differ, tied):
     refs = ["neg", "pos"] * 300
     base_wrong = set(range(0, 600, 10))  # both wrong on these 60
     a = _fake_run(tmp_path, "a", refs, _flip(refs, base_wrong), params={"trainable": 5_000_000},
-                  test={"inference": {"per_1000_s": 9.0}})
+                  test={"inference": {"per_1000_s": 9.0, "engine": "torch (fp32, adapter merged into the base)"}})
     b = _fake_run(tmp_path, "b", refs, _flip(refs, base_wrong | set(range(1, 1 + 10 * differ, 10))),
-                  test={"inference": {"per_1000_s": 2.0}})
+                  test={"inference": {"per_1000_s": 2.0, "engine": "vllm 0.32.0 (fp32, merged/)"}})
     analysis = analyze([a, b])
     assert analysis["best"] == "a" and analysis["test"] == "McNemar (exact)"
     vs = next(g for g in analysis["groups"] if g["name"] == "b")["vs_best"]
     assert (vs["only_a_right"], vs["only_b_right"]) == (differ, 0)
     assert vs["tied"] is tied
     text = "\n".join(analysis["sentences"])
+    # the costs name the engine that wrote each entry's answers
+    assert "a: torch (fp32, adapter merged into the base); b: vllm 0.32.0 (fp32, merged/)." in text
     if tied:
         assert "Statistically tied with it" in text and "**b**" in text
         # among the tied, the cheaper one to run is recommended

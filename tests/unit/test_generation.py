@@ -3,6 +3,7 @@ adapter answering as the trained model does (checked and recorded in RUN/engines
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -47,6 +48,43 @@ def test_the_torch_engine_merges_the_adapter_and_answers_the_same(sft_run):
     assert all(len(tok(t, add_special_tokens=False)["input_ids"]) >= 5 for t in forced)  # no early stop
 
 
+def test_a_runs_own_evaluation_writes_its_test_answers_on_the_merged_adapter(tmp_path, tiny_llama):
+    """The evaluation after training generates through generate.engine (auto: torch, the adapter merged): the
+    metrics name the engine, the merge's parity is recorded from the test answers before predictions_test.jsonl
+    exists, the answers are the unmerged model's, and forgetting still compares against the adapter switched off."""
+    import yaml
+
+    from tunelab.generation import parity_table, read_record
+
+    rows = [{"prompt": f"say {w}", "response": f"{w} {w}"} for w in ["good", "bad", "great", "awful", "fine"] * 12]
+    prose = write_jsonl(tmp_path / "prose.jsonl", [{"text": f"plain words number {i} about the weather"}
+                                                    for i in range(8)])
+    cfg = {"model": {"name": str(tiny_llama), "max_length": 64}, "task": "sft", "method": {"name": "lora", "r": 4},
+           "data": {"train": str(write_jsonl(tmp_path / "sft.jsonl", rows)), "leakage": "ignore",
+                    "split": {"validation": 0.2, "test": 0.2, "seed": 1}},
+           "train": {"max_steps": 20, "lr": 2e-2, "batch_size": 8, "precision": "fp32"},
+           "eval": {"max_new_tokens": 6, "forgetting": str(prose)}, "output": {"dir": str(tmp_path / "run")}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    path = tunelab.train(tmp_path / "run.yaml").path
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["test"]["inference"]["engine"] == "torch (fp32, adapter merged into the base)"
+    assert metrics["test"]["inference"]["engine_why"].startswith("auto: torch")
+    record = read_record(path)["torch"]
+    assert record["checked_tokens"] > 0 and record["next_token_agreement"] == 1.0
+    assert parity_table(path)[0]["passed"] is True
+    written = [json.loads(line) for line in (path / "predictions_test.jsonl").read_text().splitlines()]
+    unmerged = tunelab.load(path)
+    assert unmerged.generate([r["prompt"] for r in written], max_new_tokens=6) == [r["generated"] for r in written]
+    forgot = metrics["forgetting"]
+    assert forgot["base_perplexity"] != forgot["perplexity"]  # the adapter was on for one and off for the other
+    with unmerged.adapter_disabled() as base:
+        from tunelab.tasks.generative import encode_text
+
+        text = [json.loads(line)["text"] for line in (tmp_path / "prose.jsonl").read_text().splitlines()]
+        loss = base.loss(encode_text(text, unmerged.tokenizer, 64, "truncate", split_long=False).rows)
+    assert forgot["base_perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+
+
 def test_auto_says_what_it_chose_and_bad_choices_are_one_sentence(sft_run, tiny_llama, capsys):
     from tunelab.cli import main
     from tunelab.generation import choose
@@ -69,7 +107,53 @@ def test_auto_says_what_it_chose_and_bad_choices_are_one_sentence(sft_run, tiny_
         [gen.render("say good")], max_new_tokens=4)[0]
 
 
-def test_the_vllm_engine_says_what_it_needs_in_one_sentence(sft_run, tmp_path, monkeypatch, capsys):
+def test_auto_tries_vllm_on_a_large_job_and_keeps_it_only_if_it_passes_parity(sft_run, monkeypatch):
+    """auto opens vLLM for a job of MIN_TOKENS or more (its parity checked on opening when none is on record) and
+    keeps it only when the check passed; a failed check sends the job to torch, says so, and is not tried again."""
+    from tunelab.generation import choose, read_record, record_parity
+    from tunelab.generation import vllm as vllm_engine
+
+    opened, verdict = [], {"passed": True}
+
+    class Fake:
+        name, label, why = "vllm", "vllm (fake)", "vllm (fake)"
+
+        def __init__(self):
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    def fake_open(generator, path, why=None, answers=None):
+        assert answers and answers[0][0].startswith(generator.render("x")[:5])  # the test answers to check on
+        record_parity(path, "vllm", {"precision": generator.precision, "next_token_agreement": 0.99,
+                                     "checked_tokens": 40, "perplexity_ratio": 1.0, **verdict})
+        opened.append(Fake())
+        return opened[-1]
+
+    monkeypatch.setattr(vllm_engine, "missing", lambda: None)
+    monkeypatch.setattr(vllm_engine, "open", fake_open)
+    kept = read_record(sft_run)
+    answers = [(tunelab.load(sft_run).render("say good"), "good good")]
+    big = vllm_engine.MIN_TOKENS // 64
+    try:
+        small = choose("auto", tunelab.load(sft_run), sft_run, 4, 16, answers=answers)
+        assert small.name == "torch" and "under the 40,000 tokens" in small.why and not opened
+        engine = choose("auto", tunelab.load(sft_run), sft_run, 64, big, answers=answers)
+        assert engine is opened[0] and "agreed with the trained model on 99.0% of 40 next tokens" in engine.why
+        verdict["passed"] = False
+        record = read_record(sft_run)
+        record.pop("vllm")
+        (sft_run / "engines.json").write_text(json.dumps(record))
+        engine = choose("auto", tunelab.load(sft_run), sft_run, 64, big, answers=answers)
+        assert engine.name == "torch" and opened[1].closed and "did not pass its parity check" in engine.why
+        again = choose("auto", tunelab.load(sft_run), sft_run, 64, big, answers=answers)
+        assert again.name == "torch" and len(opened) == 2  # the failed check on record: not tried again
+    finally:
+        (sft_run / "engines.json").write_text(json.dumps(kept))
+
+
+def test_the_vllm_engine_says_what_it_needs_in_one_sentence(sft_run, tmp_path, monkeypatch, capsys, tiny_llama):
     """vLLM runs in an environment of its own: a $TUNELAB_VLLM_PYTHON that is not a file, or none where vLLM does
     not import, is one sentence naming what to install (exit 2, nothing merged); a prefix-tuning run cannot go."""
     from tunelab.cli import main
@@ -105,3 +189,6 @@ def test_the_vllm_engine_says_what_it_needs_in_one_sentence(sft_run, tmp_path, m
 
     prefix = NS(config=NS(task="sft", method=NS(name="prefix")), demonstrations=None)  # a prefix-tuning run
     assert "whose trained part is not a weight" in vllm_engine.unfit(prefix, sft_run)
+    # in-context learning is the base model with demonstrations in the prompt tunelab renders: vLLM loads the base
+    icl = NS(config=NS(task="sft", method=NS(name="icl"), model=NS(name=str(tiny_llama))), demonstrations=object())
+    assert vllm_engine.unfit(icl, sft_run) is None and vllm_engine.folder(icl, sft_run) == tiny_llama

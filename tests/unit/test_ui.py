@@ -342,6 +342,9 @@ def test_the_playground_streams_the_answers_as_they_are_written(tmp_path, monkey
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append((time.monotonic(), json.loads(line[6:])))
+        page = http.get("/runs/gen").text  # which engine wrote the test answers, and each engine's parity
+    assert 'id="test-engine"' in page and "written by torch (fp32, adapter merged into the base)" in page
+    assert 'id="engines"' in page and "<td>torch (fp32, adapter merged)</td><td>100.0%</td>" in page
     kinds = [e for _, e in events]
     assert kinds[0] == {"prompt": prompt} and not any("error" in e for e in kinds)
     tuned = [(t, e["text"]) for t, e in events if e.get("side") == "tuned"]

@@ -28,6 +28,7 @@ from .sections import (
     DataConfig,
     EarlierTask,
     EvalConfig,
+    GenerateConfig,
     ModelConfig,
     OutputConfig,
     ParamRange,
@@ -39,8 +40,8 @@ from .sections import (
 )
 
 __all__ = ["ICL_ENTRIES", "METRICS", "CompareConfig", "Config", "DPOSettings", "DataConfig", "EarlierTask",
-           "EvalConfig", "ModelConfig", "OutputConfig", "ParamRange", "RLSettings", "ReplayConfig", "SearchConfig",
-           "SourceConfig", "SplitConfig", "TrainConfig", "apply_override", "load_config"]
+           "EvalConfig", "GenerateConfig", "ModelConfig", "OutputConfig", "ParamRange", "RLSettings", "ReplayConfig",
+           "SearchConfig", "SourceConfig", "SplitConfig", "TrainConfig", "apply_override", "load_config"]
 
 
 
@@ -67,6 +68,7 @@ class Config(Section):
     left out)."""
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    generate: GenerateConfig = GenerateConfig()
     output: OutputConfig = OutputConfig()
     dpo: DPOSettings | None = None
     """task dpo: its settings (defaults when left out)."""

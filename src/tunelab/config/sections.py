@@ -1,6 +1,6 @@
-"""The sections of a run config (`model:`, `data:`, `train:`, `eval:`, `output:`, `compare:`, `search:`), each a
-strict, frozen pydantic model with one docstring per field. The `method:` section belongs to each method module and
-`dpo:` / `rl:` to their task modules."""
+"""The sections of a run config (`model:`, `data:`, `train:`, `eval:`, `generate:`, `output:`, `compare:`,
+`search:`), each a strict, frozen pydantic model with one docstring per field. The `method:` section belongs to
+each method module and `dpo:` / `rl:` to their task modules."""
 from __future__ import annotations
 
 import difflib
@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ..generation import CHOICES as ENGINES
 from ..methods import METHODS
 from ..schema import Section
 
@@ -282,6 +283,15 @@ class EvalConfig(Section):
     is fitted and scored on this data with the base encoder and with the fine-tuned one; the accuracy drop is
     reported. E.g. {data: sample:sentiment_uci, label: source} asks whether the encoder still tells the review
     sites apart after sentiment training."""
+
+
+class GenerateConfig(Section):
+    engine: Literal[ENGINES] = "auto"
+    """What writes text for this run: its test answers (the evaluation after training, `tunelab eval`, each entry
+    of `tunelab compare`, whose cost per 1,000 requests is then this engine's) and `tunelab generate` (its
+    `--engine` overrides this). `auto`: the fastest installed engine for the job whose parity with the trained model
+    is on record (docs/ship.md), and it says which and why; `torch`; `llamacpp` (the run's GGUF export, made on first
+    use); `vllm` (vLLM in its own environment, $TUNELAB_VLLM_PYTHON)."""
 
 
 class OutputConfig(Section):

@@ -44,6 +44,17 @@ def _parity(path: Path) -> dict | None:
         return None
 
 
+def summary(record: dict) -> dict:
+    """RUN/engines.json["llamacpp"] (the GGUF export's own check) as a row of the parity table."""
+    from ..gguf import AGREEMENT
+
+    identical = record.get("identical")
+    return {"engine": f"llamacpp ({Path(record.get('file') or QUANT).name})", "agreement": None,
+            "perplexity_ratio": record.get("perplexity_ratio"),
+            "greedy_identical": None if identical is None else f"{identical:.0%} of {record.get('prompts')}",
+            "passed": None if identical is None else identical >= AGREEMENT}
+
+
 def passed_parity(path: Path) -> str | None:
     """A sentence saying the run's f16 GGUF exists and answered like the trained model; None if not so."""
     from ..gguf import AGREEMENT
@@ -68,7 +79,9 @@ def not_ready(generator, path: Path | None) -> str:
     return "llamacpp not used: its GGUF export did not pass the parity check (export-gguf/parity.json)"
 
 
-def open(generator, path: Path, why: str | None = None) -> "LlamaCppEngine":
+def open(generator, path: Path, why: str | None = None, answers: list | None = None) -> "LlamaCppEngine":
+    """The run's f16 GGUF export (made first if missing; its parity is the export's own check, so `answers` are
+    not used)."""
     from . import record_parity
 
     if not gguf_file(path).is_file():
@@ -88,6 +101,7 @@ class LlamaCppEngine:
 
     def __init__(self, generator, file: Path, why: str):
         self.generator, self.file, self.why = generator, file, why
+        self.label = f"llamacpp ({file.name})"
         self._llm, self._n_ctx = None, 0
 
     def _model(self, n_ctx: int):

@@ -13,14 +13,15 @@ import torch
 NEEDS = None
 BATCHES = True
 PROBE = 8  # test answers the merge is checked on
+AGREEMENT, PERPLEXITY = 0.9, 0.05  # parity: next-token agreement at least, |log perplexity ratio| at most
 
 
 def unfit(generator, path) -> str | None:
     return None
 
 
-def open(generator, path: Path | None) -> "TorchEngine":
-    merged = _merge(generator, path)
+def open(generator, path: Path | None, answers: list | None = None) -> "TorchEngine":
+    merged = _merge(generator, path, answers)
     why = f"torch ({generator.precision}, {'adapter merged into the base' if merged else 'the model as trained'})"
     return TorchEngine(generator, why)
 
@@ -30,6 +31,7 @@ class TorchEngine:
 
     def __init__(self, generator, why: str):
         self.generator, self.why = generator, why
+        self.label = why  # what runs, in a few words (`why` may gain the reason auto picked it)
 
     def generate(self, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, batch_size: int = 16, progress: bool = False,
@@ -53,19 +55,31 @@ def mergeable(generator) -> bool:
         and not getattr(base, "is_loaded_in_8bit", False)
 
 
-def _merge(generator, path: Path | None) -> bool:
-    """Fold the adapter into the base in place (the generator then generates only); record the check once."""
+def _merge(generator, path: Path | None, answers: list | None = None) -> bool:
+    """Fold the adapter into the base in place (the generator then generates only: its loss and
+    `adapter_disabled` are the merged model's); record the check once, on `answers` or the run's test answers."""
     if not mergeable(generator):
         return False
     from . import read_record, record_parity
 
-    rows = probe(generator, path) if path is not None and "torch" not in read_record(path) else []
+    # the check reads a causal LM's next-token logits; an encoder-decoder (seq2seq) is merged unchecked
+    rows = probe(generator, path, answers and answers[:PROBE]) \
+        if path is not None and "torch" not in read_record(path) and not generator.encoder_decoder else []
     before = [logits(generator, ids) for ids, _ in rows]
     generator.model = generator.model.merge_and_unload().eval()
     if rows:
         record_parity(path, "torch", {"merged": True, "precision": generator.precision,
                                       **teacher_forced(before, [logits(generator, ids) for ids, _ in rows], rows)})
     return True
+
+
+def summary(record: dict) -> dict:
+    """RUN/engines.json["torch"] (the merged adapter against the unmerged one) as a row of the parity table."""
+    agreement, ratio = record.get("next_token_agreement"), record.get("perplexity_ratio")
+    return {"engine": f"torch ({record.get('precision')}, adapter merged)", "agreement": agreement,
+            "perplexity_ratio": ratio, "greedy_identical": None,
+            "passed": None if agreement is None or not ratio else
+            agreement >= AGREEMENT and abs(math.log(ratio)) <= PERPLEXITY}
 
 
 def test_answers(path: Path, n: int = PROBE) -> list[tuple[str, str]]:

@@ -35,7 +35,6 @@ INSTALL = ("a Python environment with vLLM (on a CPU: python -m venv VENV; VENV/
 # SmolLM2 bf16), vLLM took 49–70 s to start and then wrote ~600 tokens/s against merged HF generate's ~300 — it
 # earns its start back from 26,000–40,000 tokens
 MIN_TOKENS = 40_000
-AGREEMENT, PERPLEXITY = 0.9, 0.05  # parity: next-token agreement at least, |log perplexity ratio| at most
 WORKER = Path(__file__).with_name("vllm_worker.py")
 
 
@@ -65,7 +64,9 @@ def unfit(generator, path: Path | None) -> str | None:
     if path is None:
         return None
     method = config.method.name
-    if generator.demonstrations is not None or not (trait(method, "MERGEABLE") or trait(method, "FULL_MODEL")):
+    if trait(method, "GRADIENT_FREE"):  # in-context learning: the base model, its demonstrations in the prompt
+        return None
+    if not (trait(method, "MERGEABLE") or trait(method, "FULL_MODEL")):
         return (f"{path} is a `{method}` run, whose trained part is not a weight of the model: vLLM cannot hold it "
                 f"(use --engine torch)")
     return None
@@ -77,7 +78,7 @@ def folder(generator, path: Path | None) -> Path:
     from ..methods import trait
     from ..models import resolve
 
-    if path is None:
+    if path is None or trait(generator.config.method.name, "GRADIENT_FREE"):  # the base model itself
         return Path(resolve(generator.config.model.name))
     if trait(generator.config.method.name, "FULL_MODEL"):
         return Path(path) / "model"
@@ -105,15 +106,44 @@ def passed_parity(path: Path | None, precision: str) -> str | None:
             f"{record['checked_tokens']} next tokens (perplexity ratio {record['perplexity_ratio']})")
 
 
-def open(generator, path: Path | None, why: str | None = None) -> "VllmEngine":
+def not_ready(generator, path: Path | None, answers: list | None) -> str | None:
+    """Why `auto` does not try vLLM on this run, or None: not installed, unfit, no run to record its parity in or
+    test answers to check it on, or a failed check on record for this precision."""
+    from . import read_record
+    from .torch import test_answers
+
+    if missing():
+        return f"vllm (faster for a job this size) not used: not installed (${ENV}, docs/ship.md)"
+    why = unfit(generator, path)
+    if why:
+        return f"vllm not used: {why}"
+    if path is None:
+        return "vllm not used: the untrained base has no run to record its parity check in"
+    record = read_record(path).get("vllm") or {}
+    if record.get("precision") == generator.precision and not record.get("passed", True):
+        return "vllm not used: it did not pass its parity check with this run (RUN/engines.json)"
+    if record.get("precision") != generator.precision and not answers and not test_answers(path):
+        return "vllm not used: no test answers to check its parity on"
+    return None
+
+
+def open(generator, path: Path | None, why: str | None = None, answers: list | None = None) -> "VllmEngine":
     from . import read_record
 
     engine = VllmEngine(generator, folder(generator, path), why or "")
     record = read_record(path).get("vllm") if path is not None else None
     if path is not None and (not record or record.get("precision") != generator.precision):
-        engine.check_parity(path)
-    engine.why = why or f"vllm {engine.version} ({generator.precision}, {engine.folder.name}/)"
+        engine.check_parity(path, answers)
+    engine.label = f"vllm {engine.version} ({generator.precision}, {engine.folder.name}/)"
+    engine.why = why or engine.label
     return engine
+
+
+def summary(record: dict) -> dict:
+    """RUN/engines.json["vllm"] as a row of the parity table (generation.parity_table)."""
+    return {"engine": f"vllm {record.get('vllm', '')} ({record.get('precision')})",
+            "agreement": record.get("next_token_agreement"), "perplexity_ratio": record.get("perplexity_ratio"),
+            "greedy_identical": record.get("greedy_identical"), "passed": record.get("passed")}
 
 
 class Child:
@@ -220,6 +250,7 @@ class VllmEngine:
 
     def __init__(self, generator, model_folder: Path, why: str):
         self.generator, self.folder, self.why = generator, model_folder, why
+        self.label = why
         self.context = _context(generator)
         self.child = Child(model_folder, generator.precision, self.context)
         self.version = self.child.version
@@ -246,12 +277,13 @@ class VllmEngine:
                                    "ignore_eos": ignore_eos, "stop_ids": stop}))
         return [tok.decode(r["ids"], skip_special_tokens=True).strip() for r in self._run(requests)]
 
-    def check_parity(self, path: Path) -> dict:
-        """vLLM against the trained model in torch on the run's test answers; recorded in RUN/engines.json."""
+    def check_parity(self, path: Path, answers: list | None = None) -> dict:
+        """vLLM against the trained model in torch on `answers` or the run's test answers; recorded in
+        RUN/engines.json."""
         from . import record_parity
-        from .torch import logits, probe, test_answers
+        from .torch import AGREEMENT, PERPLEXITY, PROBE, logits, probe, test_answers
 
-        answers = test_answers(path)
+        answers = answers[:PROBE] if answers else test_answers(path)
         rows = probe(self.generator, path, answers)
         if not rows:
             return {}

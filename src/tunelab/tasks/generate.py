@@ -283,16 +283,28 @@ class Generator:
                                               self.config.model.max_length)
         return render_prompt(conv, len(conv.turns) - 1, self.tokenizer, self.prompt_format(data), data)
 
-    def evaluate(self, convs: list, max_new_tokens: int) -> tuple[dict, pd.DataFrame]:
-        """Generation metrics on the last assistant turn of each conversation, greedy."""
+    def evaluate(self, convs: list, max_new_tokens: int, engine: str = "torch",
+                 path: Path | None = None) -> tuple[dict, pd.DataFrame]:
+        """Generation metrics on the last assistant turn of each conversation, greedy, written by `engine` (a name
+        of generation.CHOICES, for the run at `path`; the choice and its reason go into metrics["inference"]). The
+        engine may merge an adapter into this model in place: compute losses first."""
+        import sys
         import time
 
+        from ..generation import choose
         from ..metrics import generation_metrics
 
         prompts = [self.render_conversation(c) for c in convs]
         references = [c.turns[-1]["response"] for c in convs]
+        opened = time.perf_counter()
+        chosen = choose(engine, self, path, len(prompts), max_new_tokens, answers=list(zip(prompts, references)))
+        print(f"tunelab: test answers written by {chosen.why}", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        generated = self.generate(prompts, max_new_tokens=max_new_tokens, progress=len(prompts) > 16)
+        try:
+            generated = chosen.generate(prompts, max_new_tokens=max_new_tokens, progress=len(prompts) > 16)
+        finally:
+            if hasattr(chosen, "close"):
+                chosen.close()
         seconds = time.perf_counter() - started
         rows = pd.DataFrame({"prompt": prompts, "reference": references, "generated": generated})
         metrics = generation_metrics(references, generated)
@@ -305,7 +317,9 @@ class Generator:
             "seconds": round(seconds, 3), "examples": len(prompts), "per_1000_s": round(1000 * seconds / n, 3),
             "prompt_tokens": round(sum(len(self.tokenizer(p)["input_ids"]) for p in prompts) / n, 1),
             "generated_tokens": round(sum(len(self.tokenizer(g, add_special_tokens=False)["input_ids"])
-                                          for g in generated) / n, 1)}
+                                          for g in generated) / n, 1),
+            "engine": chosen.label, "engine_why": chosen.why,
+            "engine_ready_s": round(started - opened, 3)}  # merging, starting, checking it: paid once, not per request
         return metrics, rows
 
 

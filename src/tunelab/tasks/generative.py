@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..attention import use_stacked_gqa
 from ..errors import TunelabError
@@ -197,8 +198,9 @@ def inference_dtype(task, config, full_precision: bool = False):
 
 def evaluate_generative(task, ctx, stats: dict) -> dict:
     """Validation loss (the Trainer's, in training precision); test loss/perplexity and generation metrics of the
-    saved model reloaded as `generate` loads it (`inference_dtype`; overall and per dataset of a multitask mix) —
-    the numbers `tunelab eval --base` computes for the untrained model."""
+    saved model reloaded as `generate` loads it (`inference_dtype`; overall and per dataset of a multitask mix),
+    its test answers written by the engine `generate.engine` picks — the numbers `tunelab eval --base` computes for
+    the untrained model. Forgetting is measured first: the engine may merge the adapter it switches off."""
     from .generate import Generator
 
     config, splits = ctx.config, ctx.splits
@@ -207,8 +209,13 @@ def evaluate_generative(task, ctx, stats: dict) -> dict:
     if loss is not None:
         metrics["validation"] = perplexity(loss)
     generator = Generator.from_saved(ctx.run.path, config, inference_dtype(task, config))
+    forgot = None
+    if config.eval.forgetting and task.CAUSAL_LM:  # perplexity of a decoder-only model
+        forgot = {"data": config.eval.forgetting, "ratio": 1.0,
+                  "skipped": "nothing was trained: the model is the base model"} \
+            if generator.demonstrations is not None else forgetting(config, generator)
     if len(splits.test):
-        metrics["test"], rows = test_metrics(task, config, splits.test, generator)
+        metrics["test"], rows = test_metrics(task, config, splits.test, generator, ctx.run.path)
         metrics["test"]["precision"] = generator.precision
         if rows is not None:
             names = list(rows.pop("_task"))
@@ -217,17 +224,15 @@ def evaluate_generative(task, ctx, stats: dict) -> dict:
                 metrics["test_by_task"] = {t: generation_metrics(list(g["reference"]), list(g["generated"]))
                                            for t, g in rows.groupby("task", sort=False)}
             rows.to_json(ctx.run.path / "predictions_test.jsonl", orient="records", lines=True, force_ascii=False)
-    if config.eval.forgetting and task.CAUSAL_LM:  # perplexity of a decoder-only model
-        untrained = {"data": config.eval.forgetting, "ratio": 1.0,
-                     "skipped": "nothing was trained: the model is the base model"}
-        metrics["forgetting"] = untrained if generator.demonstrations is not None else \
-            forgetting(config, generator)
+    if forgot is not None:
+        metrics["forgetting"] = forgot
     return metrics
 
 
-def test_metrics(task, config, test, generator):
+def test_metrics(task, config, test, generator, path=None):
     """Loss/perplexity on every test example, and generation metrics (not for raw text) on up to
-    eval.max_generate of them — an equal share per dataset of a multitask mix. Returns (metrics, rows or None)."""
+    eval.max_generate of them — an equal share per dataset of a multitask mix, written by `generate.engine` for
+    the run at `path` (None: the base model). Returns (metrics, rows or None)."""
     # the test loss of in-context learning would need each prompt's demonstrations: not measured
     metrics = {} if generator.demonstrations is not None else \
         perplexity(generator.loss(task.encode(config, test, generator.tokenizer).rows))
@@ -236,7 +241,8 @@ def test_metrics(task, config, test, generator):
     limit = config.eval.max_generate
     if limit is not None:
         test = test.groupby("_task", sort=False).head(-(-limit // test["_task"].nunique()))
-    scores, rows = generator.evaluate(list(test["_conv"]), config.eval.max_new_tokens)
+    scores, rows = generator.evaluate(list(test["_conv"]), config.eval.max_new_tokens, config.generate.engine,
+                                      None if path is None else Path(path))
     rows["_task"] = list(test["_task"])
     return {**metrics, **scores}, rows
 
@@ -277,7 +283,7 @@ def evaluate_file(task, path, config, spec: str, **_) -> dict:
     from .generate import Generator
 
     return test_metrics(task, config, task.eval_table(spec, config),
-                        Generator.from_saved(path, config, inference_dtype(task, config)))[0]
+                        Generator.from_saved(path, config, inference_dtype(task, config)), path)[0]
 
 
 def evaluate_base(task, config) -> dict:

@@ -23,6 +23,7 @@ from fastapi.responses import (
 from fastapi.templating import Jinja2Templates
 
 from ..errors import TunelabError
+from ..generation import parity_table
 from ..plots import read_log
 from ..serve.guard import HostPolicy
 from . import forms
@@ -161,6 +162,7 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, max_up
         samples = _samples(path / "predictions_test.jsonl")
         plots = sorted(p.name for p in path.glob("*.png") if p.name != "loss.png")  # the loss is drawn live
         return page(request, "run.html", run_id=run_id, info=info, job=job, alive=alive, metrics=metrics,
+                    engines=parity_table(path),
                     progress=progress, problems=problems, log=jobs.log_tail(run_id) if job else "",
                     has_loss=any("loss" in r or "eval_loss" in r for r in records), config_text=config_text,
                     samples=samples, plots=plots, tried=tried, refresh=alive, now=int(time.time()),

@@ -112,6 +112,8 @@ def sections(task: str, method: str) -> list[Section]:
                    [f for f in _fields(METHODS[method].Options, "method.", keep) if f.key != "method.name"]),
            Section("train", "Optimisation.", _fields(Config.model_fields["train"].annotation, "train.", keep)),
            Section("eval", "Evaluation.", _fields(Config.model_fields["eval"].annotation, "eval.", keep)),
+           Section("generate", "What writes the text (test answers, generate).",
+                   _fields(Config.model_fields["generate"].annotation, "generate.", keep)),
            Section("output", "Where the run goes.", _fields(Config.model_fields["output"].annotation, "output.",
                                                             keep))]
     if task_mod.SECTION:  # dpo / rl settings, owned by the task
