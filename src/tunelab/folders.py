@@ -14,6 +14,14 @@ from pathlib import Path
 
 from .errors import RunError
 
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
 LOCK = ".lock"
 
 

@@ -20,7 +20,18 @@ import socket
 from pathlib import Path
 
 from .errors import RunError
-from .folders import LOCK, MARKER, RunLock, _describe_holder, clean_stale, holder, now, publish_dir, staging_dir
+from .folders import (
+    LOCK,
+    MARKER,
+    RunLock,
+    _describe_holder,
+    clean_stale,
+    holder,
+    now,
+    publish_dir,
+    staging_dir,
+    write_json,
+)
 
 __all__ = ["MARKER", "RunDir", "check_output", "default_dir", "load_run", "now", "open_finished", "read_status",
            "replaceable", "run_status", "write_json"]
@@ -31,13 +42,6 @@ STATUS = "status.json"
 OWNED = ("config.yaml", STATUS, LOCK, "progress.json", "metrics.jsonl", "metrics.json", "manifest.json", "model",
          "checkpoints", "loss.png", "rewards.png", "samples.jsonl", "tensorboard", "evaluations", "merged",
          "predictions_*.jsonl", "export-*", "*.tmp", ".*.partial-*", ".*.old-*")
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def read_status(path: Path) -> dict | None:

@@ -93,7 +93,7 @@ def test_auto_says_what_it_chose_and_bad_choices_are_one_sentence(sft_run, tiny_
     assert engine.name == "torch" and engine.why.startswith("auto: torch")
     assert "llamacpp" in engine.why  # why not llama.cpp: not installed, or no GGUF export yet
     many = choose("auto", tunelab.load(sft_run), sft_run, 8)
-    assert many.name == "torch" and "8 prompts batch best here" in many.why
+    assert many.name == "torch" and "8 prompts × 64 tokens: under the 40,000 tokens" in many.why
     with pytest.raises(TunelabError, match="unknown generation engine 'vllm2'"):
         choose("vllm2", tunelab.load(sft_run), sft_run, 1)
     with pytest.raises(TunelabError, match="untrained base .* has none"):
@@ -192,3 +192,12 @@ def test_the_vllm_engine_says_what_it_needs_in_one_sentence(sft_run, tmp_path, m
     # in-context learning is the base model with demonstrations in the prompt tunelab renders: vLLM loads the base
     icl = NS(config=NS(task="sft", method=NS(name="icl"), model=NS(name=str(tiny_llama))), demonstrations=object())
     assert vllm_engine.unfit(icl, sft_run) is None and vllm_engine.folder(icl, sft_run) == tiny_llama
+
+
+def test_the_config_offers_every_engine():
+    from typing import get_args
+
+    from tunelab.config import GenerateConfig
+    from tunelab.generation import CHOICES
+
+    assert get_args(GenerateConfig.model_fields["engine"].annotation) == CHOICES

@@ -115,7 +115,7 @@ def parity_table(path: Path) -> list[dict]:
 
 def record_parity(path: Path, engine: str, result: dict) -> None:
     """RUN/engines.json[engine] = result (written atomically; other engines' entries kept)."""
-    from ..runs import write_json
+    from ..folders import write_json
 
     record = read_record(path)
     record[engine] = result
