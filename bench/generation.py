@@ -1,7 +1,13 @@
 """Generation speed, side by side in one invocation: tunelab through each engine and each engine driven directly,
 on the same prompts with the same forced token count (EOS banned, so every row writes prompts × max-new-tokens
-tokens), one prompt at a time and all at once. Each row runs in its own process (its peak RSS is its own), in
-`--repeats` rounds of alternating order; the median run is reported (the lower of two), all runs beside it.
+tokens), one prompt at a time and all at once — and a large job (`--large-prompts` × enough tokens to reach
+vllm.MIN_TOKENS, the size from which `auto` tries vLLM) on the fastest rows. Each row runs in its own process (its
+peak RSS is its own), in `--repeats` rounds of alternating order (the large job: one round); the median run is
+reported (the lower of two), all runs beside it.
+
+Two speeds per row: tokens/s while generating (after load and a one-prompt warm-up), and the job's wall time
+(`job_s`: from the row's process start — imports, model load, merge or engine start, warm-up — to its last token),
+which is what a user waits for: an engine that writes faster but takes a minute to start loses a small job.
 
 Rows: HF `generate` on the run as trained (adapter unmerged: tunelab's path before the engine layer) and on the
 merged model, llama-cpp-python on the run's f16 GGUF, and `tunelab generate`'s engines (torch, llamacpp, auto)
@@ -11,7 +17,7 @@ tunelab adds.
 The run: bench/llamacpp.py's short LoRA SFT of SmolLM2-135M-Instruct on the shipped EN→FR data (or --run RUN),
 its test prompts rendered as training did.
 
-    python bench/generation.py [--prompts 16] [--tokens 48] [--repeats 2] [--run RUN]
+    python bench/generation.py [--prompts 16] [--tokens 48] [--repeats 2] [--large-prompts 149] [--run RUN]
                                                                     → bench/results/generation.json
 """
 from __future__ import annotations
@@ -24,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ROOT, emit, run_child, table, write  # noqa: E402
+
+from tunelab.generation.vllm import MIN_TOKENS  # noqa: E402
 
 ROWS = {  # name: (what, batch: "one" or "all")
     "hf-unmerged-all": ("HF generate, adapter unmerged (before)", "all"),
@@ -38,7 +46,11 @@ ROWS = {  # name: (what, batch: "one" or "all")
     "llamacpp-one": ("llama-cpp-python, f16 GGUF", "one"),
     "tunelab-llamacpp-one": ("tunelab --engine llamacpp", "one"),
     "tunelab-auto-one": ("tunelab --engine auto", "one"),
+    "hf-merged-large": ("HF generate, adapter merged", "large"),
+    "vllm-large": ("vLLM LLM.generate, merged model", "large"),
+    "tunelab-auto-large": ("tunelab --engine auto", "large"),
 }
+KINDS = {"one": "one prompt at a time", "all": "all at once", "large": "large job, all at once"}
 
 
 def _prompts(run: Path, n: int) -> tuple:
@@ -54,10 +66,19 @@ def _prompts(run: Path, n: int) -> tuple:
 
 def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
     """Child side: load, warm up, then time one row."""
+    job_start = time.perf_counter()
     import torch
 
     path, generator, prompts = _prompts(run, n)
-    batch = len(prompts) if ROWS[name][1] == "all" else 1
+    if name == "prepare-vllm":  # once before the rows: the merged folder and vLLM's parity record, so no row pays them
+        from tunelab.generation import choose, missing
+
+        if not missing("vllm"):
+            choose("vllm", generator, path, len(prompts), tokens).close()
+        return {"prepared": not missing("vllm")}
+    if ROWS[name][1] == "large" and len(prompts) * tokens < MIN_TOKENS:
+        return {"error": f"{len(prompts)} test prompts × {tokens} tokens is under vllm.MIN_TOKENS ({MIN_TOKENS:,})"}
+    batch = 1 if ROWS[name][1] == "one" else len(prompts)
     if name.startswith("tunelab-"):
         from tunelab.generation import choose
 
@@ -80,17 +101,18 @@ def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
 
         def generate(ps):
             return generator.generate(ps, max_new_tokens=tokens, batch_size=batch, ignore_eos=True)
-    elif name == "vllm-all":
+    elif name.startswith("vllm-"):
         return _vllm_direct(path, generator, prompts, tokens)
     else:
-        import llama_cpp
-
         from tunelab.generation.llamacpp import gguf_file
 
         if not gguf_file(path).is_file():
             import tunelab
 
             tunelab.export(path, "gguf", quant="f16")
+        job_start = time.perf_counter()  # llama.cpp's job from its import on (HF's tokenizer only keeps ids equal)
+        import llama_cpp
+
         llm = llama_cpp.Llama(model_path=str(gguf_file(path)), n_ctx=1024, n_threads=torch.get_num_threads(),
                               verbose=False, seed=0)
         eos = {llm.token_eos(): float("-inf")}
@@ -110,7 +132,8 @@ def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
     seconds = time.perf_counter() - t0
     written = len(prompts) * tokens
     out = {"engine": why, "prompts": len(prompts), "tokens": written, "seconds": round(seconds, 2),
-           "tokens_per_s": round(written / seconds, 1), "threads": torch.get_num_threads()}
+           "tokens_per_s": round(written / seconds, 1), "threads": torch.get_num_threads(),
+           "job_s": round(time.perf_counter() - job_start, 1)}
     if name.startswith("tunelab-"):
         out["ready_s"] = round(ready, 1)
         if hasattr(engine, "close"):  # the engine's own process (vllm): its peak memory counts too
@@ -132,12 +155,14 @@ def _vllm_direct(path: Path, generator, prompts: list[str], tokens: int) -> dict
     job = {"model": str(vllm_engine.folder(generator, path)), "tokens": tokens,
            "dtype": "bfloat16" if generator.precision == "bf16" else "float32",
            "ids": [generator.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]}
+    started = time.perf_counter()  # the job: vLLM's own process, from its start to its exit
     done = subprocess.run([vllm_engine.python(), str(ROOT / "bench" / "vllm_direct.py"), json.dumps(job)],
                           capture_output=True, text=True)
+    job_s = time.perf_counter() - started
     line = next((x for x in done.stdout.splitlines() if x.startswith("VLLM-DIRECT ")), None)
     if line is None:
         return {"error": f"exit {done.returncode}: {(done.stdout + done.stderr)[-400:]}"}
-    return {**json.loads(line[len("VLLM-DIRECT "):]), "prompts": len(prompts),
+    return {**json.loads(line[len("VLLM-DIRECT "):]), "prompts": len(prompts), "job_s": round(job_s, 1),
             "child_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
@@ -155,6 +180,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--run", help="a finished generative run (default: bench/llamacpp.py's short run)")
     ap.add_argument("--repeats", type=int, default=2, help="rounds of every row (the median is reported)")
+    ap.add_argument("--large-prompts", type=int, default=149, help="the large job's prompts (the run's test set)")
+    ap.add_argument("--large-tokens", type=int, help="the large job's tokens each (default: to vllm.MIN_TOKENS)")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -172,31 +199,48 @@ def main() -> None:
         import tunelab
 
         tunelab.export(run, "gguf", quant="f16")
+    large_tokens = args.large_tokens or -(-MIN_TOKENS // args.large_prompts)  # prompts × tokens ≥ MIN_TOKENS
+    jobs = {"one": (args.prompts, args.tokens), "all": (args.prompts, args.tokens),
+            "large": (args.large_prompts, large_tokens)}
+
+    def row(name: str) -> dict:
+        n, tokens = jobs[ROWS[name][1]]
+        return run_child("generation.py", name, "--run", str(run), "--prompts", str(n), "--tokens", str(tokens))
+
+    run_child("generation.py", "prepare-vllm", "--run", str(run), "--prompts", "1")  # merged folder, vLLM parity
     rounds: dict = {name: [] for name in ROWS}
+    small = [n for n in ROWS if ROWS[n][1] != "large"]
     for k in range(args.repeats):  # rounds in alternating order: a host's slow phase does not hit one row only
-        for name in (list(ROWS) if k % 2 == 0 else list(ROWS)[::-1]):
-            rounds[name].append(run_child("generation.py", name, "--run", str(run), "--prompts", str(args.prompts),
-                                          "--tokens", str(args.tokens)))
+        for name in (small if k % 2 == 0 else small[::-1]):
+            rounds[name].append(row(name))
+    for name in ROWS:
+        if ROWS[name][1] == "large":  # minutes a row: one round
+            rounds[name].append(row(name))
     results = {name: _median(runs) for name, runs in rounds.items()}
     before = {b: results[f"hf-unmerged-{b}"].get("tokens_per_s") for b in ("one", "all")}
     for name, r in results.items():
-        if r.get("tokens_per_s") and before[ROWS[name][1]]:
+        if r.get("tokens_per_s") and before.get(ROWS[name][1]):
             r["vs_before"] = round(r["tokens_per_s"] / before[ROWS[name][1]], 2)
-    fastest = {b: max((r.get("tokens_per_s") or 0 for n, r in results.items()
-                       if ROWS[n][1] == b and not n.startswith("tunelab-")), default=0) for b in ("one", "all")}
-    ratios = {b: round((results[f"tunelab-auto-{b}"].get("tokens_per_s") or 0) / fastest[b], 2) if fastest[b]
-              else None for b in ("one", "all")}
-    print(table([[f"{ROWS[n][0]}, {'one prompt at a time' if ROWS[n][1] == 'one' else 'all at once'}",
-                  r.get("tokens_per_s", r.get("error")), r.get("vs_before", ""), r.get("peak_rss_mb", ""),
-                  r.get("engine", "")] for n, r in results.items()],
-                ["", "tokens/s", "× before", "peak RSS MB", "engine"]))
-    print(f"tunelab auto / fastest engine driven directly: one at a time {ratios['one']}×, all at once "
-          f"{ratios['all']}×")
+    ratios = {}
+    for b in KINDS:  # tunelab auto against the best engine driven directly: by tokens/s, and by the job's wall time
+        direct = [r for n, r in results.items() if ROWS[n][1] == b and not n.startswith("tunelab-")]
+        auto = results[f"tunelab-auto-{b}"]
+        best_tps = max((r.get("tokens_per_s") or 0 for r in direct), default=0)
+        best_job = min((r["job_s"] for r in direct if r.get("job_s") and r.get("tokens_per_s")), default=None)
+        ratios[b] = {"tokens_per_s": round((auto.get("tokens_per_s") or 0) / best_tps, 2) if best_tps else None,
+                     "job_s": round(best_job / auto["job_s"], 2) if best_job and auto.get("job_s") else None,
+                     "prompts": jobs[b][0], "tokens": jobs[b][1]}
+    print(table([[f"{ROWS[n][0]}, {KINDS[ROWS[n][1]]}", r.get("tokens_per_s", r.get("error")), r.get("job_s", ""),
+                  r.get("vs_before", ""), r.get("peak_rss_mb", ""), r.get("engine", "")] for n, r in results.items()],
+                ["", "tokens/s", "job s", "× before", "peak RSS MB", "engine"]))
+    for b, r in ratios.items():
+        print(f"tunelab auto / fastest engine driven directly, {KINDS[b]} ({r['prompts']} × {r['tokens']} tokens): "
+              f"{r['tokens_per_s']}× by tokens/s, {r['job_s']}× by the job's wall time")
     write("generation", {"run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run),
                          "prompts": args.prompts, "max_new_tokens": args.tokens, "repeats": args.repeats,
-                         "rows": ROWS, "results": results,
-                         "auto_vs_fastest_direct": ratios})
-
+                         "large_job": {"prompts": args.large_prompts, "max_new_tokens": large_tokens,
+                                       "min_tokens": MIN_TOKENS},
+                         "rows": ROWS, "results": results, "auto_vs_fastest_direct": ratios})
 
 if __name__ == "__main__":
     main()
