@@ -54,14 +54,14 @@ KINDS = {"one": "one prompt at a time", "all": "all at once", "large": "large jo
 
 
 def _prompts(run: Path, n: int) -> tuple:
-    from tunelab.gguf import _test_conversations
+    from tunelab.gguf import held_out_conversations
     from tunelab.runs import open_finished
     from tunelab.tasks import TASKS
 
     path, config = open_finished(run)
     task = TASKS[config.task]
     generator = task.load(path, config)
-    return path, generator, [generator.render_conversation(c) for c in _test_conversations(path, config, task, n)]
+    return path, generator, [generator.render_conversation(c) for c in held_out_conversations(path, config, task, n)]
 
 
 def _measure(name: str, run: Path, n: int, tokens: int) -> dict:

@@ -53,7 +53,7 @@ def main() -> None:
     import torch
 
     import tunelab
-    from tunelab.gguf import _test_conversations
+    from tunelab.gguf import held_out_conversations
     from tunelab.runs import open_finished
     from tunelab.tasks import TASKS
 
@@ -67,7 +67,7 @@ def main() -> None:
                         "perplexity_ratio": info["perplexity_ratio"], "mb": round(info["bytes"] / 2**20, 1)}
     generator = task.load(path, config)
     generator.model = generator.model.merge_and_unload().eval()
-    prompts = [generator.render_conversation(c) for c in _test_conversations(path, config, task, args.prompts)]
+    prompts = [generator.render_conversation(c) for c in held_out_conversations(path, config, task, args.prompts)]
     max_new = 64
     threads = torch.get_num_threads()
 

@@ -173,13 +173,13 @@ def generate(args) -> int:
 
 def _read_lines(spec: str) -> list[str]:
     """The lines of a UTF-8 text file (a byte-order mark dropped); clear errors for a missing or non-UTF-8 file."""
-    from .data.readers import _text
+    from .data.readers import file_text
     from .errors import DataError
 
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"{spec}: no such file" if not path.exists() else f"{spec} is not a file")
-    lines = _text(path).split("\n")  # not splitlines(): U+2028, \x0c, \x1c... inside a line stay in it
+    lines = file_text(path).split("\n")  # not splitlines(): U+2028, \x0c, \x1c... inside a line stay in it
     if lines and lines[-1] == "":
         lines.pop()
     return [line[:-1] if line.endswith("\r") else line for line in lines]

@@ -48,7 +48,7 @@ def entry_configs(config: Config, config_path: str | Path, out: Path, n_train: i
     NAME-seedS, NAME-fracF-seedS. `n_train`: the size of the training split, for the fractions."""
     from pydantic import ValidationError
 
-    from .config import _describe
+    from .config import describe_error
 
     cmp = config.compare
     seeds = cmp.seeds or [config.train.seed]
@@ -69,7 +69,7 @@ def entry_configs(config: Config, config_path: str | Path, out: Path, n_train: i
                 try:
                     entry_config = Config.model_validate(raw)
                 except ValidationError as exc:
-                    problems += [f"compare entry `{name}{suffix}`: {_describe(err)}" for err in exc.errors()]
+                    problems += [f"compare entry `{name}{suffix}`: {describe_error(err)}" for err in exc.errors()]
                     continue
                 entries.append(Entry(f"{name}{suffix}", entry_config, out / "configs" / f"{name}{suffix}.yaml",
                                      out / "runs" / f"{name}{suffix}", method=name, seed=seed, fraction=fraction))

@@ -24,8 +24,8 @@ import torch
 
 from .errors import RunError, TunelabError
 from .folders import MARKER, check_target, write_output_dir
-from .merge import _samples
 from .merge import merge as merge_run
+from .merge import sample_texts
 from .methods import trait, with_trait
 from .runs import open_finished
 from .tasks import TASKS
@@ -113,7 +113,7 @@ def _onnx(path: Path, config, target: Path, tolerance: float | None) -> dict:
                            "pip install 'tunelab[onnx]'") from e
     model, tokenizer, labels, kind = _load(path, config)
     tolerance = TOLERANCE[kind] if tolerance is None else tolerance
-    texts = _samples(path, "text" if kind == "classify" else "prompt")
+    texts = sample_texts(path, "text" if kind == "classify" else "prompt")
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                     max_length=config.model.max_length)
     token_types = kind == "classify" and "token_type_ids" in enc

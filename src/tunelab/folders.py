@@ -47,7 +47,7 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunError(f"{self.path} is in use by another tunelab process ({_describe_holder(self.path)}); "
+            raise RunError(f"{self.path} is in use by another tunelab process ({describe_holder(self.path)}); "
                            f"wait for it to finish or stop it first") from None
         self.fd = fd
         info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose, "since": now()}
@@ -86,7 +86,7 @@ def holder(path: Path) -> dict | None:
     return None
 
 
-def _describe_holder(path: Path) -> str:
+def describe_holder(path: Path) -> str:
     h = holder(path) or {}
     parts = [f"pid {h['pid']}" if "pid" in h else None, f"on {h['host']}" if "host" in h else None,
              f"{h['purpose']}" if "purpose" in h else None, f"since {h['since']}" if "since" in h else None]

@@ -247,7 +247,7 @@ def export_gguf(path: Path, config, target: Path, quant: str, prompts: int = 32)
         generator.model = generator.model.merge_and_unload().eval()
     generator.model = generator.model.float().cpu().eval()
     template = prompt_template(generator)
-    convs = _test_conversations(path, config, task, prompts)
+    convs = held_out_conversations(path, config, task, prompts)
     name = f"model-{quant}.gguf"
     info: dict = {}
 
@@ -307,7 +307,7 @@ def _keep_failed_parity(target: Path, record: dict, marker: str) -> None:
     write_json(target / "parity.json", record)
 
 
-def _test_conversations(path: Path, config, task, n: int) -> list:
+def held_out_conversations(path: Path, config, task, n: int) -> list:
     """Up to `n` of the run's test conversations (the split training held out), in order."""
     splits = task.load_splits(config)
     frame = splits.test if len(splits.test) else splits.validation

@@ -41,9 +41,9 @@ def merge(run_path, out: str | Path | None = None, tolerance: float = TOLERANCE)
                        f"({', '.join(tasks_with_trait('CAUSAL_LM'))})")
     loaded = task.load(path, config, full_precision=True)
     if task.CAUSAL_LM:
-        samples, outputs = _samples(path, "prompt"), _next_token_logits
+        samples, outputs = sample_texts(path, "prompt"), _next_token_logits
     else:
-        samples, outputs = _samples(path, "text"), _class_logits
+        samples, outputs = sample_texts(path, "text"), _class_logits
     before = outputs(loaded, samples)
     merged = loaded.model.merge_and_unload().eval()
     loaded.model = merged
@@ -76,7 +76,7 @@ def _next_token_logits(generator, prompts: list[str]) -> np.ndarray:
     return generator.model(**enc.to(generator.model.device)).logits[:, -1].float().cpu().numpy()
 
 
-def _samples(path: Path, column: str, n: int = 16) -> list[str]:
+def sample_texts(path: Path, column: str, n: int = 16) -> list[str]:
     predictions = path / "predictions_test.jsonl"
     if predictions.exists():
         rows = jsonl.read(predictions)

@@ -24,8 +24,8 @@ from .folders import (
     LOCK,
     MARKER,
     RunLock,
-    _describe_holder,
     clean_stale,
+    describe_holder,
     holder,
     now,
     publish_dir,
@@ -97,7 +97,7 @@ def _inspect(path: Path, config, *, resume: bool, overwrite: bool) -> str:
                        f"write into or delete folders it did not create. Set output.dir to a new folder")
     live = holder(path)
     if live is not None:
-        raise RunError(f"{path} is in use by another tunelab process ({_describe_holder(path)}); wait for it to "
+        raise RunError(f"{path} is in use by another tunelab process ({describe_holder(path)}); wait for it to "
                        f"finish or stop it first")
     _check_writable(path)
     state = status.get("state")
@@ -246,7 +246,7 @@ def open_finished(run_path, kind: str | None = None):
     if status is None:
         raise RunError(f"{path} is not a tunelab run directory (no {STATUS})")
     if status.get("state") == "running":
-        raise RunError(f"{path} is still training ({_describe_holder(path)}); wait for it to finish")
+        raise RunError(f"{path} is still training ({describe_holder(path)}); wait for it to finish")
     if status.get("state") != "completed":
         why = f": {status['error']}" if status.get("error") else ""
         raise RunError(f"{path} did not finish (state: {status.get('state')}{why}); it cannot be used. "

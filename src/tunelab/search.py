@@ -64,7 +64,7 @@ def search(config_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     import optuna
     from pydantic import ValidationError
 
-    from .config import _describe
+    from .config import describe_error
     from .train import train
 
     config = load_config(config_path, overrides)
@@ -84,7 +84,7 @@ def search(config_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         try:
             trial_config(base, params, out / "trials" / "check")
         except ValidationError as exc:
-            problems += [f"`search.space` ({corner} end): {_describe(err)}" for err in exc.errors()]
+            problems += [f"`search.space` ({corner} end): {describe_error(err)}" for err in exc.errors()]
     if problems:
         raise ConfigError(str(config_path), sorted(set(problems)))
     metric = config.metric

@@ -67,7 +67,7 @@ def test_generate_through_llamacpp_answers_like_torch_and_auto_takes_it_for_one_
     own prompt tokens: the same greedy answers as the torch engine on the run's test prompts; its parity goes into
     RUN/engines.json; `auto` takes it for a single prompt once the export passed, and torch for several."""
     from tunelab.generation import choose, read_record
-    from tunelab.gguf import _test_conversations
+    from tunelab.gguf import held_out_conversations
     from tunelab.runs import open_finished
     from tunelab.tasks import TASKS
 
@@ -76,7 +76,7 @@ def test_generate_through_llamacpp_answers_like_torch_and_auto_takes_it_for_one_
     llama = choose("llamacpp", task.load(path, config), path, 8)
     assert llama.name == "llamacpp" and (run / "export-gguf" / "model-f16.gguf").is_file()
     torch_engine = choose("torch", task.load(path, config), path, 8)
-    prompts = [torch_engine.generator.render_conversation(c) for c in _test_conversations(path, config, task, 8)]
+    prompts = [torch_engine.generator.render_conversation(c) for c in held_out_conversations(path, config, task, 8)]
     ours, theirs = torch_engine.generate(prompts, max_new_tokens=12), llama.generate(prompts, max_new_tokens=12)
     assert sum(a == b for a, b in zip(ours, theirs)) >= 0.75 * len(prompts), list(zip(ours, theirs))
     record = read_record(run)["llamacpp"]

@@ -103,6 +103,21 @@ def test_the_cycle_check_sees_a_package_and_a_function_level_import(tmp_path, mo
                                                ["tunelab.tasks", "tunelab.tasks.classify"]]
 
 
+def private_imports() -> list[str]:
+    """`from tunelab.x import _name` anywhere in the package: a module reaching into another's insides."""
+    out = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("tunelab")):
+                out += [f"{name}: {node.module or '.'}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
+def test_no_private_name_is_imported_across_modules():
+    assert private_imports() == []
+
+
 # Outside tasks/ and methods/, code asks a task or method for its traits instead of comparing names.
 _NAMES = re.compile(r"""(\btask\b|\.task\b|method\.name|\bmethod\b)\s*(==|!=|\bin\b|\bnot in\b)\s*[(\["']""")
 

@@ -243,7 +243,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        problems += [_describe(err) for err in exc.errors()]
+        problems += [describe_error(err) for err in exc.errors()]
     if problems:
         raise ConfigError(str(path), problems)
     return config
@@ -263,7 +263,7 @@ def apply_override(raw: dict, item: str) -> str | None:
     return f"--set {key}: {problem}" if problem else None
 
 
-def _describe(err: dict) -> str:
+def describe_error(err: dict) -> str:
     loc = _clean_loc(err["loc"])
     where = ".".join(str(p) for p in loc) or "(top level)"
     kind = err["type"]

@@ -92,7 +92,7 @@ def read_table(spec: str) -> pd.DataFrame:
     return frame
 
 
-def _text(path: Path) -> str:
+def file_text(path: Path) -> str:
     """The file as text: UTF-8 (gzip-compressed if it ends in .gz), a leading byte-order mark dropped as in every
     format; a byte that is not UTF-8 is reported by line."""
     raw = path.read_bytes()
@@ -116,7 +116,7 @@ def _text(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows, lines = [], []
-    for number, line in enumerate(_text(path).split("\n"), 1):
+    for number, line in enumerate(file_text(path).split("\n"), 1):
         if line.strip():
             rows.append(jsonl.parse(path, number, line))
             lines.append(number)
@@ -127,7 +127,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 
 def _read_json(path: Path) -> pd.DataFrame:
     try:
-        data = json.loads(_text(path))
+        data = json.loads(file_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -141,7 +141,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
     import io
 
     sep = "\t" if ".tsv" in path.suffixes else ","
-    frame = pd.read_csv(io.StringIO(_text(path)), sep=sep, keep_default_na=False, na_values=[""], dtype=str)
+    frame = pd.read_csv(io.StringIO(file_text(path)), sep=sep, keep_default_na=False, na_values=[""], dtype=str)
     frame.insert(0, ROW, range(2, len(frame) + 2))  # row 1 is the header
     return frame
 
