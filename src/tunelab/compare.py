@@ -49,6 +49,7 @@ def entry_configs(config: Config, config_path: str | Path, out: Path, n_train: i
     from pydantic import ValidationError
 
     from .config import describe_error
+    from .methods import METHODS, trait
 
     cmp = config.compare
     seeds = cmp.seeds or [config.train.seed]
@@ -57,7 +58,8 @@ def entry_configs(config: Config, config_path: str | Path, out: Path, n_train: i
     for name in cmp.methods:
         # zero-shot reads no training data; zero-shot and retrieved demonstrations draw nothing at random
         for fraction in ([1.0] if name in ZERO_SHOT else fractions):
-            for seed in (seeds[:1] if name in DETERMINISTIC else seeds):
+            once = name in DETERMINISTIC or (name in METHODS and trait(name, "SEEDLESS"))  # the same run every seed
+            for seed in (seeds[:1] if once else seeds):
                 suffix = (f"-frac{fraction:g}" if fraction < 1 else "") + (f"-seed{seed}" if seed != seeds[0] else "")
                 try:
                     raw = _entry_raw(config, name, out / "runs" / f"{name}{suffix}", seed, seed == seeds[0])

@@ -120,6 +120,21 @@ def test_seeds_and_fractions_become_entries(make_config, tmp_path):
         load_config(make_config(name="bad", compare={"methods": ["lora"], "fractions": [0, 0.5]}))
 
 
+def test_a_seedless_method_is_trained_once_for_all_seeds(make_config, tmp_path):
+    """features declares SEEDLESS (frozen features, an lbfgs logistic regression): a 2-seed compare trains it once
+    — and two seeds do give the same classifier, so nothing is lost."""
+    import tunelab
+    from tunelab.compare import entry_configs
+
+    path = make_config(method="lora", name="seeds", compare={"methods": ["features", "lora"], "seeds": [7, 8]})
+    assert [e.name for e in entry_configs(load_config(path), path, tmp_path / "out")] == ["features", "lora",
+                                                                                         "lora-seed8"]
+    runs = [tunelab.train(make_config(method="features", name=f"f{seed}", train={"seed": seed})).path
+            for seed in (7, 8)]
+    predictions = [(run / "predictions_test.jsonl").read_text() for run in runs]
+    assert predictions[0] == predictions[1] and json.loads(predictions[0].split("\n")[0])
+
+
 def test_learning_curve_subsets_are_nested_and_stratified():
     import pandas as pd
 

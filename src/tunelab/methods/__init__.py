@@ -21,6 +21,7 @@ A method declares its traits in its own module; code elsewhere reads them with `
 | `FROZEN_CACHE` | its frozen prefix can be cached across epochs (train.cache_frozen) (False) |
 | `PROBE_SKIP` | why the earlier-task forgetting probe does not apply (None) |
 | `NOT_EXPORTABLE` | why it cannot be exported (None) |
+| `SEEDLESS` | train.seed changes nothing it computes: a several-seed compare trains it once (False) |
 """
 from typing import Annotated, Union
 
@@ -35,7 +36,8 @@ MethodOptions = Annotated[Union[tuple(m.Options for m in METHODS.values())], Fie
 
 _DEFAULTS = {"FROZEN_BASE": False, "LOAD_BEST": True, "GRADIENT_FREE": False, "TASKS": None, "TASKS_HINT": None,
              "VIRTUAL_TOKENS": False, "MERGEABLE": False, "MERGE_NOTE": None, "FULL_MODEL": False,
-             "FROZEN_CACHE": False, "PROBE_SKIP": None, "NOT_EXPORTABLE": None, "SAVED_FILE": None}
+             "FROZEN_CACHE": False, "PROBE_SKIP": None, "NOT_EXPORTABLE": None, "SAVED_FILE": None,
+             "SEEDLESS": False}
 
 
 def trait(name: str, key: str):

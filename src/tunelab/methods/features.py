@@ -14,6 +14,7 @@ from ..schema import Section
 
 DEFAULT_LR = None  # no gradient training
 GRADIENT_FREE = True  # nothing in the model trains: no gradient steps, no data parallelism, nothing to merge
+SEEDLESS = True  # frozen features and an lbfgs logistic regression: train.seed changes nothing
 TASKS = ("classify",)
 PROBE_SKIP = "the encoder is frozen"
 NOT_EXPORTABLE = "its classifier is a scikit-learn head on frozen embeddings (model/head.*), not a network layer"
