@@ -186,8 +186,21 @@ def test_generative_run_base_and_tuned_side_by_side(ui, browser, tmp_path, tiny_
         "eval": {"forgetting": None, "max_generate": 2, "max_new_tokens": 4},
         "output": {"dir": str(tmp_path / "runs" / "gen")}}))
     tunelab.train(cfg)
+    page.goto(ui + "/")  # at 1280 px the runs filter is one line, its button beside the fields
+    tops = [b["y"] for b in (page.locator("#filters > *").nth(i).bounding_box()
+                             for i in range(page.locator("#filters > *").count()))]
+    assert max(tops) - min(tops) < 12, tops  # a wrapped field would sit a whole line (~35 px) lower
     page.goto(ui + "/runs/gen")
     assert page.locator("#state").inner_text() == "completed"
+    # test predictions: the user's message, the reference and the answer side by side, each a readable width; the
+    # prompt as rendered (the Alpaca template here) only on demand
+    table = page.locator("#samples")
+    assert [c.inner_text() for c in table.locator("th").all()] == ["message", "reference", "answer"]
+    first = table.locator("tr").nth(1).locator("td")
+    assert first.nth(0).inner_text().startswith("say ") and not page.locator("#samples details pre").first.is_visible()
+    assert "### Instruction" in page.locator("#samples details pre").first.text_content()
+    width = table.bounding_box()["width"]
+    assert all(first.nth(i).bounding_box()["width"] > width / 4 for i in range(3))
     page.fill("#try-text", "say good")
     page.fill("input[name=max_new_tokens]", "6")
     url = page.url

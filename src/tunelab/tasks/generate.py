@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..data.conversations import Conversation, render_prompt, resolve_prompt_format
+from ..data.conversations import Conversation, render_prompt, resolve_prompt_format, user_content
 from ..errors import TunelabError
 
 
@@ -307,7 +307,9 @@ class Generator:
             if hasattr(chosen, "close"):
                 chosen.close()
         seconds = time.perf_counter() - started
-        rows = pd.DataFrame({"prompt": prompts, "reference": references, "generated": generated})
+        # the user's message beside the prompt as rendered (the UI shows the message, the template on demand)
+        rows = pd.DataFrame({"prompt": prompts, "message": [user_content(c.turns[-1]) for c in convs],
+                             "reference": references, "generated": generated})
         metrics = generation_metrics(references, generated)
         if self.demonstrations is not None:
             metrics["demonstrations"] = self.demonstrations.report()
