@@ -23,13 +23,14 @@ its test prompts rendered as training did.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, emit, run_child, table, write  # noqa: E402
+from _common import RESULTS, ROOT, emit, run_child, table, write  # noqa: E402
 
 from tunelab.generation.vllm import MIN_TOKENS  # noqa: E402
 
@@ -128,12 +129,19 @@ def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
             return out
     generate(prompts[:1])  # warm-up
     t0 = time.perf_counter()
-    generate(prompts)
+    texts = generate(prompts)
     seconds = time.perf_counter() - t0
+    job_s = time.perf_counter() - job_start
     written = len(prompts) * tokens
-    out = {"engine": why, "prompts": len(prompts), "tokens": written, "seconds": round(seconds, 2),
-           "tokens_per_s": round(written / seconds, 1), "threads": torch.get_num_threads(),
-           "job_s": round(time.perf_counter() - job_start, 1)}
+    # what came back, counted again (text → tokens: special tokens dropped, so a little under): an engine that
+    # stopped early (it once did at the chat's end token) would report a speed it never had
+    counted = sum(len(generator.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    if counted < written / 2:
+        return {"error": f"{why}: wrote about {counted} of the {written} tokens asked (stopped early)",
+                "engine": why}
+    out = {"engine": why, "prompts": len(prompts), "tokens": written, "tokens_counted": counted,
+           "seconds": round(seconds, 2), "tokens_per_s": round(written / seconds, 1),
+           "threads": torch.get_num_threads(), "job_s": round(job_s, 1)}
     if name.startswith("tunelab-"):
         out["ready_s"] = round(ready, 1)
         if hasattr(engine, "close"):  # the engine's own process (vllm): its peak memory counts too
@@ -144,7 +152,6 @@ def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
 
 def _vllm_direct(path: Path, generator, prompts: list[str], tokens: int) -> dict:
     """vLLM's own LLM class on the run's merged folder, in the vLLM environment (bench/vllm_direct.py)."""
-    import json
     import subprocess
 
     from tunelab.generation import missing
@@ -182,6 +189,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="rounds of every row (the median is reported)")
     ap.add_argument("--large-prompts", type=int, default=149, help="the large job's prompts (the run's test set)")
     ap.add_argument("--large-tokens", type=int, help="the large job's tokens each (default: to vllm.MIN_TOKENS)")
+    ap.add_argument("--rows", help="comma-separated rows to measure again (the others' results are kept, and the "
+                                   "file says which rows this invocation measured)")
     ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -207,16 +216,31 @@ def main() -> None:
         n, tokens = jobs[ROWS[name][1]]
         return run_child("generation.py", name, "--run", str(run), "--prompts", str(n), "--tokens", str(tokens))
 
-    run_child("generation.py", "prepare-vllm", "--run", str(run), "--prompts", "1")  # merged folder, vLLM parity
-    rounds: dict = {name: [] for name in ROWS}
-    small = [n for n in ROWS if ROWS[n][1] != "large"]
+    chosen = args.rows.split(",") if args.rows else list(ROWS)
+    unknown = [n for n in chosen if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: no row {', '.join(unknown)}; the rows: {', '.join(ROWS)}")
+    kept = {}
+    if args.rows:  # the other rows as the last full invocation measured them, on the same job
+        previous = json.loads((RESULTS / "generation.json").read_text())
+        same = {"prompts": args.prompts, "max_new_tokens": args.tokens, "large_job": {
+            "prompts": args.large_prompts, "max_new_tokens": large_tokens, "min_tokens": MIN_TOKENS}}
+        if any(previous.get(k) != v for k, v in same.items()):
+            raise SystemExit("--rows: bench/results/generation.json measured another job; run every row")
+        kept = {n: r for n, r in previous["results"].items() if n not in chosen}
+    if any(n.startswith(("vllm-", "tunelab-vllm", "tunelab-auto")) for n in chosen):
+        run_child("generation.py", "prepare-vllm", "--run", str(run), "--prompts", "1")  # merged folder, parity
+    rounds: dict = {name: [] for name in chosen}
+    small = [n for n in chosen if ROWS[n][1] != "large"]
     for k in range(args.repeats):  # rounds in alternating order: a host's slow phase does not hit one row only
         for name in (small if k % 2 == 0 else small[::-1]):
             rounds[name].append(row(name))
-    for name in ROWS:
+    for name in chosen:
         if ROWS[name][1] == "large":  # minutes a row: one round
             rounds[name].append(row(name))
-    results = {name: _median(runs) for name, runs in rounds.items()}
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    measured = {name: {**_median(runs), "measured_at": stamp} for name, runs in rounds.items()}
+    results = {name: kept.get(name) or measured[name] for name in ROWS}
     before = {b: results[f"hf-unmerged-{b}"].get("tokens_per_s") for b in ("one", "all")}
     for name, r in results.items():
         if r.get("tokens_per_s") and before.get(ROWS[name][1]):

@@ -243,7 +243,6 @@ def compare_report(rows: list[dict], analysis: dict, out: Path, *, title: str, c
     """Write report.md (PNG files beside it), a self-contained report.html (PNGs embedded) and results.json (the
     numbers, for documentation tables generated from them)."""
     import base64
-    import html
 
     key, higher = analysis["metric"], analysis["higher"]
     name = METRIC_NAMES.get(key, key)
@@ -281,33 +280,22 @@ def compare_report(rows: list[dict], analysis: dict, out: Path, *, title: str, c
                                                   "analysis": analysis, "machine": _machine(), "rows": kept},
                                                  indent=2, default=str))
 
-    def bold(text: str) -> str:
-        parts = html.escape(text).split("**")
-        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
-
-    img = {k: base64.b64encode(p.read_bytes()).decode() for k, p in plots.items()}
-    h = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
-         "<style>body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222}"
-         "table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;"
-         "text-align:right;vertical-align:top}th{background:#f3f3f3}td:first-child,td:nth-child(2),td:last-child"
-         "{text-align:left}tr.failed td{background:#fdecea}img{max-width:100%;border:1px solid #eee;margin:.5em 0}"
-         "figure{margin:1em 0}figcaption{color:#555;font-size:13px}</style></head><body>",
-         f"<h1>{html.escape(title)}</h1>", f"<p>{bold(intro.replace('`', ''))}</p>", "<h2>Verdict</h2><ul>"]
-    h += [f"<li>{bold(a)}</li>" for a in advice]
-    h += ["</ul><h2>Results</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"]
-    for state, row in zip(status, body):
-        cls = " class='failed'" if state != "ok" else ""
-        h.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    h.append("</table>")
-    for entry, t in templates:
-        h.append(f"<h3>Prompt templates of {html.escape(entry)} (validation)</h3><table><tr><th>template</th>"
-                 "<th>accuracy</th><th>macro F1</th></tr>")
-        h += [f"<tr><td><code>{html.escape(repr(k))}</code></td><td>{v['accuracy']:.4f}</td>"
-              f"<td>{v['f1_macro']:.4f}</td></tr>" for k, v in t.items()]
-        h.append("</table>")
-    h.append("<h2>Plots</h2>")
-    h += [f"<figure><img alt='{html.escape(captions[k])}' src='data:image/png;base64,{b}'>"
-          f"<figcaption>{html.escape(captions[k])}</figcaption></figure>" for k, b in img.items()]
-    h.append(f"<p>{html.escape(note)}</p></body></html>")
-    (out / "report.html").write_text("\n".join(h))
+    images = {k: base64.b64encode(p.read_bytes()).decode() for k, p in plots.items()}
+    page = _templates().get_template("report.html").render(
+        title=title, intro=intro, advice=advice, head=head, rows=list(zip(status, body)), templates=templates,
+        images=images, captions=captions, note=note)
+    (out / "report.html").write_text(page)
     return {"report_md": out / "report.md", "report_html": out / "report.html", "plots": plots}
+
+
+def _templates():
+    """The report's Jinja2 page (templates/report.html), escaping everything; `bold` turns **x** into <b>x</b>."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+    from markupsafe import Markup, escape
+
+    env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
+                      autoescape=select_autoescape(default=True, default_for_string=True))
+    env.filters["bold"] = lambda text: Markup("".join(f"<b>{escape(p)}</b>" if i % 2 else str(escape(p))
+                                                      for i, p in enumerate(str(text).split("**"))))
+    env.filters["pyrepr"] = repr
+    return env

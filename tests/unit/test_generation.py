@@ -201,3 +201,43 @@ def test_the_config_offers_every_engine():
     from tunelab.generation import CHOICES
 
     assert get_args(GenerateConfig.model_fields["engine"].annotation) == CHOICES
+
+
+def test_ignore_eos_on_vllm_writes_every_token_asked(sft_run, monkeypatch):
+    """ignore_eos (the benches' forced length) must not stop at the chat's end token either: vLLM's stop_token_ids
+    apply even with its ignore_eos, so the engine sends none then — offline and in the server (it sent them: the
+    bench's tunelab-vllm rows wrote a few tokens of the 269 asked and reported 5× vLLM's speed)."""
+    import threading
+    from types import SimpleNamespace
+
+    from tunelab.generation import vllm as vllm_engine
+
+    sent = []
+
+    class Child:
+        version = "fake"
+
+        def __init__(self, *a):
+            pass
+
+        def batch(self, requests):
+            sent.extend(requests)
+            return [{"ids": [5] * r["max_tokens"], "finish": "length", "prompt": None} for r in requests]
+
+        def add(self, ids, on, **params):
+            sent.append(params)
+            return "1"
+
+    monkeypatch.setattr(vllm_engine, "Child", Child)
+    gen = tunelab.load(sft_run)
+    engine = vllm_engine.VllmEngine(gen, sft_run, "fake")
+    engine.generate(["a", "b"], max_new_tokens=7, ignore_eos=True)
+    engine.generate(["a"], max_new_tokens=7)
+    assert [r["stop_ids"] for r in sent] == [[], [], vllm_engine._stop_ids(gen.tokenizer)]
+    assert vllm_engine._stop_ids(gen.tokenizer)  # there are stop ids to leave out
+    sent.clear()
+    server = SimpleNamespace(engine=engine, limits=SimpleNamespace(max_queue=4), running={}, batches=0,
+                             batched_jobs=0, cond=threading.Condition(), _feed=lambda job: None)
+    job = SimpleNamespace(prompt_ids=[1, 2], max_tokens=3, temperature=0.0, top_p=1.0, ignore_eos=True)
+    vllm_engine.Loop.submit(server, [job])  # the server's loop adding a request to the running child
+    assert sent[0]["stop_ids"] == [] and sent[0]["ignore_eos"] is True

@@ -272,8 +272,9 @@ class VllmEngine:
             if len(ids) + max_new_tokens > self.context:
                 raise TunelabError(f"a prompt of {len(ids)} tokens and {max_new_tokens} new tokens exceed the vllm "
                                    f"engine's context of {self.context}")
+            # ignore_eos writes max_new_tokens whatever comes: the chat end (<|im_end|>) must not stop it either
             requests.append((ids, {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                                   "ignore_eos": ignore_eos, "stop_ids": stop}))
+                                   "ignore_eos": ignore_eos, "stop_ids": [] if ignore_eos else stop}))
         return [tok.decode(r["ids"], skip_special_tokens=True).strip() for r in self._run(requests)]
 
     def check_parity(self, path: Path, answers: list | None = None) -> dict:
@@ -344,7 +345,7 @@ class Loop:
                 job.prompt_tokens = len(job.prompt_ids)
                 rid = self.engine.child.add(list(job.prompt_ids), self._feed(job), max_tokens=job.max_tokens,
                                             temperature=job.temperature, top_p=job.top_p,
-                                            ignore_eos=job.ignore_eos, stop_ids=stop)
+                                            ignore_eos=job.ignore_eos, stop_ids=[] if job.ignore_eos else stop)
                 self.running[rid] = job
             self.cond.notify()
 
