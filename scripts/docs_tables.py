@@ -460,7 +460,9 @@ def engine_speed() -> str:
             f"trained; {gen['prompts']} prompts at once, `{all_[0]}` writes {all_[1]['tokens_per_s']}, "
             f"{all_[1]['vs_before']}×. Serving, a 2-token request sent while {srv['settings']['long']} long ones "
             f"run answers in {c['loaded_s']:.2f} s ({c['loaded_over_idle']:.1f}× its idle latency; "
-            f"{st['loaded_s']:.1f} s in static batches). {_machine(gen)[:-1]} and `bench/results/serving.json`)")
+            f"{st['loaded_s']:.1f} s in static batches). " + (
+                f"{_machine(gen)[:-1]} and `bench/results/serving.json`)" if gen.get("machine") == srv.get("machine")
+                else f"Generation {_machine(gen)}; serving {_machine(srv)}."))
 
 
 def chat_turns() -> str:
