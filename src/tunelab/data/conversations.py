@@ -113,17 +113,18 @@ def _conversation(record: dict, layout: str, data) -> Conversation:
     return from_messages(record[data.messages], record)
 
 
-def _listed(messages, what: str):
-    """A column's list of turns: a list (or array), or a CSV cell holding it as JSON text."""
+def _listed(messages, what: str, items: str):
+    """A column's list of turns: a list (or array), or a CSV cell holding it as JSON text; `items`: what a turn
+    is, for the messages."""
     messages = as_list(messages)
     if isinstance(messages, str):
         try:  # a CSV cell can only hold the list as JSON text
             messages = json.loads(messages)
         except json.JSONDecodeError:
-            raise ValueError(f"{what} is text, not a list of messages (nor such a list written as JSON)") from None
+            raise ValueError(f"{what} is text, not a list of {items} (nor such a list written as JSON)") from None
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if isinstance(messages, list) else kind(messages)
-        raise ValueError(f"{what} must be a non-empty list of messages; it is {got}")
+        raise ValueError(f"{what} must be a non-empty list of {items}; it is {got}")
     return messages
 
 
@@ -131,7 +132,7 @@ def from_sharegpt(turns, column: str = "conversations") -> list[dict]:
     """ShareGPT turns ({from, value}) as {role, content} messages: system, human → user, gpt → assistant; any other
     `from` (a tool call, an observation, a typo) is an error naming the message."""
     out = []
-    for i, m in enumerate(_listed(turns, f"`{column}`")):
+    for i, m in enumerate(_listed(turns, f"`{column}`", "{from, value} turns")):
         source, value = (m.get("from"), m.get("value")) if isinstance(m, dict) else (None, None)
         if source not in SHAREGPT:
             got = f"from {source!r}" if isinstance(m, dict) else kind(m)
@@ -142,7 +143,7 @@ def from_sharegpt(turns, column: str = "conversations") -> list[dict]:
 
 
 def from_messages(messages, record: dict) -> Conversation:
-    messages = _listed(messages, "`messages`")
+    messages = _listed(messages, "`messages`", "{role, content} messages")
     system, turns, pending = None, [], None
     for i, m in enumerate(messages):
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)

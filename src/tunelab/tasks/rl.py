@@ -151,7 +151,7 @@ def load(path, config, full_precision: bool = False):
     return Generator.from_saved(path, config)
 
 
-def evaluate_file(path, config, spec: str, *, allow_code: bool = False, load_run=None) -> dict:
+def evaluate_file(path, config, spec: str, *, allow_code: bool = False, load_run=None, **_) -> dict:
     """`tunelab eval`: the reward of the base and the tuned policy on the prompts of a file, and their KL."""
     from ..data.preferences import prompt_table
     from .generate import Generator
