@@ -86,12 +86,16 @@ def test_answers(path: Path, n: int = PROBE) -> list[tuple[str, str]]:
     from .. import jsonl
     from ..errors import DataError
 
+    pairs = []
     try:
-        rows = jsonl.read(Path(path) / "predictions_test.jsonl", missing_ok=True)
-    except (OSError, DataError):  # a damaged file: no answers to check on
+        for _, r in jsonl.rows(Path(path) / "predictions_test.jsonl"):  # read only as far as the n it needs
+            if isinstance(r.get("prompt"), str) and isinstance(r.get("reference"), str):
+                pairs.append((r["prompt"], r["reference"]))
+                if len(pairs) == n:
+                    break
+    except (OSError, DataError):  # missing or damaged: no answers to check on
         return []
-    return [(r["prompt"], r["reference"]) for r in rows
-            if isinstance(r.get("prompt"), str) and isinstance(r.get("reference"), str)][:n]
+    return pairs
 
 
 def probe(generator, path: Path, answers: list | None = None) -> list[tuple[list[int], int]]:
