@@ -50,26 +50,68 @@ def contiguous_head_input(model) -> None:
 
 
 class Generator:
-    """A generative model ready to generate: `generate(prompts)`, `evaluate(conversations)`."""
+    """A generative model ready to generate: `generate(prompts)`, `evaluate(conversations)`.
 
-    def __init__(self, config, tokenizer, model, path=None):
-        from ..models.saved import place
+    `model` is the loaded model, or a function that loads it: then it is loaded on first use of `model` (or of
+    what depends on it: `bf16`, `precision`), so a command answered by an engine that never touches the trained
+    model in torch (llama.cpp on the run's GGUF export) does not pay for importing peft and loading the weights.
+    `encoder_decoder` is given with a loader (it cannot be read off a model not yet loaded)."""
 
-        self.config, self.tokenizer, self.model, self.path = config, tokenizer, place(model).eval(), path
-        # a base loaded in bf16 (what training ran: base_dtype) runs under bf16 autocast, as in training, so the
-        # fp32 parts (adapter weights, virtual tokens) meet bf16 activations the way they did there
-        self.bf16 = any(p.dtype == torch.bfloat16 for p in self.model.parameters())
-        contiguous_head_input(self.model)
+    def __init__(self, config, tokenizer, model, path=None, encoder_decoder: bool | None = None):
+        self.config, self.tokenizer, self.path = config, tokenizer, path
+        self._model, self._load, self._bf16 = None, None, None
+        if isinstance(model, torch.nn.Module):
+            self._model = self._placed(model)
+        else:
+            self._load = model
         self.demonstrations = None  # method icl: solved examples put before each prompt
-        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.encoder_decoder = (bool(getattr(model.config, "is_encoder_decoder", False)) if encoder_decoder is None
+                                else encoder_decoder)
         # decoder-only: pad on the left so every prompt ends at the edge; encoder-decoder: the encoder reads it all
         self.tokenizer.padding_side = "right" if self.encoder_decoder else "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
+    def _placed(self, model):
+        from ..models.saved import place
+
+        model = place(model).eval()
+        # a base loaded in bf16 (what training ran: base_dtype) runs under bf16 autocast, as in training, so the
+        # fp32 parts (adapter weights, virtual tokens) meet bf16 activations the way they did there
+        self._bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+        contiguous_head_input(model)
+        return model
+
+    @property
+    def model(self):
+        """The model, loaded now if it was not yet."""
+        if self._model is None:
+            load, self._load = self._load, None
+            # first used inside `generate`/`loss` (inference mode): loaded outside it all the same, or its weights
+            # are inference tensors that peft cannot switch (disable_adapter sets requires_grad on them)
+            with torch.inference_mode(False):
+                self._model = self._placed(load())
+        return self._model
+
+    @model.setter
+    def model(self, model) -> None:  # merged, moved or cast in place by an engine or an export: kept as given
+        self._model, self._load = model, None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model has been loaded (see the class docstring)."""
+        return self._model is not None
+
+    @property
+    def bf16(self) -> bool:
+        """Whether its base computes in bf16 (under bf16 autocast); loads the model to know."""
+        if self._bf16 is None:
+            self.model  # noqa: B018 — loading sets it
+        return bool(self._bf16)
+
     @classmethod
     def from_saved(cls, path, config, dtype=torch.float32) -> "Generator":
-        """The run's saved model; `dtype` is its base's (a full model is always fp32)."""
+        """The run's saved model, loaded on first use; `dtype` is its base's (a full model is always fp32)."""
         from transformers import AutoTokenizer
 
         from ..models.saved import load_saved
@@ -81,8 +123,9 @@ class Generator:
             generator = cls(config, *_load_base(config, dtype), path)
             generator.demonstrations = load(model_dir, config.method)
             return generator
-        model = load_saved(model_dir, _auto_class(config.task), lambda: _load_base(config, dtype)[1])
-        return cls(config, AutoTokenizer.from_pretrained(model_dir), model, path)
+        return cls(config, AutoTokenizer.from_pretrained(model_dir),
+                   lambda: load_saved(model_dir, _auto_class(config.task), lambda: _load_base(config, dtype)[1]),
+                   path, encoder_decoder=config.task == "seq2seq")
 
     @classmethod
     def base(cls, config, dtype=torch.float32) -> "Generator":
