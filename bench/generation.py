@@ -227,6 +227,12 @@ def main() -> None:
             "prompts": args.large_prompts, "max_new_tokens": large_tokens, "min_tokens": MIN_TOKENS}}
         if any(previous.get(k) != v for k, v in same.items()):
             raise SystemExit("--rows: bench/results/generation.json measured another job; run every row")
+        from _common import machine
+
+        here, there = machine(), previous.get("machine", {})
+        if any(here.get(k) != there.get(k) for k in ("cpu", "cpus", "bf16_flags")):  # speeds of two hosts, one table
+            raise SystemExit(f"--rows: bench/results/generation.json was measured on another machine "
+                             f"({there.get('cpu')}, {there.get('cpus')} CPUs); run every row here")
         kept = {n: r for n, r in previous["results"].items() if n not in chosen}
     if any(n.startswith(("vllm-", "tunelab-vllm", "tunelab-auto")) for n in chosen):
         run_child("generation.py", "prepare-vllm", "--run", str(run), "--prompts", "1")  # merged folder, parity
