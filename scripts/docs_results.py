@@ -86,6 +86,24 @@ def translate_fr() -> dict:
                                                                             "translate-fr-lora")}
 
 
+def benchmarks() -> dict:
+    """`tunelab eval RUN --benchmark` with tunelab's two shipped harness tasks on the EN→FR LoRA run (and its base):
+    what the run printed as JSON, with the two commands' wall times (the second reads the caches)."""
+    run = RUNS / "translate-fr-lora"
+    _train("examples/translate-fr-lora.yaml", "translate-fr-lora")
+    args = [sys.executable, "-m", "tunelab", "eval", str(run), "--benchmark", "tunelab_sentiment,tunelab_translate_de"]
+    out = {}
+    for call in ("first", "cached"):
+        t0 = time.time()
+        print("$ tunelab " + " ".join(args[3:]) + " --json", flush=True)
+        done = subprocess.run([*args, "--json"], check=True, cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        out[f"{call}_wall_s"] = round(time.time() - t0, 1)
+        out["results"] = json.loads(done.stdout)
+    out["printed"] = subprocess.run(args, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    return out
+
+
 def peft_methods() -> dict:
     """Every PEFT method on the same short EN→FR job (examples/sft-*.yaml), and the untrained model."""
     out = {"base": _base("examples/sft-ia3.yaml")}
@@ -130,7 +148,7 @@ def export_onnx() -> dict:
 
 MEASUREMENTS = {"compare-sentiment": compare_sentiment, "compare-sentiment-curves": compare_sentiment_curves,
                 "compare-translate-fr": compare_translate_fr, "translate-fr": translate_fr,
-                "peft-methods": peft_methods,
+                "peft-methods": peft_methods, "benchmarks": benchmarks,
                 "forgetting": forgetting, "preferences": preferences, "export-onnx": export_onnx}
 
 

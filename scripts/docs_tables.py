@@ -220,6 +220,24 @@ def translate_fr() -> str:
     return _table(["model", "chrF", "BLEU", "ROUGE-L", "exact match"], rows) + f"\n\n{_machine(rec)}"
 
 
+def benchmarks() -> str:
+    rec = _load(RESULTS / "benchmarks.json")
+    res, rows = rec["result"], []
+    for task, t in res["results"].items():
+        for metric, r in t["metrics"].items():
+            low, high = r.get("interval") or (None, None)
+            verdict = ("tied" if r["tied"] else "better" if (r["difference"] > 0) == r.get("higher_is_better", True)
+                       else "worse") if "tied" in r else r.get("paired")
+            rows.append([f"`{task}`", metric, t["documents"], _f(r.get("base"), 3), _f(r["run"], 3),
+                         f"{r['difference']:+.3f}" if "difference" in r else None,
+                         f"{low:+.3f} to {high:+.3f}" if low is not None else None,
+                         f"{r['p']:.2g}" if "p" in r else None, verdict])
+    took = f"First call {res['first_wall_s']:.0f} s (both models, both tasks), again {res['cached_wall_s']:.0f} s " \
+        f"(read from the caches)."
+    return _table(["task", "metric", "documents", "base", "run", "difference", "95% interval", "p", "verdict"],
+                  rows) + f"\n\n{took} {_machine(rec)}"
+
+
 def peft_methods() -> str:
     rec = _load(RESULTS / "peft-methods.json")
     res = rec["result"]
@@ -524,7 +542,8 @@ RENDERERS = {"compare-sentiment": compare_sentiment, "compare-sentiment-verdict"
              "compare-translate-fr-verdict": compare_translate_fr_verdict,
              "compare-translate-fr-engines": compare_translate_fr_engines,
              "compare-sentiment-templates": compare_sentiment_templates, "translate-fr": translate_fr,
-             "peft-methods": peft_methods, "forgetting": forgetting, "preferences": preferences,
+             "peft-methods": peft_methods, "benchmarks": benchmarks, "forgetting": forgetting,
+             "preferences": preferences,
              "export-onnx": export_onnx, "serve-load": serve_load, "serving": serving, "engine-speed": engine_speed,
              "bench-summary": bench_summary, "peers": peers,
              "gguf-speed": gguf_speed, "generation-engines": generation_engines, "chat-turns": chat_turns,

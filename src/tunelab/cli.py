@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="file with the same text/label columns as the training data")
     e.add_argument("--base", action="store_true", help="generative tasks: test metrics of the config's untrained model "
                                                        "on its test split, for before/after comparisons")
+    e.add_argument("--benchmark", action="append", default=[], metavar="TASKS",
+                   help="lm-eval-harness tasks (comma-separated, repeatable): harness task names, task YAML files or "
+                        "folders, or tunelab's own (tunelab_sentiment, tunelab_translate_de); the run and its base "
+                        "model, compared per document")
+    e.add_argument("--limit", help="--benchmark: documents per task (a whole number), or a share between 0 and 1")
+    e.add_argument("--fewshot", type=_whole(0), help="--benchmark: solved examples before each question "
+                                                     "(default: each task's own)")
+    e.add_argument("--no-base", action="store_true", help="--benchmark: score the run only")
+    e.add_argument("--json", action="store_true", help="--benchmark: print the results as JSON")
     with_set(e)
     with_code(e)
     e.set_defaults(fn=commands.eval)

@@ -55,6 +55,14 @@ def eval(args) -> int:
     from .runs import open_finished
     from .tasks import TASKS
 
+    if args.benchmark:
+        from .benchmarks import run_benchmarks, table
+
+        specs = [t.strip() for spec in args.benchmark for t in spec.split(",") if t.strip()]
+        results = run_benchmarks(args.run, specs, limit=args.limit, base=not args.no_base, fewshot=args.fewshot,
+                                 progress=lambda text: print(f"tunelab: {text}", file=sys.stderr))
+        print(json.dumps(results, indent=2) if args.json else table(results))
+        return 0
     if args.base:
         metrics = evaluate_base(args.run, args.set)
         print(f"{args.run} (untrained {metrics.pop('model')}), test split: " +

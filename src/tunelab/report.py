@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .plots import read_jsonl
 from .stats import p_text
-from .verdict import METRIC_NAMES
+from .verdict import METRIC_NAMES, benchmark_columns
 
 TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
 
@@ -73,6 +73,7 @@ def compare_rows(entries) -> list[dict]:
                        examples_per_s=train.get("examples_per_s"), tokens_per_s=train.get("tokens_per_s"),
                        peak_rss_mb=manifest.get("peak_rss_mb"), stored=stored_bytes(e.run_dir / "model"),
                        forgetting=(metrics.get("forgetting") or {}).get("ratio"),
+                       benchmarks=metrics.get("benchmarks"),
                        probe=metrics.get("forgetting") if "drop" in (metrics.get("forgetting") or {}) else None,
                        records=records,
                        templates=train.get("templates"), template=train.get("template"),
@@ -101,6 +102,8 @@ def _table(analysis: dict) -> tuple[list[str], list[list[str]], list[str]]:
     groups = analysis["groups"]
     head = ["entry", "model", f"test {name}", "95% interval", f"vs {analysis['best']}", "trainable params",
             "train time", "per 1,000 requests", "prompt tokens", "peak RAM", "stored", "forgetting", "notes"]
+    marks = benchmark_columns(groups)
+    head[-1:-1] = [f"{task} {metric}" for task, metric in marks]
     body, status = [], []
     for g in groups:
         status.append(g["status"])
@@ -123,8 +126,19 @@ def _table(analysis: dict) -> tuple[list[str], list[list[str]], list[str]]:
                      f"{g['inference_per_1000_s']:.1f} s" if g.get("inference_per_1000_s") else "—",
                      _fmt(g.get("prompt_tokens"), 0), f"{g['peak_rss_mb'] / 1024:.1f} GB" if g.get("peak_rss_mb") else
                      "—", human_bytes(g["stored"]) if g.get("stored") is not None else "—", _forgetting_cell(g),
-                     "; ".join(notes)])
+                     *(benchmark_cell(g, task, metric) for task, metric in marks), "; ".join(notes)])
     return head, body, status
+
+
+def benchmark_cell(g: dict, task: str, metric: str) -> str:
+    """`0.612 (+0.014 vs base, tied)`: the entry's score on a benchmark and its paired change from the base model."""
+    row = ((g.get("benchmarks") or {}).get(task) or {}).get("metrics", {}).get(metric)
+    if row is None:
+        return "—"
+    if "difference" not in row:
+        return f"{row['run']:.3f}"
+    verdict = "" if "tied" not in row else ", tied" if row["tied"] else f", {p_text(row['p'])}"
+    return f"{row['run']:.3f} ({row['difference']:+.3f} vs base{verdict})"
 
 
 def _forgetting_cell(g: dict) -> str:
@@ -205,6 +219,26 @@ def compare_plots(rows: list[dict], analysis: dict, out: Path) -> dict[str, Path
         ax.set(xlabel="trainable parameters (log scale)", ylabel=f"test {name}")
         ax.grid(alpha=0.3)
         save(fig, "metric_vs_params")
+    marks = benchmark_columns(ok)
+    if marks:  # each benchmark's change from the base model per entry, with its paired 95% interval
+        fig, ax = plt.subplots(figsize=(7, 0.9 + 0.45 * len(ok) * len(marks)), dpi=100)
+        ticks = []
+        for i, (task, metric) in enumerate(marks):
+            for j, g in enumerate(ok):
+                row = ((g.get("benchmarks") or {}).get(task) or {}).get("metrics", {}).get(metric) or {}
+                if "difference" not in row:
+                    continue
+                y = len(ticks)
+                low, high = row.get("interval") or (row["difference"],) * 2
+                ax.errorbar([row["difference"]], [y], xerr=[[row["difference"] - low], [high - row["difference"]]],
+                            fmt="o", capsize=3, color=f"C{i}", label=f"{task} {metric}" if j == 0 else None)
+                ticks.append(f"{g['name']} · {task}")
+        ax.axvline(0, color="tab:gray", linestyle=":")
+        ax.set_yticks(range(len(ticks)), ticks, fontsize=8)
+        ax.set(xlabel="change from the base model (run − base), 95% paired interval")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "benchmarks")
     curves = analysis.get("curves")
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4.4), dpi=100)
@@ -259,7 +293,9 @@ def compare_report(rows: list[dict], analysis: dict, out: Path, *, title: str, c
     captions = {"loss": "Training vs validation loss per entry (first seed)",
                 "metric_vs_cost": f"Test {name} vs inference cost, 95% intervals, with the Pareto front",
                 "metric_vs_params": f"Test {name} vs trainable parameters",
-                "learning_curves": f"Learning curves: test {name} vs labelled training examples (95% intervals)"}
+                "learning_curves": f"Learning curves: test {name} vs labelled training examples (95% intervals)",
+                "benchmarks": "Benchmarks (lm-eval-harness): each entry's change from the base model, 95% paired "
+                              "intervals (an interval across 0 is a tie)"}
     templates = [(g["name"], g["templates"]) for g in analysis["groups"] if g.get("templates")]
     note = ("Training time is what the method itself costs (for icl: building the demonstration index and scoring "
             "the templates); per 1,000 requests is the measured time of answering the test split, one process; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,14 @@ def _finish(task, ctx: FitContext, started: float, params: dict, stats: dict, pe
     evaluated = time.time()
     with peaks.phase("evaluate"):
         metrics.update(task.evaluate(ctx, stats))
+        if config.eval.benchmarks and trait(config.method.name, "GRADIENT_FREE"):
+            metrics["benchmarks_skipped"] = "nothing was trained: on a benchmark this run is its base model"
+        elif config.eval.benchmarks:  # lm-eval-harness on the saved model and its base (docs/benchmarks.md)
+            from .benchmarks import benchmark
+
+            metrics["benchmarks"] = benchmark(run.path, config, config.eval.benchmarks,
+                                              limit=config.eval.benchmark_limit,
+                                              progress=lambda text: print(f"tunelab: {text}", file=sys.stderr))
     metrics["evaluate_s"] = round(time.time() - evaluated, 2)
     stats.pop("validation_loss", None)
     run.write_json("metrics.json", metrics)

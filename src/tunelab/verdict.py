@@ -69,7 +69,7 @@ def _group(runs: list[dict], key: str, labels) -> dict:
                  prompt_tokens=_avg([((r["test"].get("inference") or {}).get("prompt_tokens")) for r in done]),
                  engine=", ".join(dict.fromkeys(e for r in done if (e := (r["test"].get("inference") or {})
                                                                       .get("engine")))) or None,
-                 forgetting=_avg([r.get("forgetting") for r in done]),
+                 forgetting=_avg([r.get("forgetting") for r in done]), benchmarks=done[0].get("benchmarks"),
                  probe=done[0].get("probe"), flags=sorted({f for r in done for f in r.get("flags", [])}),
                  template=done[0].get("template"), shots=done[0].get("shots"), demos=done[0].get("demos"),
                  templates=done[0].get("templates"))
@@ -297,6 +297,16 @@ def _still_improving(curves: dict, best: str) -> str:
             f"labelled examples ({gain:+.4f}) — {verdict}.")
 
 
+def benchmark_columns(groups: list[dict]) -> list[tuple[str, str]]:
+    """(task, metric) of every benchmark an entry was scored on (eval.benchmarks): its first metric, a column each."""
+    marks = {}
+    for g in groups:
+        for task, result in (g.get("benchmarks") or {}).items():
+            if result.get("metrics"):
+                marks.setdefault(task, next(iter(result["metrics"])))
+    return list(marks.items())
+
+
 def _forgetting(ok: list[dict]) -> list[str]:
     out = []
     probes = [g for g in ok if g.get("probe")]
@@ -306,6 +316,20 @@ def _forgetting(ok: list[dict]) -> list[str]:
         out.append(f"Forgetting of the earlier task ({p['data']}, `{p['label']}`; linear probe on the encoder): "
                    f"largest after **{worst['name']}** ({p['base_accuracy']:.3f} → {p['accuracy']:.3f}); "
                    + ", ".join(f"{g['name']} {g['probe']['accuracy']:.3f}" for g in probes if g is not worst) + ".")
+    for task, metric in benchmark_columns(ok):  # lm-eval-harness: each entry against the base model, paired
+        rows = [(g["name"], g["benchmarks"][task]["metrics"][metric]) for g in ok
+                if metric in ((g.get("benchmarks") or {}).get(task) or {}).get("metrics", {})]
+        rows = [(n, r) for n, r in rows if "difference" in r]
+        if rows:
+            worse = [n for n, r in rows if "tied" in r and not r["tied"] and
+                     (r["difference"] < 0) == r.get("higher_is_better", True)]
+            out.append(f"Benchmark {task} ({metric}, lm-eval-harness; base model {rows[0][1]['base']:.3f}): "
+                       + ", ".join(f"{n} {r['run']:.3f} ({r['difference']:+.3f}"
+                                   + (", tied" if r.get("tied") else f", {stats.p_text(r['p'])}" if "p" in r else "")
+                                   + ")" for n, r in rows)
+                       + (f" — **{', '.join(worse)}** lost ground on it." if worse
+                          else " — no entry is measurably worse than the base." if all("tied" in r for _, r in rows)
+                          else "."))
     ratios = [g for g in ok if g.get("forgetting")]
     if ratios:
         worst = max(ratios, key=lambda g: g["forgetting"])

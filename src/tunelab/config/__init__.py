@@ -119,6 +119,9 @@ class Config(Section):
         if self.eval.earlier_task is not None and not task.EARLIER_TASK:
             problems.append(f"eval.earlier_task does not apply to task {self.task}; generative tasks measure "
                             f"forgetting by perplexity (eval.forgetting)")
+        if self.eval.benchmarks and not task.CAUSAL_LM:
+            problems.append(f"eval.benchmarks does not apply to task {self.task}: lm-eval-harness benchmarks score a "
+                            f"causal language model")
         for section in ("dpo", "rl"):  # the sections a task owns
             if getattr(self, section) is not None and task.SECTION != section:
                 problems.append(f"the `{section}:` section applies to task {section}, not {self.task}")

@@ -281,6 +281,13 @@ class EvalConfig(Section):
     shipped with tunelab; null to skip."""
     forgetting_max: int = Field(32, ge=1)
     """Use at most this many documents of `eval.forgetting` (a fixed, seeded sample)."""
+    benchmarks: list[str] = Field(default_factory=list)
+    """Causal-LM tasks: lm-eval-harness tasks — harness names, task YAML files or folders, or tunelab's own
+    (tunelab_sentiment, tunelab_translate_de) — scored after training on the run and on its base model, each metric
+    compared per document with its interval (docs/benchmarks.md); a `tunelab compare` of the config reports them
+    per entry. Needs lm-eval (`tunelab[benchmarks]`)."""
+    benchmark_limit: int | None = Field(None, ge=1)
+    """eval.benchmarks: score at most this many documents of each task (null: all)."""
     earlier_task: EarlierTask | None = None
     """classify: forgetting of an earlier task — a logistic-regression probe on the encoder's mean-pooled features
     is fitted and scored on this data with the base encoder and with the fine-tuned one; the accuracy drop is

@@ -45,6 +45,8 @@ class Task(Protocol):
     """The head it builds on the model ("sequence-classification", "causal-lm"), checked before any work."""
     CAUSAL_LM: bool
     """The trained model is a decoder-only causal LM (merge, export, /v1/completions, forgetting by perplexity)."""
+    CHAT_PROMPTS: bool
+    """It learns from conversations rendered with the model's chat template (benchmarks render theirs with it)."""
     SERVES: str | None
     """The `tunelab serve` endpoint family: "classify", "generate" or None."""
     PACKING: bool
@@ -82,7 +84,8 @@ TASKS: dict[str, Task] = {}
 
 _DEFAULTS = {"AUTO_HEAD": None, "PACKING": False, "PACKING_DEFAULT": False, "GROUP_BY_LENGTH": False,
              "DEFAULT_METHOD": None, "SECTION": None, "SECTION_REQUIRED": False, "EARLIER_TASK": False,
-             "BASELINE": False, "STREAMING": False, "CAUSAL_LM": False, "SERVES": None, "DATA_FIELDS": frozenset()}
+             "BASELINE": False, "STREAMING": False, "CAUSAL_LM": False, "CHAT_PROMPTS": False, "SERVES": None,
+             "DATA_FIELDS": frozenset()}
 
 
 def register(module) -> None:

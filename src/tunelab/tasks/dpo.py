@@ -23,6 +23,7 @@ KIND, USE = "generator", "`tunelab generate`"
 PEFT_TASK_TYPE = "CAUSAL_LM"
 AUTO_HEAD = "causal-lm"  # the head it builds (checked to exist before any work)
 CAUSAL_LM, SERVES = True, "generate"
+CHAT_PROMPTS = True  # it learns from conversations rendered with the chat template (benchmarks too)
 DEFAULT_METHOD = "lora"  # the frozen base is the reference: no second copy in memory
 SECTION = "dpo"
 

@@ -25,6 +25,7 @@ KIND, USE = "generator", "`tunelab generate`"
 PEFT_TASK_TYPE = "CAUSAL_LM"
 AUTO_HEAD = "causal-lm"  # the head it builds (checked to exist before any work)
 CAUSAL_LM, SERVES, BASELINE = True, "generate", True
+CHAT_PROMPTS = True  # it learns from conversations rendered with the chat template (benchmarks too)
 PACKING = True  # packing (and train.compile) apply; off by default: batch_size would count packed rows
 GROUP_BY_LENGTH = True
 
