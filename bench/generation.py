@@ -6,8 +6,10 @@ peak RSS is its own), in `--repeats` rounds of alternating order (the large job:
 reported (the lower of two), all runs beside it.
 
 Two speeds per row: tokens/s while generating (after load and a one-prompt warm-up), and the job's wall time
-(`job_s`: from the row's process start — imports, model load, merge or engine start, warm-up — to its last token),
-which is what a user waits for: an engine that writes faster but takes a minute to start loses a small job.
+(`job_s`: from the row's start — what its process imports and loads, merge or engine start, warm-up — to its last
+token), which is what a user waits for: an engine that writes faster but takes a minute to start loses a small job.
+The prompts (rendered from the run's test split, and their token ids) are prepared once by the parent, so no row's
+job includes the bench's own reading of the data; a tunelab row opens the run as `tunelab generate` does.
 
 Rows: HF `generate` on the run as trained (adapter unmerged: tunelab's path before the engine layer) and on the
 merged model, llama-cpp-python on the run's f16 GGUF, and `tunelab generate`'s engines (torch, llamacpp, auto)
@@ -54,32 +56,61 @@ ROWS = {  # name: (what, batch: "one" or "all")
 KINDS = {"one": "one prompt at a time", "all": "all at once", "large": "large job, all at once"}
 
 
-def _prompts(run: Path, n: int) -> tuple:
+def _prompts(run: Path, n: int) -> Path:
+    """The run's first n test prompts, rendered as training did, and their token ids: written once by the parent
+    (bench/.runs/), so a row's job is the command's own work, not the bench's reading of the test split."""
     from tunelab.gguf import held_out_conversations
-    from tunelab.runs import open_finished
+    from tunelab.runs import load_run, open_finished
     from tunelab.tasks import TASKS
 
     path, config = open_finished(run)
-    task = TASKS[config.task]
-    generator = task.load(path, config)
-    return path, generator, [generator.render_conversation(c) for c in held_out_conversations(path, config, task, n)]
+    generator = load_run(path)
+    prompts = [generator.render_conversation(c) for c in held_out_conversations(path, config, TASKS[config.task], n)]
+    file = ROOT / "bench" / ".runs" / f"generation-prompts-{n}.json"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    ids = [generator.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    file.write_text(json.dumps({"run": str(path.resolve()), "prompts": prompts, "ids": ids}))
+    return file
 
 
 def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
-    """Child side: load, warm up, then time one row."""
+    """Child side: from the row's start (what a user's process would import and load), warm up, then time."""
     job_start = time.perf_counter()
-    import torch
+    from tunelab.generation.llamacpp import threads
 
-    path, generator, prompts = _prompts(run, n)
+    job = json.loads((ROOT / "bench" / ".runs" / f"generation-prompts-{n}.json").read_text())
+    if job["run"] != str(run.resolve()):
+        raise SystemExit(f"bench/.runs/generation-prompts-{n}.json holds another run's prompts")
+    prompts, path = job["prompts"], run
+    if ROWS.get(name, ("", ""))[1] == "large" and len(prompts) * tokens < MIN_TOKENS:
+        return {"error": f"{len(prompts)} test prompts × {tokens} tokens is under vllm.MIN_TOKENS ({MIN_TOKENS:,})"}
+    batch = 1 if ROWS.get(name, ("", ""))[1] == "one" else len(prompts)
+    if name.startswith("llamacpp-"):  # llama-cpp-python on the f16 GGUF, fed the very token ids tunelab renders
+        import llama_cpp
+
+        from tunelab.generation.llamacpp import gguf_file
+
+        llm = llama_cpp.Llama(model_path=str(gguf_file(path)), n_ctx=1024, n_threads=threads(), verbose=False, seed=0)
+        eos, ids = {llm.token_eos(): float("-inf")}, dict(zip(prompts, job["ids"]))
+        why = f"llama-cpp-python {llama_cpp.__version__}"
+
+        def generate(ps):
+            out = []
+            for p in ps:
+                llm.reset()
+                out.append(llm.create_completion(ids[p], max_tokens=tokens, temperature=0.0, top_k=0, min_p=0.0,
+                                                 repeat_penalty=1.0, logit_bias=eos)["choices"][0]["text"])
+            return out
+    else:
+        from tunelab.runs import load_run
+
+        generator = load_run(path)  # the run as `tunelab generate` opens it: its tokenizer now, its model lazily
     if name == "prepare-vllm":  # once before the rows: the merged folder and vLLM's parity record, so no row pays them
         from tunelab.generation import choose, missing
 
         if not missing("vllm"):
             choose("vllm", generator, path, len(prompts), tokens).close()
         return {"prepared": not missing("vllm")}
-    if ROWS[name][1] == "large" and len(prompts) * tokens < MIN_TOKENS:
-        return {"error": f"{len(prompts)} test prompts × {tokens} tokens is under vllm.MIN_TOKENS ({MIN_TOKENS:,})"}
-    batch = 1 if ROWS[name][1] == "one" else len(prompts)
     if name.startswith("tunelab-"):
         from tunelab.generation import choose
 
@@ -103,30 +134,7 @@ def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
         def generate(ps):
             return generator.generate(ps, max_new_tokens=tokens, batch_size=batch, ignore_eos=True)
     elif name.startswith("vllm-"):
-        return _vllm_direct(path, generator, prompts, tokens)
-    else:
-        from tunelab.generation.llamacpp import gguf_file
-
-        if not gguf_file(path).is_file():
-            import tunelab
-
-            tunelab.export(path, "gguf", quant="f16")
-        job_start = time.perf_counter()  # llama.cpp's job from its import on (HF's tokenizer only keeps ids equal)
-        import llama_cpp
-
-        llm = llama_cpp.Llama(model_path=str(gguf_file(path)), n_ctx=1024, n_threads=torch.get_num_threads(),
-                              verbose=False, seed=0)
-        eos = {llm.token_eos(): float("-inf")}
-        why = f"llama-cpp-python {llama_cpp.__version__}"
-
-        def generate(ps):
-            out = []
-            for p in ps:
-                llm.reset()
-                ids = generator.tokenizer(p, add_special_tokens=True)["input_ids"]
-                out.append(llm.create_completion(ids, max_tokens=tokens, temperature=0.0, top_k=0, min_p=0.0,
-                                                 repeat_penalty=1.0, logit_bias=eos)["choices"][0]["text"])
-            return out
+        return _vllm_direct(path, generator, job["ids"], tokens)
     generate(prompts[:1])  # warm-up
     t0 = time.perf_counter()
     texts = generate(prompts)
@@ -135,13 +143,16 @@ def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
     written = len(prompts) * tokens
     # what came back, counted again (text → tokens: special tokens dropped, so a little under): an engine that
     # stopped early (it once did at the chat's end token) would report a speed it never had
-    counted = sum(len(generator.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    from tunelab.models.saved import load_tokenizer
+
+    tokenizer = load_tokenizer(path / "model")
+    counted = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     if counted < written / 2:
         return {"error": f"{why}: wrote about {counted} of the {written} tokens asked (stopped early)",
                 "engine": why}
     out = {"engine": why, "prompts": len(prompts), "tokens": written, "tokens_counted": counted,
            "seconds": round(seconds, 2), "tokens_per_s": round(written / seconds, 1),
-           "threads": torch.get_num_threads(), "job_s": round(job_s, 1)}
+           "threads": threads(), "job_s": round(job_s, 1)}
     if name.startswith("tunelab-"):
         out["ready_s"] = round(ready, 1)
         if hasattr(engine, "close"):  # the engine's own process (vllm): its peak memory counts too
@@ -150,7 +161,7 @@ def _measure(name: str, run: Path, n: int, tokens: int) -> dict:
     return out
 
 
-def _vllm_direct(path: Path, generator, prompts: list[str], tokens: int) -> dict:
+def _vllm_direct(path: Path, generator, ids: list[list[int]], tokens: int) -> dict:
     """vLLM's own LLM class on the run's merged folder, in the vLLM environment (bench/vllm_direct.py)."""
     import subprocess
 
@@ -161,7 +172,7 @@ def _vllm_direct(path: Path, generator, prompts: list[str], tokens: int) -> dict
         return {"error": missing("vllm")}
     job = {"model": str(vllm_engine.folder(generator, path)), "tokens": tokens,
            "dtype": "bfloat16" if generator.precision == "bf16" else "float32",
-           "ids": [generator.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]}
+           "ids": ids}
     started = time.perf_counter()  # the job: vLLM's own process, from its start to its exit
     done = subprocess.run([vllm_engine.python(), str(ROOT / "bench" / "vllm_direct.py"), json.dumps(job)],
                           capture_output=True, text=True)
@@ -169,7 +180,7 @@ def _vllm_direct(path: Path, generator, prompts: list[str], tokens: int) -> dict
     line = next((x for x in done.stdout.splitlines() if x.startswith("VLLM-DIRECT ")), None)
     if line is None:
         return {"error": f"exit {done.returncode}: {(done.stdout + done.stderr)[-400:]}"}
-    return {**json.loads(line[len("VLLM-DIRECT "):]), "prompts": len(prompts), "job_s": round(job_s, 1),
+    return {**json.loads(line[len("VLLM-DIRECT "):]), "prompts": len(ids), "job_s": round(job_s, 1),
             "child_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
@@ -208,6 +219,8 @@ def main() -> None:
         import tunelab
 
         tunelab.export(run, "gguf", quant="f16")
+    for n in {args.prompts, args.large_prompts}:  # the rows' prompts, prepared once here
+        _prompts(run, n)
     large_tokens = args.large_tokens or -(-MIN_TOKENS // args.large_prompts)  # prompts × tokens ≥ MIN_TOKENS
     jobs = {"one": (args.prompts, args.tokens), "all": (args.prompts, args.tokens),
             "large": (args.large_prompts, large_tokens)}
@@ -235,7 +248,7 @@ def main() -> None:
                              f"({there.get('cpu')}, {there.get('cpus')} CPUs); run every row here")
         kept = {n: r for n, r in previous["results"].items() if n not in chosen}
     if any(n.startswith(("vllm-", "tunelab-vllm", "tunelab-auto")) for n in chosen):
-        run_child("generation.py", "prepare-vllm", "--run", str(run), "--prompts", "1")  # merged folder, parity
+        run_child("generation.py", "prepare-vllm", "--run", str(run), "--prompts", str(args.prompts))  # merged, parity
     rounds: dict = {name: [] for name in chosen}
     small = [n for n in chosen if ROWS[n][1] != "large"]
     for k in range(args.repeats):  # rounds in alternating order: a host's slow phase does not hit one row only

@@ -442,8 +442,9 @@ def generation_engines() -> str:
     return (_table([f"{rec['prompts']} test prompts × {rec['max_new_tokens']} forced tokens{size}", "tokens/s",
                     "job s", "× before (unmerged HF)", "peak RSS MB", "ready s", "engine"], rows)
             + f"\n\n`tunelab generate --engine auto` against the fastest engine driven directly — {said}. The job's "
-              f"wall time runs from the row's process start (imports, load, merge or engine start, a one-prompt "
-              f"warm-up) to its last token: what a user waits for. {_machine(rec)}")
+              f"wall time runs from the row's start in its own process (what it imports and loads, merge or engine "
+              f"start, a one-prompt warm-up; the prompts are prepared beforehand) to its last token: what a user "
+              f"waits for. {_machine(rec)}")
 
 
 def serving() -> str:

@@ -64,7 +64,7 @@ def resolve_tasks(specs: list[str]):
     """(task manager, task names, {name: text that defines it}) for TASKS; one clear sentence for a name the
     harness does not know or a YAML it cannot read."""
     _harness()
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager, get_task_dict
 
     include, names, paths = [str(SHIPPED)], [], {}
     for spec in specs:
@@ -98,8 +98,13 @@ def resolve_tasks(specs: list[str]):
         entry = manager.task_index[name]
         source = paths.get(name) or getattr(entry, "yaml_path", None)
         paths[name] = source
+    names = list(dict.fromkeys(names))
+    try:  # built now, before any model loads: a task whose data cannot be read fails in a second, not a minute
+        get_task_dict(names, manager)
+    except Exception as exc:
+        raise TunelabError(_explain(exc, names)) from exc
     texts = {n: _definition(Path(p)) if p else n for n, p in paths.items()}
-    return manager, list(dict.fromkeys(names)), texts
+    return manager, names, texts
 
 
 def _check_yaml(path: Path) -> None:

@@ -16,8 +16,9 @@ from .errors import RunError
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a file; the temp file is this
+    process's own, so two processes writing one shared file (a cache) cannot mix their halves."""
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 

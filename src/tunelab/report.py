@@ -219,22 +219,20 @@ def compare_plots(rows: list[dict], analysis: dict, out: Path) -> dict[str, Path
         ax.set(xlabel="trainable parameters (log scale)", ylabel=f"test {name}")
         ax.grid(alpha=0.3)
         save(fig, "metric_vs_params")
-    marks = benchmark_columns(ok)
-    if marks:  # each benchmark's change from the base model per entry, with its paired 95% interval
-        fig, ax = plt.subplots(figsize=(7, 0.9 + 0.45 * len(ok) * len(marks)), dpi=100)
-        ticks = []
-        for i, (task, metric) in enumerate(marks):
-            for j, g in enumerate(ok):
-                row = ((g.get("benchmarks") or {}).get(task) or {}).get("metrics", {}).get(metric) or {}
-                if "difference" not in row:
-                    continue
-                y = len(ticks)
-                low, high = row.get("interval") or (row["difference"],) * 2
-                ax.errorbar([row["difference"]], [y], xerr=[[row["difference"] - low], [high - row["difference"]]],
-                            fmt="o", capsize=3, color=f"C{i}", label=f"{task} {metric}" if j == 0 else None)
-                ticks.append(f"{g['name']} · {task}")
+    points = [(i, f"{g['name']} · {task}", f"{task} {metric}", row)
+              for i, (task, metric) in enumerate(benchmark_columns(ok)) for g in ok
+              if "difference" in (row := ((g.get("benchmarks") or {}).get(task) or {}).get("metrics", {}).get(metric)
+                                  or {})]
+    if points:  # each benchmark's change from the base model per entry, with its paired 95% interval
+        fig, ax = plt.subplots(figsize=(7, 0.9 + 0.45 * len(points)), dpi=100)
+        labelled = set()
+        for y, (i, _, label, row) in enumerate(points):
+            low, high = row.get("interval") or (row["difference"],) * 2
+            ax.errorbar([row["difference"]], [y], xerr=[[row["difference"] - low], [high - row["difference"]]],
+                        fmt="o", capsize=3, color=f"C{i}", label=None if label in labelled else label)
+            labelled.add(label)
         ax.axvline(0, color="tab:gray", linestyle=":")
-        ax.set_yticks(range(len(ticks)), ticks, fontsize=8)
+        ax.set_yticks(range(len(points)), [p[1] for p in points], fontsize=8)
         ax.set(xlabel="change from the base model (run − base), 95% paired interval")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

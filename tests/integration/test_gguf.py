@@ -88,3 +88,18 @@ def test_generate_through_llamacpp_answers_like_torch_and_auto_takes_it_for_one_
     captured = capsys.readouterr()
     assert "engine auto: one prompt, and" in captured.err and "answered like the trained model" in captured.err
     assert captured.out.strip() == llama.generate([llama.generator.render("Save changes")], max_new_tokens=12)[0]
+
+
+def test_one_prompt_answered_by_llamacpp_never_imports_torch(run):
+    """The one-prompt job on the run's GGUF export renders its prompt with the run's tokenizer and hands it to
+    llama.cpp: neither torch nor peft is imported and the weights are never loaded in torch (the job is ~1 s of
+    tunelab around llama.cpp's own time, not the 3 s torch's import took)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from tunelab.cli import main\n"
+             f"code = main(['generate', {str(run)!r}, '--prompt', 'Save changes', '--max-new-tokens', '4'])\n"
+             "print('LOADED', code, [m for m in ('torch', 'peft') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert "engine auto: one prompt" in done.stderr, done.stderr[-2000:]
+    assert "LOADED 0 []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

@@ -100,6 +100,21 @@ def open(generator, path: Path, why: str | None = None, answers: list | None = N
     return LlamaCppEngine(generator, gguf_file(path), why or f"llamacpp ({gguf_file(path).name})")
 
 
+def threads() -> int:
+    """The threads torch computes with (OMP_NUM_THREADS, else the physical cores), without importing torch when
+    this process has not: llama.cpp answering one prompt never needs it."""
+    import os
+    import sys
+
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
 class LlamaCppEngine:
     name = "llamacpp"
 
@@ -110,11 +125,10 @@ class LlamaCppEngine:
 
     def _model(self, n_ctx: int):
         import llama_cpp
-        import torch
 
         if self._llm is None or n_ctx > self._n_ctx:
             self._n_ctx = max(n_ctx, 512)
-            self._llm = llama_cpp.Llama(model_path=str(self.file), n_ctx=self._n_ctx, n_threads=torch.get_num_threads(),
+            self._llm = llama_cpp.Llama(model_path=str(self.file), n_ctx=self._n_ctx, n_threads=threads(),
                                         n_batch=min(self._n_ctx, 512), verbose=False, seed=0)
         return self._llm
 

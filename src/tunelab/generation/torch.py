@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 BATCHES = True
 PROBE = 8  # test answers the merge is checked on
@@ -108,9 +110,10 @@ def probe(generator, path: Path, answers: list | None = None) -> list[tuple[list
     return rows
 
 
-@torch.inference_mode()
 def logits(generator, ids: list[int]) -> torch.Tensor:
-    with generator.autocast():
+    import torch  # here, not at the top: the llamacpp path imports this module and never needs torch
+
+    with torch.inference_mode(), generator.autocast():
         return generator.model(input_ids=torch.tensor([ids], device=generator.model.device)).logits[0].float().cpu()
 
 
@@ -118,6 +121,8 @@ def teacher_forced(reference: list, other: list, probe: list[tuple[list[int], in
     """How closely `other`'s logits follow `reference`'s on the probe sequences (ids, where the answer starts),
     over the answer tokens: the share of positions whose most likely next token agrees, the largest logit
     difference, and the perplexity ratio of the reference answers (other / reference)."""
+    import torch
+
     agree = total = 0
     nll_ref = nll_other = diff = 0.0
     for ref, oth, (ids, start) in zip(reference, other, probe):

@@ -2,15 +2,18 @@
 evaluation on conversations."""
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from ..data.conversations import Conversation, render_prompt, resolve_prompt_format, user_content
 from ..errors import TunelabError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _auto_class(task: str):
@@ -19,8 +22,23 @@ def _auto_class(task: str):
     return AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModelForCausalLM
 
 
-def _load_base(config, dtype=torch.float32):
-    """The untrained model of a config, in `dtype` (seq2seq from an encoder: bert2bert, as training built it)."""
+def _inference_mode(method):
+    """`@torch.inference_mode()`, with torch imported when the method runs: a command answered by llama.cpp
+    (`tunelab generate` on the run's GGUF export) renders its prompts here without importing torch at all."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return method(*args, **kwargs)
+    return run
+
+
+def _load_base(config, dtype=None):
+    """The untrained model of a config, in `dtype` (default fp32; seq2seq from an encoder: bert2bert, as training
+    built it)."""
+    import torch
+
     from ..models import resolve
 
     directory = resolve(config.model.name)
@@ -31,22 +49,7 @@ def _load_base(config, dtype=torch.float32):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory), _auto_class(config.task).from_pretrained(
-        directory, dtype=dtype)
-
-
-def _contiguous(module, args):
-    return (args[0].contiguous(), *args[1:]) if args and torch.is_tensor(args[0]) else None
-
-
-def contiguous_head_input(model) -> None:
-    """The LM head gets its hidden states contiguous. transformers hands it the last position as a strided slice
-    (`logits_to_keep`), and PyTorch's CPU `linear` on a non-contiguous 3-D input without bias runs as a `bmm`
-    that copies the weight once per row (pytorch/pytorch#151934): SmolLM2's head on a prefill of 16 prompts in
-    bf16 took 1.16 s and 0.9 GB instead of 5 ms (fp32: 53 ms against 16 ms)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, torch.nn.Module) and not getattr(head, "_tunelab_contiguous", False):
-        head.register_forward_pre_hook(_contiguous)
-        head._tunelab_contiguous = True
+        directory, dtype=dtype or torch.float32)
 
 
 class Generator:
@@ -60,7 +63,7 @@ class Generator:
     def __init__(self, config, tokenizer, model, path=None, encoder_decoder: bool | None = None):
         self.config, self.tokenizer, self.path = config, tokenizer, path
         self._model, self._load, self._bf16 = None, None, None
-        if isinstance(model, torch.nn.Module):
+        if hasattr(model, "parameters"):  # a model (torch.nn.Module), not a function that loads one
             self._model = self._placed(model)
         else:
             self._load = model
@@ -73,7 +76,9 @@ class Generator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def _placed(self, model):
-        from ..models.saved import place
+        import torch
+
+        from ..models.saved import contiguous_head_input, place
 
         model = place(model).eval()
         # a base loaded in bf16 (what training ran: base_dtype) runs under bf16 autocast, as in training, so the
@@ -89,6 +94,8 @@ class Generator:
             load, self._load = self._load, None
             # first used inside `generate`/`loss` (inference mode): loaded outside it all the same, or its weights
             # are inference tensors that peft cannot switch (disable_adapter sets requires_grad on them)
+            import torch
+
             with torch.inference_mode(False):
                 self._model = self._placed(load())
         return self._model
@@ -110,31 +117,33 @@ class Generator:
         return bool(self._bf16)
 
     @classmethod
-    def from_saved(cls, path, config, dtype=torch.float32) -> "Generator":
-        """The run's saved model, loaded on first use; `dtype` is its base's (a full model is always fp32)."""
-        from transformers import AutoTokenizer
-
-        from ..models.saved import load_saved
+    def from_saved(cls, path, config, dtype=None) -> "Generator":
+        """The run's saved model, loaded on first use; `dtype` is its base's (default fp32; a full model is always
+        fp32), or a function that gives it when the model loads."""
+        from ..models.saved import load_saved, load_tokenizer
 
         model_dir = Path(path) / "model"
         if config.method.name == "icl":  # nothing was trained: the base model, prompted with demonstrations
             from ..methods.demonstrations import load
 
-            generator = cls(config, *_load_base(config, dtype), path)
+            generator = cls(config, *_load_base(config, dtype() if callable(dtype) else dtype), path)
             generator.demonstrations = load(model_dir, config.method)
             return generator
-        return cls(config, AutoTokenizer.from_pretrained(model_dir),
-                   lambda: load_saved(model_dir, _auto_class(config.task), lambda: _load_base(config, dtype)[1]),
+        return cls(config, load_tokenizer(model_dir),
+                   lambda: load_saved(model_dir, _auto_class(config.task),
+                                      lambda: _load_base(config, dtype() if callable(dtype) else dtype)[1]),
                    path, encoder_decoder=config.task == "seq2seq")
 
     @classmethod
-    def base(cls, config, dtype=torch.float32) -> "Generator":
+    def base(cls, config, dtype=None) -> "Generator":
         """The untrained model of a config, for before/after comparisons."""
         return cls(config, *_load_base(config, dtype))
 
     @property
     def dtype(self):
         """The dtype it computes in (its base's): what a model to compare it with is loaded in."""
+        import torch
+
         return torch.bfloat16 if self.bf16 else torch.float32
 
     @property
@@ -145,9 +154,11 @@ class Generator:
         """The context its model runs in (bf16 autocast for a bf16 base): whoever calls `model` directly (the
         server's batches) enters it too, or a bf16 run's adapters compute in fp32 and its output drifts from
         `generate`'s."""
+        import torch
+
         return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    @torch.inference_mode()
+    @_inference_mode
     def generate(self, prompts: list[str], max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16,
                  progress: bool = False, strip: bool = True, ignore_eos: bool = False) -> list[str]:
@@ -199,6 +210,8 @@ class Generator:
         failed = []
 
         def run() -> None:
+            import torch
+
             try:
                 with torch.inference_mode(), self.autocast():
                     self.model.generate(**enc, **kwargs, streamer=streamer)
@@ -215,7 +228,7 @@ class Generator:
         if failed:
             raise failed[0]
 
-    @torch.inference_mode()
+    @_inference_mode
     def loss(self, rows: list[dict], max_tokens: int = 1024) -> float:
         """Mean cross-entropy per trained token over encoded rows (see `_loss`), in the model's precision."""
         with self.autocast():
@@ -230,6 +243,7 @@ class Generator:
         (`head_loss`; `logits_to_keep` as a mask where the head cannot be called on its own): with a 49k
         vocabulary the logits of every position, not the model, would be most of an evaluation batch's memory
         and a fifth of its compute."""
+        import torch
         import torch.nn.functional as F
 
         from .sft_trainer import backbone_and_head, head_loss
@@ -334,6 +348,8 @@ class Generator:
         model in place: compute losses first."""
         import sys
         import time
+
+        import pandas as pd
 
         from ..metrics import generation_metrics
 

@@ -316,7 +316,8 @@ def token_lengths(task, config, frame, tokenizer):
 def load(task, path, config, full_precision: bool = False):
     from .generate import Generator
 
-    return Generator.from_saved(path, config, inference_dtype(task, config, full_precision))
+    # the dtype is worked out when the model loads (it imports torch, which llama.cpp's path never needs)
+    return Generator.from_saved(path, config, lambda: inference_dtype(task, config, full_precision))
 
 
 def protocol(task) -> tuple:
