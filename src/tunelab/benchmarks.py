@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 from .errors import TunelabError
@@ -64,7 +65,7 @@ def resolve_tasks(specs: list[str]):
     """(task manager, task names, {name: text that defines it}) for TASKS; one clear sentence for a name the
     harness does not know or a YAML it cannot read."""
     _harness()
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     include, names, paths = [str(SHIPPED)], [], {}
     for spec in specs:
@@ -73,10 +74,7 @@ def resolve_tasks(specs: list[str]):
             if not path.exists():
                 raise TunelabError(f"benchmark {spec}: no such task file or folder")
             files = sorted(path.rglob("*.yaml")) + sorted(path.rglob("*.yml")) if path.is_dir() else [path]
-            found = [(_task_name(f), f) for f in files]
-            found = [(n, f) for n, f in found if n]
-            for _, f in found:
-                _check_yaml(f)
+            found = [(n, f) for f in files if (n := _task_name(f))]
             if not found:
                 raise TunelabError(f"benchmark {spec}: no task YAML in it (a file with a `task:` key)")
             include.append(str(path if path.is_dir() else path.parent))
@@ -99,16 +97,13 @@ def resolve_tasks(specs: list[str]):
         source = paths.get(name) or getattr(entry, "yaml_path", None)
         paths[name] = source
     names = list(dict.fromkeys(names))
-    try:  # built now, before any model loads: a task whose data cannot be read fails in a second, not a minute
-        get_task_dict(names, manager)
-    except Exception as exc:
-        raise TunelabError(_explain(exc, names)) from exc
     texts = {n: _definition(Path(p)) if p else n for n, p in paths.items()}
     return manager, names, texts
 
 
-def _check_yaml(path: Path) -> None:
-    """The task YAML as the harness reads it (its `!function` tags and `include:` resolved); its error otherwise."""
+def _task_name(path: Path) -> str | None:
+    """The task a YAML file defines, read as the harness reads it (`!function` tags and `include:` resolved); None
+    for a file of shared settings without `task:`; its error in one sentence."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     try:
@@ -117,11 +112,7 @@ def _check_yaml(path: Path) -> None:
         raise TunelabError(f"task YAML {path}: the harness cannot read it: {_one_line(exc)}") from None
     if not isinstance(config, dict):
         raise TunelabError(f"task YAML {path}: expected a mapping of task settings, found {type(config).__name__}")
-
-
-def _task_name(path: Path) -> str | None:
-    match = re.search(r"^task:\s*['\"]?([^\s'\"#]+)", path.read_text(encoding="utf-8", errors="replace"), re.M)
-    return match.group(1) if match else None
+    return config["task"] if isinstance(config.get("task"), str) else None
 
 
 def _definition(path: Path) -> str:
@@ -212,7 +203,12 @@ def _evaluate(model: dict, manager, names: list[str], limit, chat: bool, fewshot
     """{task: {"metrics": {name: value}, "docs": [doc_id...], "hashes": [...], "per_doc": {metric: [...]}}} from
     one harness call on `names`."""
     from lm_eval import simple_evaluate
+    from lm_eval.tasks import get_task_dict
 
+    try:  # built before the model loads: a task whose data cannot be read fails in a second, not a minute
+        get_task_dict(names, manager)
+    except Exception as exc:
+        raise TunelabError(_explain(exc, names)) from exc
     lm, args = _lm(model)
     try:
         out = simple_evaluate(model=lm, model_args=args, tasks=names, task_manager=manager, limit=limit,
@@ -324,12 +320,13 @@ def compare_runs(run: dict, base: dict | None) -> dict:
 
 
 def benchmark(path: Path, config, specs: list[str], *, limit=None, base: bool = True, fewshot: int | None = None,
-              progress=print) -> dict:
+              progress=None) -> dict:
     """Benchmark the model saved in run folder `path` (and its base) on harness tasks: {task: {"metrics": {metric:
     row (see `compare_runs`)}, "documents", "limit", ...}}. The caller holds the run (training, or
     `run_benchmarks`)."""
     from .models.registry import cache_dir
 
+    progress = progress or (lambda text: print(f"tunelab: {text}", file=sys.stderr, flush=True))
     if not specs:
         raise TunelabError("--benchmark: name at least one task")
     limit = check_limit(limit)

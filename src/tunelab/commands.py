@@ -59,8 +59,7 @@ def eval(args) -> int:
         from .benchmarks import run_benchmarks, table
 
         specs = [t.strip() for spec in args.benchmark for t in spec.split(",") if t.strip()]
-        results = run_benchmarks(args.run, specs, limit=args.limit, base=not args.no_base, fewshot=args.fewshot,
-                                 progress=lambda text: print(f"tunelab: {text}", file=sys.stderr))
+        results = run_benchmarks(args.run, specs, limit=args.limit, base=not args.no_base, fewshot=args.fewshot)
         print(json.dumps(results, indent=2) if args.json else table(results))
         return 0
     if args.base:

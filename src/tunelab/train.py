@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +103,7 @@ def _finish(task, ctx: FitContext, started: float, params: dict, stats: dict, pe
             from .benchmarks import benchmark
 
             metrics["benchmarks"] = benchmark(run.path, config, config.eval.benchmarks,
-                                              limit=config.eval.benchmark_limit,
-                                              progress=lambda text: print(f"tunelab: {text}", file=sys.stderr))
+                                              limit=config.eval.benchmark_limit)
     metrics["evaluate_s"] = round(time.time() - evaluated, 2)
     stats.pop("validation_loss", None)
     run.write_json("metrics.json", metrics)
