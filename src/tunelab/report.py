@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .plots import read_jsonl
 from .stats import p_text
-from .verdict import METRIC_NAMES, benchmark_columns
+from .verdict import METRIC_NAMES, benchmark_columns, benchmark_row
 
 TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
 
@@ -132,7 +132,7 @@ def _table(analysis: dict) -> tuple[list[str], list[list[str]], list[str]]:
 
 def benchmark_cell(g: dict, task: str, metric: str) -> str:
     """`0.612 (+0.014 vs base, tied)`: the entry's score on a benchmark and its paired change from the base model."""
-    row = ((g.get("benchmarks") or {}).get(task) or {}).get("metrics", {}).get(metric)
+    row = benchmark_row(g, task, metric)
     if row is None:
         return "—"
     if "difference" not in row:
@@ -221,8 +221,7 @@ def compare_plots(rows: list[dict], analysis: dict, out: Path) -> dict[str, Path
         save(fig, "metric_vs_params")
     points = [(i, f"{g['name']} · {task}", f"{task} {metric}", row)
               for i, (task, metric) in enumerate(benchmark_columns(ok)) for g in ok
-              if "difference" in (row := ((g.get("benchmarks") or {}).get(task) or {}).get("metrics", {}).get(metric)
-                                  or {})]
+              if "difference" in (row := benchmark_row(g, task, metric) or {})]
     if points:  # each benchmark's change from the base model per entry, with its paired 95% interval
         fig, ax = plt.subplots(figsize=(7, 0.9 + 0.45 * len(points)), dpi=100)
         labelled = set()

@@ -297,6 +297,11 @@ def _still_improving(curves: dict, best: str) -> str:
             f"labelled examples ({gain:+.4f}) — {verdict}.")
 
 
+def benchmark_row(group: dict, task: str, metric: str) -> dict | None:
+    """An entry's row of RUN/metrics.json["benchmarks"][task]["metrics"][metric] (see tunelab.benchmarks), or None."""
+    return (((group.get("benchmarks") or {}).get(task) or {}).get("metrics") or {}).get(metric)
+
+
 def benchmark_columns(groups: list[dict]) -> list[tuple[str, str]]:
     """(task, metric) of every benchmark an entry was scored on (eval.benchmarks): its first metric, a column each."""
     marks = {}
@@ -317,9 +322,7 @@ def _forgetting(ok: list[dict]) -> list[str]:
                    f"largest after **{worst['name']}** ({p['base_accuracy']:.3f} → {p['accuracy']:.3f}); "
                    + ", ".join(f"{g['name']} {g['probe']['accuracy']:.3f}" for g in probes if g is not worst) + ".")
     for task, metric in benchmark_columns(ok):  # lm-eval-harness: each entry against the base model, paired
-        rows = [(g["name"], g["benchmarks"][task]["metrics"][metric]) for g in ok
-                if metric in ((g.get("benchmarks") or {}).get(task) or {}).get("metrics", {})]
-        rows = [(n, r) for n, r in rows if "difference" in r]
+        rows = [(g["name"], r) for g in ok if "difference" in (r := benchmark_row(g, task, metric) or {})]
         if rows:
             worse = [n for n, r in rows if "tied" in r and not r["tied"] and
                      (r["difference"] < 0) == r.get("higher_is_better", True)]

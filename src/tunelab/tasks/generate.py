@@ -35,9 +35,11 @@ def _inference_mode(method):
 
 
 def _load_base(config, dtype=None):
-    """The untrained model of a config, in `dtype` (default fp32; seq2seq from an encoder: bert2bert, as training
-    built it)."""
+    """The untrained model of a config, in `dtype` (default fp32; or a function that gives it; seq2seq from an
+    encoder: bert2bert, as training built it)."""
     import torch
+
+    dtype = dtype() if callable(dtype) else dtype
 
     from ..models import resolve
 
@@ -126,12 +128,12 @@ class Generator:
         if config.method.name == "icl":  # nothing was trained: the base model, prompted with demonstrations
             from ..methods.demonstrations import load
 
-            generator = cls(config, *_load_base(config, dtype() if callable(dtype) else dtype), path)
+            generator = cls(config, *_load_base(config, dtype), path)
             generator.demonstrations = load(model_dir, config.method)
             return generator
         return cls(config, load_tokenizer(model_dir),
                    lambda: load_saved(model_dir, _auto_class(config.task),
-                                      lambda: _load_base(config, dtype() if callable(dtype) else dtype)[1]),
+                                      lambda: _load_base(config, dtype)[1]),
                    path, encoder_decoder=config.task == "seq2seq")
 
     @classmethod
